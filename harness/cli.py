@@ -1,0 +1,163 @@
+"""The ``moebench`` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import MoebenchError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmark Mixture-of-Experts compression methods.")
+zoo_app = typer.Typer(no_args_is_help=True, help="Tiny trained MoE checkpoints for every adapted architecture.")
+app.add_typer(zoo_app, name="zoo")
+out = Console()
+err = Console(stderr=True)
+
+
+@app.command()
+def run(
+    suite: Path = typer.Argument(..., help="suite TOML file"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="results directory (default reports/<suite>/<timestamp>)"),
+    resume: bool = typer.Option(False, "--resume", help="skip runs already recorded ok (in --out, else the latest run directory)"),
+    save_models: Optional[Path] = typer.Option(None, "--save-models", help="save each compressed model under this folder"),
+):
+    """Run a suite: baseline and every method, one JSON record per run."""
+    from .report import terminal_table
+    from .runner import RunOptions, default_out, latest_out, run_suite
+    from .suite import load_suite
+
+    s = load_suite(suite)
+    target = out_dir or (latest_out(s) if resume else None) or default_out(s)
+    err.print(f"suite {s.name}: {len(s.runs())} run(s) -> {target / 'results.jsonl'}")
+    try:
+        result = run_suite(s, RunOptions(out=target, resume=resume, save_models=save_models, log=lambda m: err.print(m, markup=False, highlight=False)))
+    except KeyboardInterrupt:
+        err.print(f"interrupted; finished runs are in {target / 'results.jsonl'} (continue with --resume --out {target})")
+        raise typer.Exit(130)
+    from .store import read_records
+
+    for table in terminal_table(list(read_records(target / "results.jsonl"))):
+        out.print(table)
+    failed = [r["name"] for r in result.records if r["status"] != "ok"]
+    if failed:
+        err.print(f"{len(failed)} run(s) failed: {', '.join(failed)}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def validate(suite: Path = typer.Argument(..., help="suite TOML file")):
+    """Check a suite without running it; lists the runs it expands to."""
+    from .suite import load_suite
+
+    s = load_suite(suite)
+    runs = s.runs()
+    out.print(f"{suite}: ok, {len(runs)} run(s)")
+    for r in runs:
+        steps = " -> ".join(step.method for step in r.pipeline) or "(baseline)"
+        out.print(f"  {r.run_id}  {r.name}: {steps}")
+
+
+@app.command()
+def plugins():
+    """List plugins with their versions and what each provides (and any that failed to load)."""
+    from .plugins import host
+
+    table = Table("plugin", "package", "version", "provides")
+    for p in host().plugins:
+        provides = "; ".join(f"{k}: {', '.join(v)}" for k, v in p.provides.items() if v)
+        table.add_row(p.name, p.distribution, p.version, f"[red]failed to load: {p.error}[/red]" if p.error else provides)
+    out.print(table)
+
+
+@app.command()
+def methods(name: Optional[str] = typer.Argument(None, help="show one method only")):
+    """Each method's parameters, with types, defaults and help."""
+    _describe("methods", name)
+
+
+@app.command()
+def metrics(name: Optional[str] = typer.Argument(None, help="show one metric only")):
+    """Each metric's parameters (its eval.NAME table in a suite), with types, defaults and help."""
+    _describe("metrics", name)
+
+
+def _describe(kind: str, name: str | None) -> None:
+    from .method import summary_of
+    from .params import describe
+    from .plugins import host
+
+    table_of = getattr(host(), kind)
+    names = [name] if name else sorted(table_of)
+    for n in names:
+        cls = host().method(n) if kind == "methods" else host().metric(n)
+        out.print(f"[bold]{n}[/bold] — {summary_of(cls)}")
+        rows = describe(cls.Params)
+        if not rows:
+            out.print("  (no parameters)")
+            continue
+        table = Table("parameter", "type", "default", "help", show_edge=False)
+        for row in rows:
+            table.add_row(row["name"], row["type"], row["default"], row["help"])
+        out.print(table)
+
+
+@app.command()
+def report(results: list[Path] = typer.Argument(..., help="results.jsonl files or run directories")):
+    """Print the table of one or more finished runs."""
+    from .report import terminal_table
+    from .store import read_records
+
+    records = [r for path in results for r in read_records(path)]
+    tables = terminal_table(records)
+    if not tables:
+        raise MoebenchError("no records in " + ", ".join(map(str, results)))
+    for table in tables:
+        out.print(table)
+
+
+@zoo_app.command("list")
+def zoo_list():
+    """The zoo's models and whether each is built."""
+    from . import zoo
+
+    table = Table("name", "description")
+    for name in zoo.names():
+        table.add_row(name + (" (default)" if name == zoo.DEFAULT else ""), zoo.ZOO[name].description)
+    out.print(table)
+
+
+@zoo_app.command("build")
+def zoo_build(
+    names: list[str] = typer.Argument(None, help="zoo models to build (default: the default one)"),
+    all_: bool = typer.Option(False, "--all", help="build every zoo model"),
+    force: bool = typer.Option(False, "--force", help="rebuild even if cached"),
+):
+    """Build (train) zoo checkpoints into the cache."""
+    from . import zoo
+
+    for name in zoo.names() if all_ else (names or [zoo.DEFAULT]):
+        path = zoo.build(name, force=force)
+        out.print(f"{name}: {path}")
+
+
+def main() -> None:
+    """Console entry point: user errors print one line and exit 2."""
+    try:
+        app()
+    except MoebenchError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+# Command groups that live in their own modules register themselves on `app` when imported.
+for _module in ("cli_reports", "cli_analysis"):
+    try:
+        __import__(f"{__package__}.{_module}")
+    except ModuleNotFoundError as _exc:
+        if _exc.name != f"{__package__}.{_module}":
+            raise

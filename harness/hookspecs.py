@@ -1,0 +1,48 @@
+"""The plugin contract: every hook moebench calls.
+
+A plugin is a module (or object) with ``@hookimpl`` functions, registered under the
+``moebench`` entry-point group. The ``register_*`` hooks return classes; the ``on_*``
+hooks observe a running suite (for loggers, dashboards, notifications).
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("moebench")
+hookimpl = pluggy.HookimplMarker("moebench")
+
+
+@hookspec
+def register_methods():
+    """Return a list of :class:`moebench.method.Method` subclasses."""
+
+
+@hookspec
+def register_metrics():
+    """Return a list of :class:`moebench.metric.Metric` subclasses."""
+
+
+@hookspec
+def register_adapters():
+    """Return a list of :class:`moebench.adapter.Adapter` subclasses (one per architecture)."""
+
+
+@hookspec
+def register_data_sources():
+    """Return a list of data source classes (see :class:`moebench.data.DataSource`)."""
+
+
+@hookspec
+def register_statistics():
+    """Return a list of :class:`moebench.calibration.Statistic` subclasses methods can ask for."""
+
+
+@hookspec
+def on_run_start(suite, spec):
+    """Called before a run of the suite starts (``spec`` is a :class:`moebench.suite.RunSpec`)."""
+
+
+@hookspec
+def on_record(suite, record):
+    """Called after a run's record (a dict) has been written to the result store."""

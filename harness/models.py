@@ -1,0 +1,152 @@
+"""Loading models: zoo names, local folders and hub ids, with dtype and device placement.
+
+``load(source)`` returns a :class:`MoEModel` (the model with its architecture adapter).
+``load_pretrained(path)`` reloads a model moebench saved, including structures plain
+transformers cannot rebuild from its config (expert counts that differ per layer,
+skipped MoE blocks, moebench module classes).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .adapter import MoEModel, PassThrough
+from .errors import MoebenchError
+from .plugins import host
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve(source: str) -> str:
+    """A model source as a local folder or hub id; ``zoo:NAME`` builds (or finds) the zoo checkpoint."""
+    if source.startswith("zoo:"):
+        from . import zoo
+
+        return str(zoo.path(source[4:]))
+    return source
+
+
+def load(
+    source: str,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    max_memory: dict | None = None,
+) -> MoEModel:
+    """Load a causal LM from a zoo name, local folder or hub id, and attach its adapter."""
+    if dtype not in DTYPES:
+        raise MoebenchError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    path = resolve(source)
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MoebenchError(f"model {source!r} could not be loaded: {first}") from None
+    adapter = host().adapter_for(config)  # refuse unsupported architectures before reading weights
+    model = load_pretrained(
+        path,
+        dtype=DTYPES[dtype],
+        device=device,
+        trust_remote_code=trust_remote_code,
+        max_memory=max_memory,
+        config=config,
+    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise MoebenchError(f"model {source!r} has no usable tokenizer: {exc}") from None
+    identity = f"{source}@{fingerprint(path)}" if Path(path).is_dir() else source
+    return MoEModel(model, adapter, tokenizer=tokenizer, source=source, identity=identity)
+
+
+def load_pretrained(
+    path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    max_memory: dict | None = None,
+    config=None,
+):
+    """Load a saved causal LM; rebuilds moebench structures recorded in ``config.moebench``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = config or AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    structure = getattr(config, "moebench", None)
+    if not structure:
+        kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+        if device == "auto":
+            kwargs.update(device_map="auto", max_memory=max_memory)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+        if device != "auto":
+            model.to(device)
+        return model.eval()
+    if device == "auto":
+        raise MoebenchError("device='auto' is not supported for models with a moebench structure; name a device")
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    apply_structure(model, structure)
+    state = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise MoebenchError(
+            f"{path}: checkpoint does not match its moebench structure "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    model.tie_weights()
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def apply_structure(model, structure: dict) -> None:
+    """Reshape a freshly built model to the structure a moebench save recorded."""
+    moe = MoEModel(model, host().adapter_for(model))
+    for layer, n in structure.get("num_experts", {}).items():
+        block = moe.block(int(layer))
+        block.experts.gate_up_proj = torch.nn.Parameter(block.gate_up_proj.data[:n].clone())
+        block.experts.down_proj = torch.nn.Parameter(block.down_proj.data[:n].clone())
+        block.experts.num_experts = n
+        moe.adapter.slice_router(block.router, torch.arange(n))
+    for layer, state in structure.get("router", {}).items():
+        router = moe.block(int(layer)).router
+        for key, value in state.items():
+            setattr(router, key, value)
+    for layer, k in structure.get("top_k", {}).items():
+        moe.block(int(layer)).router.top_k = k
+        if hasattr(moe.block(int(layer)).module, "top_k"):
+            moe.block(int(layer)).module.top_k = k
+    for layer in structure.get("skip_moe", []):
+        moe.layers[layer].mlp = PassThrough()
+    for path, spec in structure.get("modules", {}).items():
+        module_name, _, cls_name = spec["class"].partition(":")
+        cls = getattr(importlib.import_module(module_name), cls_name)
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, attr, cls(**spec.get("init", {})))
+
+
+def fingerprint(path) -> str:
+    """A short identity for a local checkpoint (config + weight file sizes and mtimes), for cache keys."""
+    import hashlib
+
+    path = Path(path)
+    h = hashlib.sha1()
+    if (path / "config.json").exists():
+        h.update((path / "config.json").read_bytes())
+    for file in sorted(path.glob("*.safetensors")):
+        stat = file.stat()
+        h.update(json.dumps([file.name, stat.st_size, stat.st_mtime_ns]).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,261 @@
+"""The runner: a suite's runs, one after another, each recorded the moment it ends.
+
+For each run: load a fresh model, apply the method pipeline, measure every configured
+metric, append one record. A run that raises is recorded as failed and the suite goes
+on; ``resume`` skips runs that already have an ``ok`` record. Statistics every method
+of the suite needs from the uncompressed model are gathered in one calibration pass up
+front and shared through the calibration cache.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import subprocess
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import __version__
+from .adapter import MoEModel
+from .calibration import Calibration
+from .method import Context
+from .models import load
+from .plugins import host
+from .store import ResultStore
+from .suite import RunSpec, Suite
+
+
+@dataclass
+class RunOptions:
+    out: Path
+    resume: bool = False
+    #: keep only these runs (e.g. a shard); the baseline is always kept when anything runs
+    select: Callable[[list[RunSpec]], list[RunSpec]] | None = None
+    log: Callable[[str], None] = print
+    #: write each compressed model here (one folder per run id) when set
+    save_models: Path | None = None
+
+
+@dataclass
+class SuiteResult:
+    out: Path
+    records: list[dict] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    calibration: dict = field(default_factory=dict)
+
+
+def default_out(suite: Suite, reports: str | os.PathLike = "reports") -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(reports) / suite.name / stamp
+
+
+def latest_out(suite: Suite, reports: str | os.PathLike = "reports") -> Path | None:
+    """The newest existing run directory of a suite (what ``--resume`` continues by default)."""
+    root = Path(reports) / suite.name
+    dirs = sorted(p for p in root.glob("*") if (p / "results.jsonl").exists()) if root.exists() else []
+    return dirs[-1] if dirs else None
+
+
+def run_suite(suite: Suite, options: RunOptions) -> SuiteResult:
+    if suite.hardware.threads:
+        torch.set_num_threads(suite.hardware.threads)
+    store = ResultStore(options.out / "results.jsonl")
+    runs = suite.runs()
+    if options.select is not None:
+        chosen = options.select(runs)
+        runs = [r for r in runs if r.is_baseline or r in chosen] if chosen else []
+    done = store.finished_ids() if options.resume else set()
+    todo = [r for r in runs if r.run_id not in done]
+    result = SuiteResult(options.out, skipped=[r.name for r in runs if r.run_id in done])
+    if result.skipped:
+        options.log(f"resume: {len(result.skipped)} finished run(s) skipped")
+    calibration = Calibration(suite.calibration) if suite.calibration else None
+    options.out.mkdir(parents=True, exist_ok=True)
+
+    if calibration is not None:
+        _precalibrate(suite, todo, calibration, options.log)
+
+    baseline: dict[str, Any] | None = None
+    needs_relative = [name for name in suite.evals if getattr(host().metric(name), "relative", False)]
+    if todo and needs_relative and runs and runs[0].is_baseline and runs[0] not in todo:
+        options.log("re-measuring the baseline in this process for relative metrics: " + ", ".join(needs_relative))
+        baseline = _measure_only(suite, runs[0], needs_relative, calibration)
+
+    for spec in todo:
+        ctx = Context(seed=suite.info.seed, calibration=calibration, device=suite.model.device, baseline=baseline, suite=suite, log=options.log)
+        host().notify("on_run_start", suite=suite, spec=spec)
+        options.log(f"run {spec.name} ({spec.run_id})")
+        record = execute(suite, spec, ctx, options)
+        store.append(record)
+        host().notify("on_record", suite=suite, record=record)
+        result.records.append(record)
+        if spec.is_baseline and record["status"] == "ok":
+            baseline = record["metrics"]
+        status = "ok" if record["status"] == "ok" else f"FAILED: {record['error']}"
+        options.log(f"  {spec.name}: {status}")
+    result.calibration = calibration.summary() if calibration else {}
+    return result
+
+
+def execute(suite: Suite, spec: RunSpec, ctx: Context, options: RunOptions) -> dict:
+    """One run: fresh model, pipeline, metrics. Exceptions become a failed record."""
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    record: dict[str, Any] = {
+        "run_id": spec.run_id,
+        "suite": suite.name,
+        "name": spec.name,
+        "entry": spec.entry,
+        "grid": spec.grid,
+        "status": "ok",
+        "pipeline": [s.to_dict() for s in spec.pipeline],
+        "model": {"source": suite.model.source, "dtype": suite.model.dtype},
+        "metrics": {},
+        "changes": {},
+        "notes": ctx.notes,
+        "error": None,
+    }
+    torch.manual_seed(suite.info.seed)
+    model = None
+    try:
+        model = load_model(suite)
+        t0 = time.perf_counter()
+        record["changes"] = apply_pipeline(model, spec, ctx)
+        if spec.pipeline:
+            record["metrics"]["compress_seconds"] = time.perf_counter() - t0
+        if options.save_models is not None and spec.pipeline:
+            folder = options.save_models / spec.run_id
+            model.save(folder)
+            record["saved_model"] = str(folder)
+        record["metrics"].update(measure(model, suite, ctx))
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # recorded, and the suite goes on
+        record["status"] = "failed"
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["traceback"] = traceback.format_exc(limit=8)
+    finally:
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if ctx.calibration is not None and spec.pipeline:
+        record["calibration"] = {**ctx.calibration.spec.key(), **ctx.calibration.summary()}
+    record["started"] = started
+    record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    record["env"] = environment(suite.model.device)
+    return record
+
+
+def load_model(suite: Suite) -> MoEModel:
+    m = suite.model
+    return load(m.source, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code, max_memory=suite.hardware.max_memory)
+
+
+def apply_pipeline(model: MoEModel, spec: RunSpec, ctx: Context) -> dict[str, Any]:
+    """Apply each step in order; returns each step's changes keyed by method name (``name#2`` on repeats)."""
+    changes: dict[str, Any] = {}
+    for step in spec.pipeline:
+        method = host().method(step.method)()
+        key = step.method
+        n = 2
+        while key in changes:
+            key, n = f"{step.method}#{n}", n + 1
+        changes[key] = method.apply(model, step.params, ctx) or {}
+    return changes
+
+
+def measure(model: MoEModel, suite: Suite, ctx: Context, only: list[str] | None = None) -> dict[str, Any]:
+    """Every always-on metric plus each ``[eval.<name>]`` of the suite, merged into one dict."""
+    from .params import NoParams
+
+    metrics: dict[str, Any] = {}
+    for name, cls in host().metrics.items():
+        if only is not None and name not in only:
+            continue
+        if name in suite.evals:
+            params = suite.evals[name]
+        elif cls.always:
+            params = NoParams() if cls.Params is NoParams else cls.Params()
+        else:
+            continue
+        model.model.eval()
+        metrics.update(cls().measure(model, params, ctx))
+    return metrics
+
+
+def _measure_only(suite: Suite, spec: RunSpec, names: list[str], calibration) -> dict[str, Any]:
+    ctx = Context(seed=suite.info.seed, calibration=calibration, device=suite.model.device, suite=suite)
+    torch.manual_seed(suite.info.seed)
+    model = load_model(suite)
+    try:
+        return measure(model, suite, ctx, only=names)
+    finally:
+        del model
+        gc.collect()
+
+
+def _precalibrate(suite: Suite, todo: list[RunSpec], calibration: Calibration, log) -> None:
+    """Gather, in one pass, what every run's first step reads from the uncompressed model."""
+    needs: list[str] = []
+    for spec in todo:
+        if spec.pipeline:
+            first = spec.pipeline[0]
+            needs.extend(host().method(first.method)().needs(first.params))
+    needs = list(dict.fromkeys(needs))
+    if not needs:
+        return
+    model = load_model(suite)
+    try:
+        calibration.stats(model, needs)
+    finally:
+        del model
+        gc.collect()
+    s = calibration.summary()
+    log(f"calibration: {s['passes']} pass(es); computed {', '.join(s['computed']) or 'nothing'}; reused from cache {', '.join(s['reused']) or 'nothing'}")
+
+
+_ENV_CACHE: dict[str, Any] = {}
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Versions, git commit and device, so any figure can be traced to what produced it."""
+    if not _ENV_CACHE:
+        import importlib.metadata as md
+
+        versions = {}
+        for pkg in ("torch", "transformers", "lm_eval", "safetensors", "bitsandbytes", "faiss-cpu", "peft"):
+            try:
+                versions[pkg.replace("-", "_")] = md.version(pkg)
+            except md.PackageNotFoundError:
+                pass
+        _ENV_CACHE.update(
+            {"moebench": __version__, **versions, "python": platform.python_version(), "git_commit": _git_commit(), "host": platform.node()}
+        )
+    env = dict(_ENV_CACHE)
+    env["device"] = device
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["device_name"] = torch.cuda.get_device_name()
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+    env["threads"] = torch.get_num_threads()
+    return env
+
+
+def _git_commit() -> str | None:
+    """The commit of the moebench checkout in use (None when installed from a wheel)."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

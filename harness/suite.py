@@ -1,0 +1,302 @@
+"""Suites: the TOML file that says what to compress, how, and what to measure.
+
+:func:`load_suite` parses and validates a suite (every error names the file, the field
+and what was expected); :meth:`Suite.runs` expands it into :class:`RunSpec` s, the
+baseline first, then one run per point of each method's parameter grid. A list value
+is a grid axis unless the parameter itself is a list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .calibration import CalibrationSpec
+from .errors import MoebenchError, SuiteError, did_you_mean
+from .params import ParamError, is_list_type, parse, to_dict
+
+TABLES = {"suite", "model", "hardware", "calibration", "eval", "methods", "compare", "tasks"}
+DEVICES_HELP = "cpu | cuda | cuda:N | auto"
+
+
+@dataclass
+class SuiteInfo:
+    name: str
+    seed: int = 0
+    description: str = ""
+
+
+@dataclass
+class ModelSpec:
+    source: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class HardwareSpec:
+    threads: int | None = None
+    max_memory: dict[str, str] | None = None
+
+
+@dataclass
+class Step:
+    """One method of a pipeline with its parsed parameters."""
+
+    method: str
+    params: Any
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "params": to_dict(self.params)}
+
+
+@dataclass
+class RunSpec:
+    """One run: a named pipeline of steps (empty for the baseline), with a stable id."""
+
+    name: str
+    pipeline: list[Step]
+    entry: str = "baseline"
+    grid: dict[str, Any] = field(default_factory=dict)
+    run_id: str = ""
+
+    @property
+    def is_baseline(self) -> bool:
+        return not self.pipeline
+
+
+@dataclass
+class Suite:
+    path: str
+    info: SuiteInfo
+    model: ModelSpec
+    hardware: HardwareSpec
+    calibration: CalibrationSpec | None
+    evals: dict[str, Any]
+    methods: list[dict]
+    compare: dict[str, Any] = field(default_factory=dict)
+    tasks: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    def runs(self) -> list[RunSpec]:
+        """The baseline, then every method entry expanded over its grid, each with its run id."""
+        specs = [RunSpec("baseline", [])]
+        for entry in self.methods:
+            specs.extend(entry["runs"])
+        for spec in specs:
+            spec.run_id = self.run_id(spec)
+        return specs
+
+    def run_id(self, spec: RunSpec) -> str:
+        """A hash of everything that determines the run's numbers (model, pipeline, data, evaluation)."""
+        blob = {
+            "model": {"source": self.model.source, "dtype": self.model.dtype},
+            "pipeline": [s.to_dict() for s in spec.pipeline],
+            "calibration": self.calibration.key() if (spec.pipeline and self.calibration) else None,
+            "eval": {name: to_dict(p) for name, p in sorted(self.evals.items())},
+            "seed": self.info.seed,
+        }
+        return hashlib.sha1(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def load_suite(path: str | os.PathLike) -> Suite:
+    """Read, validate and expand a suite file."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise MoebenchError(f"{path}: suite file not found")
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise SuiteError(path, "toml", f"not valid TOML ({exc})") from None
+    return parse_suite(raw, path)
+
+
+def parse_suite(raw: dict, path: str = "<suite>") -> Suite:
+    from .plugins import host
+
+    def err(field_name: str, message: str) -> SuiteError:
+        return SuiteError(path, field_name, message)
+
+    for key in raw:
+        if key not in TABLES:
+            raise err(key, f"unknown table{did_you_mean(key, TABLES)}; expected one of {', '.join(sorted(TABLES))}")
+
+    info = _dataclass(SuiteInfo, raw.get("suite", {}), "suite", err, default_name=Path(path).stem)
+    if "model" not in raw:
+        raise err("model", "missing [model] table; expected at least source = 'zoo:deepseek_v2' or a model folder / hub id")
+    model = _dataclass(ModelSpec, raw["model"], "model", err)
+    _check_model(model, err)
+    hardware = _dataclass(HardwareSpec, raw.get("hardware", {}), "hardware", err)
+
+    calibration = None
+    if "calibration" in raw:
+        cal = dict(raw["calibration"])
+        calibration = _dataclass(CalibrationSpec, cal, "calibration", err)
+        calibration.seed = cal.get("seed", info.seed)
+        _check_positive(calibration, ("samples", "seqlen", "batch_size"), "calibration", err)
+        _check_data(calibration.data, "calibration.data", err)
+
+    evals = {}
+    metrics = host().metrics
+    for name, table in (raw.get("eval") or {}).items():
+        if name not in metrics:
+            raise err(f"eval.{name}", f"unknown metric{did_you_mean(name, metrics)}; known: {', '.join(sorted(metrics))}")
+        if not isinstance(table, dict):
+            raise err(f"eval.{name}", "expected a table of parameters")
+        try:
+            evals[name] = parse(metrics[name].Params, table)
+        except ParamError as exc:
+            raise err(f"eval.{name}.{exc.field}", str(exc).split(": ", 1)[1]) from None
+        data = getattr(evals[name], "data", None)
+        if isinstance(data, str):
+            _check_data(data, f"eval.{name}.data", err)
+
+    entries, seen = [], set()
+    for i, entry in enumerate(raw.get("methods") or []):
+        parsed = _method_entry(entry, i, err)
+        if parsed["name"] in seen:
+            raise err(f"methods[{i}].name", f"duplicate run name {parsed['name']!r}; names must be unique")
+        seen.add(parsed["name"])
+        entries.append(parsed)
+    needs_calibration = [
+        (e["name"], s.method) for e in entries for r in e["runs"] for s in r.pipeline if host().method(s.method)().needs(s.params)
+    ]
+    if needs_calibration and calibration is None:
+        name, method = needs_calibration[0]
+        raise err("calibration", f"missing [calibration] table; method {method!r} of {name!r} needs calibration data")
+    return Suite(path, info, model, hardware, calibration, evals, entries, raw.get("compare", {}), raw.get("tasks", {}), raw)
+
+
+def _method_entry(entry: Any, i: int, err) -> dict:
+    from .plugins import host
+
+    where = f"methods[{i}]"
+    if not isinstance(entry, dict):
+        raise err(where, "expected a table with name and method (or pipeline)")
+    allowed = {"name", "method", "params", "pipeline"}
+    for key in entry:
+        if key not in allowed:
+            raise err(f"{where}.{key}", f"unknown field{did_you_mean(key, allowed)}; expected one of {', '.join(sorted(allowed))}")
+    if ("method" in entry) == ("pipeline" in entry):
+        raise err(where, "expected exactly one of method = '...' or pipeline = [...]")
+    if "method" in entry:
+        steps = [{"method": entry["method"], **(entry.get("params") or {})}]
+        step_where = [f"{where}.params"]
+    else:
+        if "params" in entry:
+            raise err(f"{where}.params", "a pipeline takes parameters inside each step, not in params")
+        steps = entry["pipeline"]
+        if not isinstance(steps, list) or not steps:
+            raise err(f"{where}.pipeline", "expected a non-empty list of {method = '...', ...} steps")
+        step_where = [f"{where}.pipeline[{j}]" for j in range(len(steps))]
+    name = entry.get("name") or "+".join(str(s.get("method")) for s in steps if isinstance(s, dict))
+    if not isinstance(name, str) or not name:
+        raise err(f"{where}.name", "expected a non-empty string")
+
+    methods = host().methods
+    axes: list[list[tuple[int, str, Any]]] = []  # per axis: (step, param, value) choices
+    fixed: list[dict] = []
+    for j, (step, sw) in enumerate(zip(steps, step_where)):
+        if not isinstance(step, dict) or "method" not in step:
+            raise err(sw, "expected a table with method = '...' and its parameters")
+        step = dict(step)
+        method = step.pop("method")
+        step.update(step.pop("params", None) or {})
+        if method not in methods:
+            raise err(f"{sw}.method" if "pipeline" in sw else f"{where}.method", f"unknown method {method!r}{did_you_mean(method, methods)}; known: {', '.join(sorted(methods))}")
+        hints = typing.get_type_hints(methods[method].Params)
+        values = {}
+        for key, value in step.items():
+            hint = hints.get(key)
+            grid = isinstance(value, list) and (hint is None or not is_list_type(hint) or (value and isinstance(value[0], list)))
+            if grid:
+                if not value:
+                    raise err(f"{sw}.{key}", "an empty list gives no runs; expected at least one value")
+                axes.append([(j, key, v) for v in value])
+            else:
+                values[key] = value
+        fixed.append({"method": method, "values": values})
+
+    runs = []
+    for point in itertools.product(*axes) if axes else [()]:
+        tables = [dict(f["values"]) for f in fixed]
+        for j, key, value in point:
+            tables[j][key] = value
+        pipeline = []
+        for j, (f, table, sw) in enumerate(zip(fixed, tables, step_where)):
+            try:
+                pipeline.append(Step(f["method"], parse(methods[f["method"]].Params, table)))
+            except ParamError as exc:
+                raise err(f"{sw}.{exc.field}", str(exc).split(": ", 1)[1]) from None
+        grid = {key if len(fixed) == 1 else f"{fixed[j]['method']}.{key}": value for j, key, value in point}
+        label = name if not grid else f"{name}[{','.join(f'{k}={v}' for k, v in grid.items())}]"
+        runs.append(RunSpec(label, pipeline, entry=name, grid=grid))
+    return {"name": name, "runs": runs}
+
+
+def _dataclass(cls, table: Any, where: str, err, default_name: str | None = None):
+    if not isinstance(table, dict):
+        raise err(where, "expected a table")
+    table = dict(table)
+    known = {f.name for f in fields(cls)}
+    if cls is SuiteInfo:
+        table.setdefault("name", default_name)
+    if cls is CalibrationSpec:
+        table.pop("seed", None)
+    for key in table:
+        if key not in known:
+            raise err(f"{where}.{key}", f"unknown field{did_you_mean(key, known)}; expected one of {', '.join(sorted(known))}")
+    try:
+        return parse(cls, table)
+    except ParamError as exc:
+        raise err(f"{where}.{exc.field}", str(exc).split(": ", 1)[1]) from None
+
+
+def _check_model(model: ModelSpec, err) -> None:
+    from .models import DTYPES
+
+    if model.dtype not in DTYPES:
+        raise err("model.dtype", f"expected one of {', '.join(DTYPES)}, got {model.dtype!r}{did_you_mean(model.dtype, DTYPES)}")
+    dev = model.device
+    if not (dev in ("cpu", "cuda", "auto", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise err("model.device", f"expected {DEVICES_HELP}, got {dev!r}")
+    source = model.source
+    if source.startswith("zoo:"):
+        from . import zoo
+
+        if source[4:] not in zoo.names():
+            raise err("model.source", f"unknown zoo model {source[4:]!r}{did_you_mean(source[4:], zoo.names())}; known: {', '.join(zoo.names())}")
+    elif not os.path.isdir(source) and (source.count("/") != 1 or source.startswith((".", "/"))):
+        raise err("model.source", f"{source!r} is neither zoo:NAME, an existing model folder, nor a hub id like 'org/name'")
+
+
+def _check_data(spec: str, where: str, err) -> None:
+    from .data import DataSpec
+    from .plugins import host
+
+    try:
+        parsed = DataSpec.parse(spec)
+    except MoebenchError as exc:
+        raise err(where, str(exc)) from None
+    schemes = host().data_sources
+    if parsed.scheme not in schemes:
+        raise err(where, f"unknown data scheme {parsed.scheme!r}{did_you_mean(parsed.scheme, schemes)}; known: {', '.join(sorted(schemes))}")
+
+
+def _check_positive(obj, names, where, err) -> None:
+    for name in names:
+        if getattr(obj, name) < 1:
+            raise err(f"{where}.{name}", f"expected a positive integer, got {getattr(obj, name)}")

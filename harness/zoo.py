@@ -1,0 +1,554 @@
+"""The zoo: tiny, architecture-faithful MoE checkpoints trained here, on the embedded corpus.
+
+Each entry is a real transformers class (DeepSeek-V2/V3, Mixtral, Qwen2-MoE, Qwen3-MoE,
+OLMoE) at toy size, trained for a couple of minutes on the CPU on both domains of the
+embedded corpus, with a byte-level BPE tokenizer trained here too. That gives every path
+of the harness a model with real, domain-specialised routing and no download.
+
+Checkpoints are built on first use and cached under ``cache_dir("zoo")/<name>-<key>``,
+where the key hashes everything that shapes the weights (config, recipe, seed, steps,
+torch/transformers versions, corpus fingerprint). Builds write to a temporary folder that
+is renamed into place, under a file lock, so an interrupted or concurrent build never
+leaves a broken entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import corpus
+from .data import windows
+from .errors import MoebenchError, did_you_mean
+from .paths import cache_dir
+
+try:  # POSIX only; elsewhere concurrent builds fall back to rename-wins
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+VOCAB_SIZE = 2048
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"  # ids 0, 1, 2: the trainer adds special tokens first
+MAX_LENGTH = 1024
+RECIPE = 1  # bump when the training recipe changes: it is part of every cache key
+EVAL_WINDOWS = 32  # validation windows per domain for the zoo.json figures
+
+# Shared by every entry: a 4-layer, 128-wide decoder with the tokenizer's vocabulary.
+COMMON: dict[str, Any] = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    max_position_embeddings=MAX_LENGTH,
+    tie_word_embeddings=False,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=2,
+    initializer_range=0.02,
+)
+
+# DeepSeek multi-head latent attention at toy size: no query compression, like V2-Lite.
+MLA = dict(q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32)
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One zoo model: its transformers class, config and training recipe."""
+
+    name: str
+    model_class: str  # a transformers class name, e.g. "DeepseekV2ForCausalLM"
+    description: str
+    settings: dict[str, Any] = field(default_factory=dict)  # config fields on top of COMMON
+    steps: int = 700
+    lr: float = 3e-3
+    batch_size: int = 16
+    seq_len: int = 128
+    # "aux_loss": Switch-style load-balancing loss on the router logits;
+    # "bias": DeepSeek-V3's auxiliary-loss-free update of e_score_correction_bias.
+    balance: str = "aux_loss"
+    balance_coef: float = 0.01
+
+    @property
+    def cls(self):
+        import transformers
+
+        return getattr(transformers, self.model_class)
+
+    def config(self, **overrides):
+        """The toy config (float32, untied embeddings); ``overrides`` replace any field."""
+        return self.cls.config_class(**{**COMMON, "dtype": "float32", **self.settings, **overrides})
+
+    def recipe(self) -> dict[str, Any]:
+        """What shapes the trained weights besides seed and steps (part of the cache key)."""
+        return {
+            "model_class": self.model_class,
+            "config": {**COMMON, **self.settings},
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "balance": self.balance,
+            "balance_coef": self.balance_coef,
+            "recipe": RECIPE,
+        }
+
+
+ZOO: dict[str, ZooEntry] = {
+    entry.name: entry
+    for entry in (
+        ZooEntry(
+            "deepseek_v2",
+            "DeepseekV2ForCausalLM",
+            "DeepSeek-V2(-Lite) shape: dense first layer, MLA, 2 shared + 16 fine-grained routed experts, top-4 greedy",
+            dict(
+                MLA,
+                num_key_value_heads=4,
+                intermediate_size=384,
+                moe_intermediate_size=64,
+                n_routed_experts=16,
+                num_experts_per_tok=4,
+                n_shared_experts=2,
+                first_k_dense_replace=1,
+                topk_method="greedy",
+                norm_topk_prob=False,
+                routed_scaling_factor=1.0,
+            ),
+        ),
+        ZooEntry(
+            "deepseek_v3",
+            "DeepseekV3ForCausalLM",
+            "DeepSeek-V3 shape: dense first layer, MLA, 1 shared + 16 routed experts, sigmoid top-4 "
+            "with a trained score-correction bias (aux-loss-free balancing), one expert group",
+            dict(
+                MLA,
+                num_key_value_heads=4,
+                intermediate_size=384,
+                moe_intermediate_size=64,
+                n_routed_experts=16,
+                num_experts_per_tok=4,
+                n_shared_experts=1,
+                n_group=1,
+                topk_group=1,
+                first_k_dense_replace=1,
+                norm_topk_prob=True,
+                routed_scaling_factor=2.5,
+            ),
+            balance="bias",
+        ),
+        ZooEntry(
+            "mixtral",
+            "MixtralForCausalLM",
+            "Mixtral shape: 8 experts, top-2, grouped-query attention",
+            dict(num_key_value_heads=2, intermediate_size=128, num_local_experts=8, num_experts_per_tok=2),
+        ),
+        ZooEntry(
+            "qwen2_moe",
+            "Qwen2MoeForCausalLM",
+            "Qwen1.5/2-MoE shape: 16 routed experts top-4 plus a sigmoid-gated shared expert",
+            dict(
+                num_key_value_heads=4,
+                intermediate_size=384,
+                moe_intermediate_size=64,
+                shared_expert_intermediate_size=256,
+                num_experts=16,
+                num_experts_per_tok=4,
+                norm_topk_prob=False,
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+            ),
+        ),
+        ZooEntry(
+            "qwen3_moe",
+            "Qwen3MoeForCausalLM",
+            "Qwen3-MoE shape: 16 experts top-4 with normalised top-k weights, grouped-query attention",
+            dict(
+                num_key_value_heads=2,
+                intermediate_size=384,
+                moe_intermediate_size=64,
+                num_experts=16,
+                num_experts_per_tok=4,
+                norm_topk_prob=True,
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+            ),
+        ),
+        ZooEntry(
+            "olmoe",
+            "OlmoeForCausalLM",
+            "OLMoE shape: 16 experts top-4, QK-norm attention",
+            dict(num_key_value_heads=4, intermediate_size=64, num_experts=16, num_experts_per_tok=4, norm_topk_prob=False),
+        ),
+    )
+}
+DEFAULT = "deepseek_v2"
+
+
+def names() -> list[str]:
+    """The zoo's model names (what suites write as ``zoo:NAME``)."""
+    return list(ZOO)
+
+
+def entry(name: str) -> ZooEntry:
+    """The zoo entry called ``name``, or a MoebenchError listing the names."""
+    if name not in ZOO:
+        raise MoebenchError(
+            f"unknown zoo model {name!r}{did_you_mean(name, ZOO)}; expected one of {', '.join(ZOO)}"
+        )
+    return ZOO[name]
+
+
+def config(name: str, **overrides):
+    """The toy config of a zoo model; build a random (untrained) model with ``entry(name).cls(cfg)``."""
+    return entry(name).config(**overrides)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _tokenizer_file() -> Path:
+    """Train the byte-level BPE once per corpus and tokenizers version; later calls read it."""
+    import tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    key = _digest({"vocab": VOCAB_SIZE, "corpus": corpus.fingerprint(), "tokenizers": tokenizers.__version__})
+    path = cache_dir("tokenizers") / f"bpe{VOCAB_SIZE}-{key}.json"
+    if path.exists():
+        return path
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=[BOS, EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator([doc for d in corpus.DOMAINS for doc in corpus.documents(d, "train")], trainer)
+    if bpe.get_vocab_size() != VOCAB_SIZE:  # the corpus always has enough merges; guard the config anyway
+        raise MoebenchError(f"zoo tokenizer has {bpe.get_vocab_size()} tokens, expected {VOCAB_SIZE}")
+    # Rename-wins: concurrent trainers write identical files.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    bpe.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def tokenizer(seed: int = 0):
+    """The zoo's byte-level BPE tokenizer (``VOCAB_SIZE`` tokens, trained on the embedded train split).
+
+    BPE training is deterministic, so every ``seed`` gives the same tokenizer; the argument
+    keeps the zoo's API uniform. No BOS is added automatically (GPT-2 style).
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    del seed
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(_tokenizer_file()),
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        model_max_length=MAX_LENGTH,
+    )
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _stream(tok, domain: str, split: str) -> torch.Tensor:
+    """A split's documents as one token stream, separated by blank lines.
+
+    Documents are encoded one by one, in parallel, by the Rust tokenizer: several times
+    faster than one long string, and without the wrapper's warning about texts longer
+    than ``model_max_length``.
+    """
+    backend = tok.backend_tokenizer
+    sep = backend.encode("\n\n", add_special_tokens=False).ids
+    ids: list[int] = []
+    for piece in backend.encode_batch(corpus.documents(domain, split), add_special_tokens=False):
+        ids += piece.ids + sep
+    return torch.tensor(ids[: -len(sep)], dtype=torch.long)
+
+
+def _experts_modules(model) -> dict[str, torch.nn.Module]:
+    """name -> routed-experts module (transformers 5 packs experts as 3-D ``gate_up_proj``)."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "gate_up_proj", None), torch.nn.Parameter) and module.gate_up_proj.ndim == 3
+    }
+
+
+def _balance_loss(router_logits, top_k: int) -> torch.Tensor:
+    """Switch-Transformer load balancing, averaged over MoE layers: E * sum_e(token share_e * mean prob_e)."""
+    losses = []
+    for logits in router_logits:
+        probs = logits.float().softmax(-1)
+        chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, probs.shape[-1]).sum(1).float()
+        losses.append(probs.shape[-1] * (chosen.mean(0) / top_k * probs.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def _update_bias(model, router_logits, rate: float = 1e-3) -> None:
+    """DeepSeek-V3's aux-loss-free balancing: nudge each expert's bias towards the mean load."""
+    routers = [m for m in model.modules() if hasattr(m, "e_score_correction_bias")]
+    for router, logits in zip(routers, router_logits):
+        scores = logits.float().sigmoid() + router.e_score_correction_bias
+        load = torch.bincount(scores.topk(router.top_k, dim=-1).indices.flatten(), minlength=router.num_experts)
+        router.e_score_correction_bias += rate * torch.sign(load.float().mean() - load.float())
+
+
+def _routing_summary(counts: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Per-layer specialisation: prose-vs-code total variation and normalised entropy of expert use."""
+    layers, tv, entropy = [], [], {d: [] for d in corpus.DOMAINS}
+    for layer in counts["prose"]:
+        dist = {d: counts[d][layer] / counts[d][layer].sum() for d in corpus.DOMAINS}
+        layers.append(layer)
+        tv.append(0.5 * (dist["prose"] - dist["code"]).abs().sum().item())
+        for d in corpus.DOMAINS:
+            p = dist[d][dist[d] > 0]
+            entropy[d].append((-(p * p.log()).sum() / math.log(dist[d].numel())).item())
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {
+        "layers": layers,
+        "tv_prose_vs_code": [round(x, 4) for x in tv],
+        "tv_mean": round(mean(tv), 4),
+        "entropy_norm": {d: [round(x, 4) for x in entropy[d]] for d in corpus.DOMAINS},
+        "entropy_norm_mean": {d: round(mean(entropy[d]), 4) for d in corpus.DOMAINS},
+        "expert_share": {d: {layer: [round(x, 4) for x in (c / c.sum()).tolist()] for layer, c in counts[d].items()} for d in corpus.DOMAINS},
+    }
+
+
+@torch.no_grad()
+def evaluate(model, tok, seq_len: int = 128, max_windows: int = EVAL_WINDOWS) -> dict[str, Any]:
+    """Validation perplexity per domain and routing specialisation (prose vs code expert use)."""
+    experts = _experts_modules(model)
+    counts: dict[str, dict[str, torch.Tensor]] = {}
+    domain = ""
+
+    def record(name):
+        def hook(module, args):
+            idx = args[1].flatten()
+            counts[domain][name] += torch.bincount(idx[idx < module.num_experts], minlength=module.num_experts)
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(n)) for n, m in experts.items()]
+    was_training = model.training
+    model.eval()
+    ppl, nll_all, n_all = {}, 0.0, 0
+    try:
+        for domain in corpus.DOMAINS:
+            counts[domain] = {n: torch.zeros(m.num_experts, dtype=torch.long) for n, m in experts.items()}
+            text = "\n\n".join(corpus.documents(domain, "validation"))  # as data.load_text + data.encode
+            ids = torch.tensor(tok.backend_tokenizer.encode(text, add_special_tokens=False).ids)
+            nll, n = 0.0, 0
+            for batch in windows(ids, seq_len, max_windows).split(16):
+                logits = model(input_ids=batch).logits[:, :-1]
+                nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
+                n += batch[:, 1:].numel()
+            ppl[domain] = round(math.exp(nll / n), 3)
+            nll_all, n_all = nll_all + nll, n_all + n
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    ppl["all"] = round(math.exp(nll_all / n_all), 3)
+    return {"perplexity": ppl, "routing": _routing_summary(counts)}
+
+
+def _lr_at(step: int, steps: int, peak: float) -> float:
+    """Linear warm-up over 5% of the steps, then cosine decay to 10% of the peak."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, label: str, total: int):
+    """A rich progress bar on stderr (or a no-op): yields ``advance(loss)``."""
+    if not enabled:
+        yield lambda loss: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task(label, total=total, loss="-")
+        yield lambda loss: bar.update(task, advance=1, loss=f"{loss:.3f}")
+
+
+def train(name: str, steps: int | None = None, seed: int = 0, progress: bool = True):
+    """Train a zoo model from scratch; returns ``(model, tokenizer, info)`` (nothing is written)."""
+    spec = entry(name)
+    steps = spec.steps if steps is None else int(steps)
+    tok = tokenizer(seed)
+    streams = [_stream(tok, d, "train") for d in corpus.DOMAINS]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = spec.cls(spec.config())
+    before = evaluate(model, tok, spec.seq_len)
+    top_k = model.config.num_experts_per_tok
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=spec.lr, betas=(0.9, 0.95)
+    )
+    gen = torch.Generator().manual_seed(seed)
+    half = spec.batch_size // 2
+    losses: list[float] = []
+    model.train()
+    start = time.perf_counter()
+    with _progress(progress, f"zoo:{name}", steps) as advance:
+        for step in range(steps):
+            # Half prose, half code in every batch, so the routers see both domains side by side.
+            batch = torch.cat([
+                torch.stack([s[i : i + spec.seq_len] for i in torch.randint(0, s.numel() - spec.seq_len, (n,), generator=gen).tolist()])
+                for s, n in zip(streams, (half, spec.batch_size - half))
+            ])
+            out = model(input_ids=batch, output_router_logits=True)
+            logits = out.logits[:, :-1]
+            lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+            loss = lm + spec.balance_coef * _balance_loss(out.router_logits, top_k) if spec.balance == "aux_loss" else lm
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(step, steps, spec.lr)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            if spec.balance == "bias":
+                _update_bias(model, out.router_logits)
+            losses.append(lm.item())
+            advance(lm.item())
+    seconds = time.perf_counter() - start
+    model.eval()
+    after = evaluate(model, tok, spec.seq_len)
+    tail = losses[-max(1, min(50, steps // 10)) :]
+    info = {
+        "name": name,
+        "model_class": spec.model_class,
+        "description": spec.description,
+        "seed": seed,
+        "steps": steps,
+        "batch_size": spec.batch_size,
+        "seq_len": spec.seq_len,
+        "tokens_seen": steps * spec.batch_size * spec.seq_len,
+        "lr": spec.lr,
+        "balance": spec.balance,
+        "final_loss": round(sum(tail) / len(tail), 4) if tail else None,
+        "loss_curve": [round(x, 4) for x in losses[:: max(1, steps // 50)]],
+        "train_seconds": round(seconds, 1),
+        "params": sum(p.numel() for p in model.parameters()),
+        "untrained": before,
+        "trained": after,
+    }
+    return model, tok, info
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _key(spec: ZooEntry, steps: int, seed: int) -> str:
+    import transformers
+
+    return _digest({
+        "recipe": spec.recipe(),
+        "steps": steps,
+        "seed": seed,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "corpus": corpus.fingerprint(),
+        "vocab": VOCAB_SIZE,
+    })
+
+
+@contextlib.contextmanager
+def _locked(lock: Path):
+    """Hold an exclusive lock file, so one process builds an entry while others wait for it."""
+    with open(lock, "a") as fh:
+        if fcntl is not None:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def build(name: str, *, steps: int | None = None, seed: int = 0, force: bool = False, progress: bool = True) -> Path:
+    """The folder of a trained zoo model (HF ``save_pretrained`` + tokenizer + ``zoo.json``), training it if needed."""
+    spec = entry(name)
+    steps = spec.steps if steps is None else int(steps)
+    root = cache_dir("zoo")
+    final = root / f"{name}-{_key(spec, steps, seed)}"
+    if (final / "zoo.json").exists() and not force:
+        return final
+    with _locked(root / f".{final.name}.lock"):
+        if (final / "zoo.json").exists() and not force:
+            return final  # another process built it while we waited
+        for stale in root.glob(f".{final.name}.tmp*"):  # left by a killed build; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.tmp"))
+        try:
+            start = time.perf_counter()
+            threads = torch.get_num_threads()
+            torch.set_num_threads(min(threads, 8))  # tiny matmuls gain nothing from more
+            try:
+                model, tok, info = train(name, steps=steps, seed=seed, progress=progress)
+            finally:
+                torch.set_num_threads(threads)
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            import transformers
+
+            info.update(
+                build_seconds=round(time.perf_counter() - start, 1),
+                key=final.name.rsplit("-", 1)[1],
+                corpus=corpus.fingerprint(),
+                versions={
+                    "torch": torch.__version__,
+                    "transformers": transformers.__version__,
+                    "python": platform.python_version(),
+                },
+            )
+            (tmp / "zoo.json").write_text(json.dumps(info, indent=1) + "\n")
+            if final.exists():  # force: move the old entry aside, then swap
+                old = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.tmp-old"))
+                os.rename(final, old / "entry")
+                os.rename(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+def path(name: str, **kw) -> Path:
+    """The folder of a trained zoo model (alias of :func:`build`, used by model loading)."""
+    return build(name, **kw)

@@ -1,0 +1,1 @@
+"""moebench's built-in plugins, registered through the `moebench` entry-point group."""

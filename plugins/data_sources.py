@@ -1,0 +1,137 @@
+"""Built-in data sources: ``embedded:`` (ships with Python), ``file:`` (local text), ``hf:`` (Hugging Face datasets).
+
+Each is a class with a ``scheme`` and ``documents(arg, split)``; the harness joins a
+split's documents with blank lines (:func:`moebench.data.load_text`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import ClassVar
+
+from moebench import corpus
+from moebench.errors import MoebenchError
+from moebench.hookspecs import hookimpl
+
+
+class EmbeddedSource:
+    """``embedded:prose`` or ``embedded:code``: the embedded corpus (:mod:`moebench.corpus`), no download."""
+
+    scheme: ClassVar[str] = "embedded"
+
+    def documents(self, arg: str, split: str) -> list[str]:
+        return corpus.documents(arg, split)
+
+
+# File names tried, in order, for each split when ``file:`` points at a folder
+# (plain names, WikiText's raw release names, JSON lines).
+SPLIT_FILES = {
+    "train": ("train.txt", "wiki.train.raw", "train.jsonl"),
+    "validation": ("valid.txt", "validation.txt", "wiki.valid.raw", "valid.jsonl", "validation.jsonl"),
+    "test": ("test.txt", "wiki.test.raw", "test.jsonl"),
+}
+
+
+class FileSource:
+    """``file:PATH``: local text.
+
+    - a folder: one file per split, e.g. ``train.txt`` / ``valid.txt`` (or ``validation.txt``)
+      / ``test.txt``, as WikiText-2 raw is laid out; a split with no file is an error.
+    - a single file: the whole file is used for *every* split (so calibrating and evaluating on
+      it see the same text; point at a folder to keep them apart).
+
+    ``.jsonl`` files give one document per line, from its ``text`` field; any other file
+    is one document.
+    """
+
+    scheme: ClassVar[str] = "file"
+
+    def documents(self, arg: str, split: str) -> list[str]:
+        path = Path(arg).expanduser()
+        if path.is_dir():
+            for name in SPLIT_FILES.get(split, ()):
+                if (path / name).is_file():
+                    return self._read(path / name)
+            raise MoebenchError(
+                f"data file:{arg}: no file for split {split!r} in that folder "
+                f"(looked for {', '.join(SPLIT_FILES.get(split, ()))})"
+            )
+        if not path.is_file():
+            raise MoebenchError(f"data file:{arg}: no such file or folder: {path}")
+        return self._read(path)
+
+    @staticmethod
+    def _read(path: Path) -> list[str]:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MoebenchError(f"data file:{path}: cannot read it as UTF-8 text ({exc})") from None
+        if path.suffix != ".jsonl":
+            return [text]
+        docs = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                docs.append(row["text"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise MoebenchError(f"data file:{path}: line {number}: expected a JSON object with a 'text' field") from None
+        return docs
+
+
+class HFSource:
+    """``hf:NAME``: a Hugging Face dataset's ``text`` column (needs the network, or the datasets cache).
+
+    Names researchers use are mapped as in the GPTQ/WANDA code:
+
+    - ``hf:wikitext2``: ``wikitext`` / ``wikitext-2-raw-v1``, one document per row (the
+      blank-line join then reproduces the usual ``"\\n\\n".join(rows)``).
+    - ``hf:c4``: ``allenai/c4``, first English shard: train split from
+      ``c4-train.00000-of-01024``, validation *and* test from ``c4-validation.00000-of-00008``
+      (C4 has no test split).
+
+    Anything else is ``hf:NAME`` or ``hf:NAME:CONFIG``, where NAME may be a hub id with an
+    owner (``hf:Salesforce/wikitext:wikitext-103-raw-v1``); a colon separates the config because
+    a slash already belongs to hub ids.
+    """
+
+    scheme: ClassVar[str] = "hf"
+
+    C4_FILES = {
+        "train": "en/c4-train.00000-of-01024.json.gz",
+        "validation": "en/c4-validation.00000-of-00008.json.gz",
+        "test": "en/c4-validation.00000-of-00008.json.gz",
+    }
+
+    def documents(self, arg: str, split: str) -> list[str]:
+        try:
+            import datasets
+        except ImportError:
+            raise MoebenchError(
+                f"data hf:{arg} needs the 'datasets' package (pip install datasets); "
+                "or use file:PATH or embedded:prose"
+            ) from None
+        try:
+            if arg == "wikitext2":
+                rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+            elif arg == "c4":
+                file = self.C4_FILES[split]
+                rows = datasets.load_dataset("allenai/c4", data_files={"data": file}, split="data")
+            else:
+                name, _, config = arg.partition(":")
+                rows = datasets.load_dataset(name, config or None, split=split)
+        except Exception as exc:  # offline, unknown name, missing split: all end the same way for the user
+            raise MoebenchError(
+                f"data hf:{arg} split {split!r} could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                "without network, use file:PATH (a local copy) or embedded:prose / embedded:code"
+            ) from None
+        if "text" not in rows.column_names:
+            raise MoebenchError(f"data hf:{arg} has no 'text' column (columns: {', '.join(rows.column_names)})")
+        return list(rows["text"])
+
+
+@hookimpl
+def register_data_sources():
+    return [EmbeddedSource, FileSource, HFSource]

@@ -1,0 +1,123 @@
+"""Built-in metrics: perplexity over fixed windows, and model size (parameters, weight bytes).
+
+Perplexity follows the GPTQ/WANDA protocol: the evaluation split is tokenized as one
+stream, cut into non-overlapping windows of ``seqlen`` tokens from the start (at most
+``max_samples``), and perplexity is ``exp`` of the mean next-token negative
+log-likelihood over every predicted token of every window.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moebench.adapter import MoEModel
+from moebench.data import SPLITS, encode, load_text, windows
+from moebench.hookspecs import hookimpl
+from moebench.method import Context, Metric
+from moebench.params import param
+from moebench.progress import progress_bar
+
+
+@dataclass
+class PerplexityParams:
+    data: str = param("embedded:prose", help="data spec of the evaluation text")
+    split: str = param("test", help="split evaluated: train | validation | test")
+    seqlen: int = param(256, help="tokens per window")
+    max_samples: int | None = param(None, help="at most this many windows (default: all)")
+    batch_size: int = param(8, help="windows per forward pass")
+
+    def check(self):
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if self.seqlen < 2:
+            raise ValueError(f"seqlen must be >= 2, got {self.seqlen}")
+
+
+@torch.no_grad()
+def window_nll(model: torch.nn.Module, batch: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token NLL over a batch of windows, and how many tokens were predicted."""
+    logits = model(input_ids=batch, use_cache=False).logits.float()
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+    return nll.item(), batch[:, 1:].numel()
+
+
+def perplexity(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 8) -> float:
+    """Perplexity of ``model`` over the windows ``ids [n, seqlen]``."""
+    total, count = 0.0, 0
+    with progress_bar("perplexity", len(ids)) as advance:
+        for start in range(0, len(ids), batch_size):
+            batch = ids[start : start + batch_size].to(next(model.parameters()).device)
+            nll, n = window_nll(model, batch)
+            total, count = total + nll, count + n
+            advance(len(batch))
+    return math.exp(total / count)
+
+
+class Perplexity(Metric):
+    """Perplexity over fixed non-overlapping windows of an evaluation split."""
+
+    name = "perplexity"
+    Params = PerplexityParams
+
+    def measure(self, model: MoEModel, params: PerplexityParams, ctx: Context) -> dict:
+        ids = windows(encode(model.tokenizer, load_text(params.data, params.split)), params.seqlen, params.max_samples)
+        value = perplexity(model.model, ids, params.batch_size)
+        return {
+            "perplexity": {
+                "value": value,
+                "data": params.data,
+                "split": params.split,
+                "seqlen": params.seqlen,
+                "windows": len(ids),
+                "tokens": ids.numel(),
+            }
+        }
+
+
+def parameter_counts(model: MoEModel) -> dict[str, int]:
+    """Total parameters, and those a token activates (routed experts counted top-k of E)."""
+    seen, total = set(), 0
+    for p in model.model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    inactive = 0
+    for block in model.blocks():
+        per_expert = (block.gate_up_proj.numel() + block.down_proj.numel()) // max(block.num_experts, 1)
+        inactive += per_expert * (block.num_experts - min(block.top_k, block.num_experts))
+    return {"total": total, "active": total - inactive}
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every tensor in the state dict as stored (packed quantized tensors at their packed size)."""
+    seen, total = set(), 0
+    for tensor in model.state_dict().values():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+class ModelSize(Metric):
+    """Parameter counts (total, active per token) and weight bytes as stored; measured on every run."""
+
+    name = "size"
+    always = True
+
+    def measure(self, model: MoEModel, params, ctx: Context) -> dict:
+        return {
+            "params": parameter_counts(model),
+            "weight_bytes": weight_bytes(model.model),
+            "experts": sum(model.expert_counts().values()),
+            "blocks": len(model.layers),
+        }
+
+
+@hookimpl
+def register_metrics():
+    return [Perplexity, ModelSize]

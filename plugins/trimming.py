@@ -1,0 +1,233 @@
+"""Expert trimming: expert drop, layer drop, block drop (He, Dong et al., arXiv 2406.02500).
+
+All three read calibration statistics from the shared service and edit the model only
+through :class:`moebench.adapter.MoEModel`, so they work on every adapted architecture
+and compose in pipelines.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from moebench.adapter import MoEBlock, MoEModel, subset_block
+from moebench.hookspecs import hookimpl
+from moebench.method import Context, Method
+from moebench.params import param
+
+
+# -- expert drop --------------------------------------------------------------------------
+@dataclass
+class ExpertDropParams:
+    keep_ratio: float | None = param(0.5, help="fraction of each layer's routed experts kept (ignored when keep is set)")
+    keep: int | None = param(None, help="experts kept per layer (layer scope) or on average (global scope)")
+    criterion: Literal["frequency", "score", "reconstruction", "random"] = param(
+        "frequency",
+        help="frequency: most selected; score: most router-probability mass; "
+        "reconstruction: greedy removal that least changes the block's output; random: baseline",
+    )
+    scope: Literal["layer", "global"] = param("layer", help="layer: same count per layer; global: one budget, counts differ")
+    top_k: int | None = param(None, help="new experts-per-token after the drop (default: unchanged)")
+    seed: int = param(0, help="seed for the random criterion")
+
+    def check(self):
+        if self.keep is None and self.keep_ratio is None:
+            raise ValueError("set keep_ratio or keep")
+        if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.keep is not None and self.keep < 1:
+            raise ValueError(f"keep must be >= 1, got {self.keep}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+
+
+class ExpertDrop(Method):
+    """Drop the least important routed experts of each MoE layer; router rows sliced to match."""
+
+    name = "expert_drop"
+    Params = ExpertDropParams
+    stats = ("routing_counts",)
+
+    def needs(self, params: ExpertDropParams) -> tuple[str, ...]:
+        return {"frequency": ("routing_counts",), "score": ("router_mass",), "reconstruction": ("moe_io",), "random": ()}[
+            params.criterion
+        ]
+
+    def apply(self, model: MoEModel, params: ExpertDropParams, ctx: Context) -> dict:
+        blocks = list(model.blocks())
+        budgets = {b.layer: _count(b.num_experts, params) for b in blocks}
+        if params.criterion == "reconstruction":
+            io = ctx.stats(model, "moe_io")["moe_io"]
+            if params.scope == "global":
+                ctx.note("reconstruction criterion ranks experts per layer; global scope keeps the per-layer budget")
+            keeps = {b.layer: _greedy_reconstruction(b, io[b.layer], budgets[b.layer]) for b in blocks}
+        else:
+            scores = _scores(model, blocks, params, ctx)
+            if params.scope == "global":
+                budgets = _global_budgets(blocks, scores, sum(budgets.values()))
+            keeps = {b.layer: sorted(torch.argsort(scores[b.layer], descending=True)[: budgets[b.layer]].tolist()) for b in blocks}
+        before = {b.layer: b.num_experts for b in blocks}
+        for b in blocks:
+            for note in model.keep_experts(b.layer, keeps[b.layer]):
+                ctx.note(f"layer {b.layer}: {note}")
+            if params.top_k is not None:
+                model.set_top_k(b.layer, min(params.top_k, len(keeps[b.layer])))
+        return {
+            "kept": {b.layer: keeps[b.layer] for b in blocks},
+            "dropped": {b.layer: sorted(set(range(before[b.layer])) - set(keeps[b.layer])) for b in blocks},
+            "experts_before": sum(before.values()),
+            "experts_after": sum(len(k) for k in keeps.values()),
+            "top_k": {b.layer: model.block(b.layer).top_k for b in blocks},
+        }
+
+
+def _count(num_experts: int, p: ExpertDropParams) -> int:
+    n = p.keep if p.keep is not None else round(p.keep_ratio * num_experts)
+    return max(1, min(num_experts, n))
+
+
+def _scores(model: MoEModel, blocks: list[MoEBlock], p: ExpertDropParams, ctx: Context) -> dict[int, torch.Tensor]:
+    """Per-layer expert importance, normalised to sum to 1 in each layer (comparable across layers)."""
+    if p.criterion == "random":
+        rng = random.Random(p.seed)
+        return {b.layer: torch.tensor([rng.random() for _ in range(b.num_experts)]) for b in blocks}
+    if p.criterion == "frequency":
+        raw = ctx.stats(model, "routing_counts")["routing_counts"]
+        raw = {layer: counts.double() for layer, counts in raw.items()}
+    else:
+        raw = {layer: mass["prob"].double() for layer, mass in ctx.stats(model, "router_mass")["router_mass"].items()}
+    # a tiny index-based tie-break keeps the order deterministic when counts are equal
+    return {b.layer: raw[b.layer] / raw[b.layer].sum().clamp_min(1e-12) - 1e-12 * torch.arange(b.num_experts) for b in blocks}
+
+
+def _global_budgets(blocks: list[MoEBlock], scores: dict[int, torch.Tensor], total: int) -> dict[int, int]:
+    """Spend one expert budget across layers by normalised score; every layer keeps at least top-k."""
+    budgets = {b.layer: min(b.top_k, b.num_experts) for b in blocks}
+    ranked = sorted(
+        ((s.item(), b.layer, rank) for b in blocks for rank, s in enumerate(torch.sort(scores[b.layer], descending=True).values)),
+        reverse=True,
+    )
+    left = total - sum(budgets.values())
+    for _, layer, rank in ranked:
+        if left <= 0:
+            break
+        if rank >= budgets[layer]:  # the layer's (rank+1)-th best expert; ranks arrive in order per layer
+            budgets[layer] += 1
+            left -= 1
+    return budgets
+
+
+@torch.no_grad()
+def _greedy_reconstruction(block: MoEBlock, io: dict, budget: int) -> list[int]:
+    """Remove experts one at a time, each time the one whose removal least changes the block output.
+
+    The block is replayed on calibration inputs with the candidate subset (routing
+    renormalised as the architecture does); the error is the squared distance to the
+    full block's output. A greedy form of the enumeration in Lu et al. (2402.14800).
+    """
+    x = io["input"].to(block.gate_up_proj.device, block.gate_up_proj.dtype)
+    target = io["output"].to(x.device).float()
+    keep = list(range(block.num_experts))
+    while len(keep) > budget:
+        errors = []
+        for e in keep:
+            trial = [k for k in keep if k != e]
+            out = subset_block(block, trial)(x.unsqueeze(0)).squeeze(0).float()
+            errors.append(((out - target) ** 2).sum().item())
+        keep.remove(keep[min(range(len(errors)), key=errors.__getitem__)])
+    return keep
+
+
+# -- layer drop ---------------------------------------------------------------------------
+@dataclass
+class LayerDropParams:
+    n: int = param(1, help="MoE blocks removed")
+    criterion: Literal["similarity", "random"] = param(
+        "similarity", help="similarity: the blocks whose output changes the residual stream least; random: baseline"
+    )
+    seed: int = param(0, help="seed for the random criterion")
+
+    def check(self):
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+
+
+class LayerDrop(Method):
+    """Remove whole MoE blocks (attention kept): the residual stream passes through them."""
+
+    name = "layer_drop"
+    Params = LayerDropParams
+    stats = ("moe_similarity",)
+
+    def needs(self, params):
+        return self.stats if params.criterion == "similarity" else ()
+
+    def apply(self, model: MoEModel, params: LayerDropParams, ctx: Context) -> dict:
+        layers = model.moe_layers
+        if params.n >= len(layers):
+            raise ValueError(f"n={params.n} would remove all {len(layers)} MoE blocks; expected n < {len(layers)}")
+        if params.criterion == "similarity":
+            sim = ctx.stats(model, "moe_similarity")["moe_similarity"]
+            chosen = sorted(layers, key=lambda i: sim[i], reverse=True)[: params.n]
+        else:
+            sim = {}
+            chosen = random.Random(params.seed).sample(layers, params.n)
+        for layer in chosen:
+            model.skip_moe(layer)
+        return {"skipped_moe": sorted(chosen), "similarity": {i: round(float(sim[i]), 6) for i in sim}}
+
+
+# -- block drop ---------------------------------------------------------------------------
+@dataclass
+class BlockDropParams:
+    n: int = param(1, help="decoder blocks (attention + MoE) removed")
+    mode: Literal["one_shot", "iterative", "consecutive"] = param(
+        "one_shot",
+        help="one_shot: the n blocks whose output is most similar to their input; iterative: remove one, "
+        "recalibrate, repeat; consecutive: the run of n blocks whose span changes the stream least",
+    )
+
+    def check(self):
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+
+
+class BlockDrop(Method):
+    """Remove whole decoder blocks by input/output similarity; config and layer count updated."""
+
+    name = "block_drop"
+    Params = BlockDropParams
+    stats = ("layer_similarity",)
+
+    def apply(self, model: MoEModel, params: BlockDropParams, ctx: Context) -> dict:
+        total = len(model.layers)
+        if params.n >= total:
+            raise ValueError(f"n={params.n} would remove all {total} decoder blocks; expected n < {total}")
+        original = list(range(total))  # original index of each current block
+        dropped, scores = [], {}
+        if params.mode == "iterative":
+            for _ in range(params.n):
+                sim = ctx.stats(model, "layer_similarity")["layer_similarity"]
+                i = max(range(len(model.layers)), key=lambda j: sim[j, j + 1].item())
+                scores[original[i]] = round(sim[i, i + 1].item(), 6)
+                dropped.append(original.pop(i))
+                model.drop_layers([i])
+        else:
+            sim = ctx.stats(model, "layer_similarity")["layer_similarity"]
+            if params.mode == "consecutive":
+                start = max(range(total - params.n + 1), key=lambda s: sim[s, s + params.n].item())
+                dropped = list(range(start, start + params.n))
+                scores = {start: round(sim[start, start + params.n].item(), 6)}
+            else:
+                scores = {i: round(sim[i, i + 1].item(), 6) for i in range(total)}
+                dropped = sorted(scores, key=scores.get, reverse=True)[: params.n]
+            model.drop_layers(dropped)
+        return {"dropped_blocks": sorted(dropped), "blocks_before": total, "blocks_after": len(model.layers), "similarity": scores}
+
+
+@hookimpl
+def register_methods():
+    return [ExpertDrop, LayerDrop, BlockDrop]
