@@ -161,3 +161,7 @@ for _module in ("cli_reports", "cli_analysis"):
     except ModuleNotFoundError as _exc:
         if _exc.name != f"{__package__}.{_module}":
             raise
+
+
+if __name__ == "__main__":
+    main()

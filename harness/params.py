@@ -3,7 +3,8 @@
 Methods and metrics declare their parameters as a dataclass; ``help`` in a field's
 metadata documents it. :func:`parse` turns a TOML table into that dataclass, naming the
 field and the expected type on a mismatch and suggesting the closest name for a typo.
-A dataclass may define ``check(self)`` raising ``ValueError`` for range checks.
+A dataclass may define ``check(self)`` raising ``ValueError`` for range checks; a
+message that starts with a field's name is reported against that field.
 """
 
 from __future__ import annotations
@@ -58,7 +59,10 @@ def parse(cls: type, table: dict[str, Any]) -> Any:
         except ParamError:
             raise
         except ValueError as exc:
-            raise ParamError(getattr(exc, "field", cls.__name__), str(exc)) from None
+            # by convention a check message starts with the field it is about
+            words = str(exc).split()
+            name = words[0] if words and words[0] in known else "params"
+            raise ParamError(name, str(exc)) from None
     return obj
 
 

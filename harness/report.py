@@ -97,8 +97,27 @@ def _si(value: float) -> str:
     return f"{value:.3g}"
 
 
+#: short headers for the terminal table
+LABELS = {
+    "perplexity": "ppl",
+    "params.total": "params",
+    "params.active": "active",
+    "weight_bytes": "weights",
+    "flops_per_token": "FLOPs/tok",
+    "peak_memory_bytes": "peak mem",
+    "speed.prefill_tok_s": "prefill tok/s",
+    "speed.decode_tok_s": "decode tok/s",
+    "speed.speedup_prefill": "prefill ×",
+    "speed.speedup_decode": "decode ×",
+    "compress_seconds": "compress s",
+}
+#: columns whose change against the baseline is shown in the terminal
+DELTA_COLUMNS = {"perplexity", "params.total", "params.active", "weight_bytes", "flops_per_token"}
+
+
 def terminal_table(records: list[dict[str, Any]], columns: list[str] | None = None):
     """A rich Table per suite: runs as rows, metrics with their change against the baseline."""
+    from rich.markup import escape
     from rich.table import Table
 
     df = frame(records)
@@ -107,20 +126,20 @@ def terminal_table(records: list[dict[str, Any]], columns: list[str] | None = No
         return tables
     for suite, part in df.groupby("suite", sort=False):
         part = part.dropna(axis=1, how="all")
-        cols = columns or [c for c in part.columns if c not in ("suite", "run_id")]
+        cols = columns or [c for c in part.columns if c not in ("suite", "run_id") and "stderr" not in c]
         base = part[part["name"] == "baseline"]
         table = Table(title=f"suite {suite}", show_lines=False)
         for c in cols:
-            table.add_column(c, justify="left" if c in ("name", "status") else "right", overflow="fold")
+            table.add_column(escape(LABELS.get(c, c)), justify="left" if c in ("name", "status") else "right", overflow="fold")
         for _, row in part.iterrows():
             cells = []
             for c in cols:
                 text = fmt(row.get(c), c)
-                if c not in ("name", "status") and len(base) and row["name"] != "baseline" and pd.notna(row.get(c)):
+                if c in DELTA_COLUMNS and len(base) and row["name"] != "baseline" and pd.notna(row.get(c)):
                     b = base[c].iloc[0] if c in base else None
                     if b not in (None, 0) and pd.notna(b):
                         text += f" ({(row[c] - b) / abs(b):+.1%})"
-                cells.append(text)
+                cells.append(escape(text))
             table.add_row(*cells)
         tables.append(table)
     return tables

@@ -1,0 +1,69 @@
+"""Shared fixtures: small real checkpoints of every adapted architecture.
+
+``checkpoint(name)`` saves a randomly initialised zoo-config model (a real transformers
+class at toy size, fewer layers) with the zoo tokenizer into a temp folder: fast, so the
+adapter and runner tests cover every architecture. ``trained_zoo`` builds (or reuses
+from the cache) the trained default zoo model, for tests about compression quality.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ARCHS = ["deepseek_v2", "deepseek_v3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+
+
+def make_checkpoint(folder: Path, name: str, seed: int = 0, **overrides) -> Path:
+    """Save a random zoo-config model of architecture ``name`` (5 layers) with the zoo tokenizer."""
+    import transformers
+
+    from moebench import zoo
+
+    config = zoo.config(name, **{"num_hidden_layers": 5, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # larger weights than the init's so routing and edits change outputs visibly
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.1)
+    model.save_pretrained(folder)
+    zoo.tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            made[name] = make_checkpoint(tmp_path_factory.mktemp(name), name)
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def trained_zoo():
+    """The trained default zoo model's folder (built on first use, then cached)."""
+    from moebench import zoo
+
+    return zoo.path(zoo.DEFAULT, progress=False)
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """A fresh MOEBENCH_HOME for tests that count calibration passes (the zoo stays shared)."""
+    from moebench import paths
+
+    zoo_dir = paths.cache_dir("zoo")
+    tok_dir = paths.cache_dir("tokenizers")
+    monkeypatch.setenv("MOEBENCH_HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    os.symlink(zoo_dir, tmp_path / "home" / "zoo")
+    os.symlink(tok_dir, tmp_path / "home" / "tokenizers")
+    return tmp_path / "home"
