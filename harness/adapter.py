@@ -14,6 +14,7 @@ reloads with the same structure (see :mod:`moebench.models`).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -394,10 +395,11 @@ _ROUTER_CONFIG_FIELDS = {"topk_method": "topk_method", "num_group": "n_group", "
 
 def slice_experts(block: MoEBlock, keep: Sequence[int]) -> list[str]:
     """Keep experts ``keep`` of ``block`` in place (packed weights, router rows, top-k)."""
-    keep = torch.as_tensor(list(keep), dtype=torch.long, device=block.gate_up_proj.device)
-    if keep.numel() == 0:
+    order = [int(k) for k in keep]  # checked on the host, so this also works on meta-device skeletons
+    keep = torch.as_tensor(order, dtype=torch.long, device=block.gate_up_proj.device)
+    if not order:
         raise ValueError(f"layer {block.layer}: cannot keep zero experts")
-    if len(set(keep.tolist())) != keep.numel() or keep.min() < 0 or keep.max() >= block.num_experts:
+    if len(set(order)) != len(order) or min(order) < 0 or max(order) >= block.num_experts:
         raise ValueError(f"layer {block.layer}: keep indices must be distinct and in [0, {block.num_experts})")
     experts = block.experts
     experts.gate_up_proj = _param_like(experts.gate_up_proj, experts.gate_up_proj.data[keep])
@@ -411,13 +413,30 @@ def slice_experts(block: MoEBlock, keep: Sequence[int]) -> list[str]:
     return notes
 
 
-def subset_block(block: MoEBlock, keep: Sequence[int]) -> nn.Module:
-    """A copy of the MoE block module with only experts ``keep`` (for trying a choice before making it)."""
-    import copy
+@contextmanager
+def experts_subset(block: MoEBlock, keep: Sequence[int]) -> Iterator[nn.Module]:
+    """Temporarily keep only experts ``keep`` of ``block`` (to try a choice before making it).
 
-    clone = MoEBlock(block.layer, copy.deepcopy(block.module), block.adapter)
-    slice_experts(clone, keep)
-    return clone.module
+    Yields the block module with the subset in place and restores every attribute the
+    edit touched afterwards; cheaper than copying the block for each trial.
+    """
+    router, experts, module = block.router, block.experts, block.module
+    saved = [
+        (obj, name, getattr(obj, name))
+        for obj, names in (
+            (experts, ("gate_up_proj", "down_proj", "num_experts")),
+            (router, ("weight", "num_experts", "top_k", *_ROUTER_CONFIG_FIELDS, *block.adapter.expert_buffers)),
+            (module, ("top_k",)),
+        )
+        for name in names
+        if hasattr(obj, name)
+    ]
+    try:
+        slice_experts(block, keep)
+        yield module
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
 
 
 def _is_dense(adapter: Adapter, layer: nn.Module) -> bool:

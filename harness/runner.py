@@ -126,13 +126,19 @@ def execute(suite: Suite, spec: RunSpec, ctx: Context, options: RunOptions) -> d
     try:
         model = load_model(suite)
         t0 = time.perf_counter()
-        record["changes"] = apply_pipeline(model, spec, ctx)
+        steps: dict[str, float] = {}
+        record["changes"] = apply_pipeline(model, spec, ctx, steps)
         if spec.pipeline:
             record["metrics"]["compress_seconds"] = time.perf_counter() - t0
+        if len(steps) > 1:
+            record["metrics"]["compress_seconds_by_step"] = steps
         if options.save_models is not None and spec.pipeline:
             folder = options.save_models / spec.run_id
             model.save(folder)
-            record["saved_model"] = str(folder)
+            record["saved_model"] = {
+                "path": str(folder),
+                "loader": "moebench.models.load_pretrained" if model.needs_moebench_loader() else "transformers",
+            }
         record["metrics"].update(measure(model, suite, ctx))
     except KeyboardInterrupt:
         raise
@@ -158,8 +164,12 @@ def load_model(suite: Suite) -> MoEModel:
     return load(m.source, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code, max_memory=suite.hardware.max_memory)
 
 
-def apply_pipeline(model: MoEModel, spec: RunSpec, ctx: Context) -> dict[str, Any]:
-    """Apply each step in order; returns each step's changes keyed by method name (``name#2`` on repeats)."""
+def apply_pipeline(model: MoEModel, spec: RunSpec, ctx: Context, seconds: dict[str, float] | None = None) -> dict[str, Any]:
+    """Apply each step in order; returns each step's changes keyed by method name (``name#2`` on repeats).
+
+    ``seconds``, when given, receives each step's wall time under the same key (device
+    work included: CUDA is synchronised before the clock stops).
+    """
     changes: dict[str, Any] = {}
     for step in spec.pipeline:
         method = host().method(step.method)()
@@ -167,7 +177,12 @@ def apply_pipeline(model: MoEModel, spec: RunSpec, ctx: Context) -> dict[str, An
         n = 2
         while key in changes:
             key, n = f"{step.method}#{n}", n + 1
+        t0 = time.perf_counter()
         changes[key] = method.apply(model, step.params, ctx) or {}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        if seconds is not None:
+            seconds[key] = time.perf_counter() - t0
     return changes
 
 

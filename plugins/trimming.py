@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from moebench.adapter import MoEBlock, MoEModel, subset_block
+from moebench.adapter import MoEBlock, MoEModel, experts_subset
 from moebench.hookspecs import hookimpl
 from moebench.method import Context, Method
 from moebench.params import param
@@ -134,8 +134,8 @@ def _greedy_reconstruction(block: MoEBlock, io: dict, budget: int) -> list[int]:
     while len(keep) > budget:
         errors = []
         for e in keep:
-            trial = [k for k in keep if k != e]
-            out = subset_block(block, trial)(x.unsqueeze(0)).squeeze(0).float()
+            with experts_subset(block, [k for k in keep if k != e]) as trial:
+                out = trial(x.unsqueeze(0)).squeeze(0).float()
             errors.append(((out - target) ** 2).sum().item())
         keep.remove(keep[min(range(len(errors)), key=errors.__getitem__)])
     return keep

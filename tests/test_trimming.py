@@ -1,0 +1,189 @@
+"""Expert trimming on every architecture: from a suite, saved, reloaded to the same logits;
+one calibration pass for a whole suite; and, on the trained zoo model, the quality
+orderings the methods must show."""
+
+from __future__ import annotations
+
+import statistics
+import textwrap
+
+import pytest
+import torch
+
+from moebench.calibration import Calibration, CalibrationSpec
+from moebench.method import Context
+from moebench.models import load, load_pretrained
+from moebench.plugins import host
+from moebench.runner import RunOptions, run_suite
+from moebench.store import read_records
+from moebench.suite import load_suite
+
+from conftest import ARCHS
+
+IDS = torch.randint(3, 2000, (2, 24), generator=torch.Generator().manual_seed(1))
+
+TRIMMING = """
+[[methods]]
+name = "expert"
+method = "expert_drop"
+params = { keep_ratio = 0.5 }
+[[methods]]
+name = "layer"
+method = "layer_drop"
+params = { n = 1 }
+[[methods]]
+name = "expert-then-block"
+pipeline = [{ method = "expert_drop", keep_ratio = 0.5, scope = "global", top_k = 2 }, { method = "block_drop", n = 1 }]
+"""
+
+#: every variant of the three methods (one model each); the suite test above covers every architecture
+VARIANTS = [
+    [("expert_drop", {"keep_ratio": 0.5, "criterion": c})] for c in ("frequency", "score", "reconstruction", "random")
+] + [
+    [("expert_drop", {"keep": 5, "scope": "global", "top_k": 2})],
+    [("layer_drop", {"n": 2})],
+] + [[("block_drop", {"n": 2, "mode": m})] for m in ("one_shot", "iterative", "consecutive")]
+
+
+def suite_text(source, methods=TRIMMING, data="embedded:prose", samples=4) -> str:
+    return textwrap.dedent(f"""
+        [suite]
+        name = "trim"
+        [model]
+        source = "{source}"
+        [calibration]
+        data = "{data}"
+        samples = {samples}
+        seqlen = 32
+    """) + methods
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_each_method_runs_from_a_suite_and_saved_models_reload(arch, checkpoint, tmp_path):
+    path = tmp_path / "suite.toml"
+    path.write_text(suite_text(checkpoint(arch)))
+    run_suite(load_suite(path), RunOptions(out=tmp_path / "out", save_models=tmp_path / "models", log=lambda m: None))
+    records = list(read_records(tmp_path / "out"))
+    assert [r["status"] for r in records] == ["ok"] * 4, [r["error"] for r in records]
+    base, expert, layer, piped = records
+    assert expert["saved_model"]["loader"] == "transformers", "a uniform expert drop is a standard checkpoint"
+    assert layer["saved_model"]["loader"] == "moebench.models.load_pretrained", "a skipped block is not"
+    assert layer["changes"]["layer_drop"]["skipped_moe"]
+    assert piped["changes"]["block_drop"]["blocks_after"] == piped["changes"]["block_drop"]["blocks_before"] - 1
+    assert all(k == 2 for k in piped["changes"]["expert_drop"]["top_k"].values())
+    assert expert["metrics"]["experts"] * 2 == base["metrics"]["experts"]
+    for record in records[1:]:
+        info = record["saved_model"]
+        if info["loader"] == "transformers":
+            import transformers
+
+            plain = transformers.AutoModelForCausalLM.from_pretrained(info["path"]).eval()
+            torch.testing.assert_close(logits(plain), logits(load_pretrained(info["path"])))
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}={x}" for _, p in v for k, x in p.items()))
+def test_every_variant_saves_and_reloads_to_in_memory_logits(variant, checkpoint, tmp_path, isolated_cache):
+    model = load(str(checkpoint("deepseek_v2")))
+    ctx = Context(calibration=Calibration(CalibrationSpec(samples=4, seqlen=32)))
+    changes = {}
+    for name, params in variant:
+        method = host().method(name)
+        changes[name] = method().apply(model, method.Params(**params), ctx)
+    expected = logits(model.model)
+    model.save(tmp_path)
+    torch.testing.assert_close(logits(load_pretrained(tmp_path)), expected, rtol=1e-5, atol=1e-5)
+    if "expert_drop" in changes:
+        c = changes["expert_drop"]
+        kept = {layer: len(k) for layer, k in c["kept"].items()}
+        if variant[0][1].get("scope") == "global":
+            assert sum(kept.values()) == 5 * len(kept), "the global budget is spent exactly"
+            assert all(n >= 2 for n in kept.values()), "every layer keeps at least top-k"
+        else:
+            assert set(kept.values()) == {8}
+
+
+def test_one_calibration_pass_per_suite_and_cache_hits_and_invalidation(checkpoint, tmp_path, isolated_cache):
+    methods = """
+        [[methods]]
+        name = "expert"
+        method = "expert_drop"
+        params = { keep_ratio = [0.75, 0.5, 0.25] }
+        [[methods]]
+        name = "layer"
+        method = "layer_drop"
+        params = { n = [1, 2] }
+        [[methods]]
+        name = "block"
+        method = "block_drop"
+        params = { n = [1, 2] }
+    """
+    path = tmp_path / "suite.toml"
+    path.write_text(suite_text(checkpoint("deepseek_v2"), methods))
+    first = run_suite(load_suite(path), RunOptions(out=tmp_path / "a", log=lambda m: None))
+    assert first.calibration["passes"] == 1
+    assert set(first.calibration["computed"]) == {"routing_counts", "moe_similarity", "layer_similarity"}
+    assert all(r["status"] == "ok" for r in first.records)
+    # a new process (fresh service) reads every statistic from the disk cache
+    again = run_suite(load_suite(path), RunOptions(out=tmp_path / "b", log=lambda m: None))
+    assert again.calibration["passes"] == 0
+    assert set(again.calibration["reused"]) == {"routing_counts", "moe_similarity", "layer_similarity"}
+    a = [r["metrics"]["params"] for r in first.records]
+    assert a == [r["metrics"]["params"] for r in again.records], "cached statistics give the same choices"
+    # another data spec is another key
+    path.write_text(suite_text(checkpoint("deepseek_v2"), methods, data="embedded:code"))
+    other = run_suite(load_suite(path), RunOptions(out=tmp_path / "c", log=lambda m: None))
+    assert other.calibration["passes"] == 1
+    path.write_text(suite_text(checkpoint("deepseek_v2"), methods, samples=5))
+    assert run_suite(load_suite(path), RunOptions(out=tmp_path / "d", log=lambda m: None)).calibration["passes"] == 1
+
+
+def test_calibration_cache_loads_safely(checkpoint, isolated_cache):
+    model = load(str(checkpoint("mixtral")))
+    cal = Calibration(CalibrationSpec(samples=2, seqlen=16))
+    counts = cal.stats(model, ["routing_counts"])["routing_counts"]
+    files = list((isolated_cache / "calibration").glob("routing_counts-*.pt"))
+    assert len(files) == 1
+    loaded = torch.load(files[0], weights_only=True)
+    assert all(torch.equal(loaded[k], counts[k]) for k in counts)
+    assert sum(int(c.sum()) for c in counts.values()) == 2 * 16 * model.block(0).top_k * len(counts)
+
+
+# -- quality on the trained zoo model ---------------------------------------------------
+def _ppl_after(model_path, cal, params_list, ppl_ids) -> float:
+    from moebench_plugins.metrics import perplexity
+
+    model = load(str(model_path))
+    ctx = Context(calibration=cal)
+    for name, params in params_list:
+        method = host().method(name)
+        host().method(name)().apply(model, method.Params(**params), ctx)
+    return perplexity(model.model, ppl_ids)
+
+
+@pytest.fixture(scope="module")
+def zoo_eval(trained_zoo):
+    from moebench.data import encode, load_text, windows
+
+    model = load(str(trained_zoo))
+    ids = windows(encode(model.tokenizer, load_text("embedded:prose", "test")), 128, 24)
+    return trained_zoo, Calibration(CalibrationSpec(samples=32, seqlen=128)), ids
+
+
+@pytest.mark.slow
+def test_perplexity_rises_as_keep_ratio_falls(zoo_eval):
+    path, cal, ids = zoo_eval
+    ppls = [_ppl_after(path, cal, [("expert_drop", {"keep_ratio": r})], ids) if r < 1 else _ppl_after(path, cal, [], ids) for r in (1.0, 0.75, 0.5, 0.25)]
+    assert ppls == sorted(ppls) and ppls[0] < ppls[-1], ppls
+
+
+@pytest.mark.slow
+def test_frequency_drop_beats_random_drop(zoo_eval):
+    path, cal, ids = zoo_eval
+    freq = _ppl_after(path, cal, [("expert_drop", {"keep_ratio": 0.5, "criterion": "frequency"})], ids)
+    rand = [_ppl_after(path, cal, [("expert_drop", {"keep_ratio": 0.5, "criterion": "random", "seed": s})], ids) for s in range(5)]
+    assert freq < statistics.mean(rand), (freq, rand)
