@@ -7,7 +7,10 @@ third party can add ``s3:`` or ``mydata:`` without touching the harness.
 
 from __future__ import annotations
 
+import hashlib
 import random
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -62,17 +65,51 @@ def load_text(spec: str | DataSpec, split: str) -> str:
     return "\n\n".join(docs)
 
 
+#: token streams of recent (tokenizer, text) pairs: every run of a suite evaluates the same
+#: text with the same tokenizer, and tokenizing a long split costs seconds
+_ENCODED: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+_ENCODED_MAX = 8
+_TOKENIZER_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _tokenizer_key(tokenizer) -> str | None:
+    """A content hash of a fast tokenizer (its full definition), or None (then nothing is cached)."""
+    try:
+        return _TOKENIZER_KEYS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    key = hashlib.sha1(backend.to_str().encode()).hexdigest()
+    try:
+        _TOKENIZER_KEYS[tokenizer] = key
+    except TypeError:
+        pass
+    return key
+
+
 def encode(tokenizer, text: str) -> torch.Tensor:
-    """Token ids of ``text`` as one long 1-D tensor, without special tokens."""
+    """Token ids of ``text`` as one long 1-D tensor, without special tokens (cached per tokenizer and text)."""
     from transformers.utils import logging
 
+    tok_key = _tokenizer_key(tokenizer)
+    key = (tok_key, hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()) if tok_key else None
+    if key in _ENCODED:
+        _ENCODED.move_to_end(key)
+        return _ENCODED[key].clone()
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # a long stream is expected here; windows are cut afterwards
     try:
         ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     finally:
         logging.set_verbosity(verbosity)
-    return torch.tensor(ids, dtype=torch.long)
+    ids = torch.tensor(ids, dtype=torch.long)
+    if key is not None:
+        _ENCODED[key] = ids.clone()
+        while len(_ENCODED) > _ENCODED_MAX:
+            _ENCODED.popitem(last=False)
+    return ids
 
 
 def windows(ids: torch.Tensor, seqlen: int, max_samples: int | None = None) -> torch.Tensor:

@@ -34,7 +34,7 @@ def suite_file(tmp_path, source, methods: str, name="t") -> str:
     return str(path)
 
 
-def test_records_and_failed_run_does_not_stop_the_suite(tmp_path, checkpoint):
+def test_records_and_failed_run_does_not_stop_the_suite(tmp_path, checkpoint, isolated_cache):
     path = suite_file(tmp_path, checkpoint("mixtral"), """
         [[methods]]
         name = "too-many"

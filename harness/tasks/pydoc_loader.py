@@ -1,0 +1,11 @@
+"""``custom_dataset`` loaders for the offline pydoc tasks (lm-eval imports this file by path)."""
+
+from moebench import lmeval_tasks
+
+
+def pydoc_mc(**kwargs):
+    return lmeval_tasks.dataset("pydoc_mc")
+
+
+def pydoc_cloze(**kwargs):
+    return lmeval_tasks.dataset("pydoc_cloze")

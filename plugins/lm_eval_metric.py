@@ -1,0 +1,199 @@
+"""lm-eval scores of the model as it is in memory: metric ``lm_eval``.
+
+lm-eval's ``HFLM`` wraps the live ``transformers`` model and tokenizer, so a compressed
+model is scored exactly as the method left it (custom modules, per-layer expert counts)
+with no save/reload round trip. We call lm-eval's ``evaluate`` rather than
+``simple_evaluate``: the latter asks the Hugging Face Hub about the model (network) and
+gathers environment details the runner already records.
+
+Task names are looked up first among the offline tasks that ship with moebench
+(``pydoc_mc``, ``pydoc_cloze``; see :mod:`moebench.lmeval_tasks`) and the suite's
+``include_paths``; lm-eval's own registry (thousands of YAML files, slow to index) is
+read only when a name is not found there, and once per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from moebench.adapter import MoEModel
+from moebench.errors import MoebenchError, did_you_mean
+from moebench.hookspecs import hookimpl
+from moebench.lmeval_tasks import TASKS, TASKS_DIR
+from moebench.method import Context, Metric
+from moebench.params import param
+
+
+@dataclass
+class LmEvalParams:
+    tasks: list[str] = param(default_factory=lambda: list(TASKS), help="lm-eval task or group names (or task YAML paths)")
+    num_fewshot: int | None = param(None, help="few-shot examples per item (default: each task's own, else 0)")
+    limit: int | float | None = param(None, help="at most this many items per task; a value below 1 is a fraction")
+    batch_size: int = param(8, help="requests per forward pass")
+    include_paths: list[str] = param(default_factory=list, help="folders of local task YAML files (relative to the suite file)")
+    max_length: int | None = param(None, help="longest input in tokens (default: the model's context length)")
+    bootstrap_iters: int = param(1000, help="bootstrap resamples for standard errors of non-mean metrics (0: none)")
+
+    def check(self):
+        if not self.tasks:
+            raise ValueError("tasks must name at least one lm-eval task, e.g. ['pydoc_mc']")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ValueError(f"num_fewshot must be >= 0, got {self.num_fewshot}")
+        if self.limit is not None and not (self.limit > 0 and (self.limit < 1 or float(self.limit).is_integer())):
+            raise ValueError(f"limit must be a whole number of items or a fraction in (0, 1), got {self.limit}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if self.bootstrap_iters < 0:
+            raise ValueError(f"bootstrap_iters must be >= 0, got {self.bootstrap_iters}")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Keep lm-eval's INFO chatter (and its warning about being handed a model object) out of the run log."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@lru_cache(maxsize=8)
+def task_manager(include_paths: tuple[str, ...] = (), defaults: bool = False):
+    """An lm-eval TaskManager over moebench's tasks and ``include_paths`` (plus lm-eval's own when ``defaults``)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=[str(TASKS_DIR), *include_paths], include_defaults=defaults)
+
+
+def find_tasks(tasks: list[str], include_paths: tuple[str, ...] = ()):
+    """The cheapest TaskManager that knows every name in ``tasks``, or a MoebenchError naming the unknown ones."""
+    manager = task_manager(include_paths)
+    missing = [t for t in tasks if t not in manager.all_tasks and not os.path.isfile(t)]
+    if missing:
+        manager = task_manager(include_paths, defaults=True)
+        missing = [t for t in missing if t not in manager.all_tasks]
+    if missing:
+        hint = did_you_mean(missing[0], manager.all_tasks)
+        raise MoebenchError(
+            f"eval.lm_eval.tasks: unknown lm-eval task {missing[0]!r}{hint}; expected an lm-eval task or group name, "
+            f"one of the offline tasks ({', '.join(TASKS)}), or a task in include_paths"
+        )
+    return manager
+
+
+def evaluate(
+    model: MoEModel,
+    tasks: list[str],
+    *,
+    num_fewshot: int | None = None,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    include_paths: tuple[str, ...] = (),
+    max_length: int | None = None,
+    bootstrap_iters: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run lm-eval on the in-memory model; returns lm-eval's raw results dict."""
+    from lm_eval import evaluator
+    from lm_eval.models.huggingface import HFLM
+
+    if model.tokenizer is None:
+        raise MoebenchError(f"model {model.source!r} has no tokenizer; lm-eval needs one")
+    with _quiet():
+        manager = find_tasks(list(tasks), tuple(include_paths))
+        lm = HFLM(pretrained=model.model, tokenizer=model.tokenizer, batch_size=batch_size, max_length=max_length)
+        loaded = manager.load(list(tasks))
+        for task in loaded["tasks"].values():  # what simple_evaluate does before evaluating
+            if num_fewshot is not None:
+                task.set_config(key="num_fewshot", value=num_fewshot)
+            elif task.get_config("num_fewshot") is None:
+                task.set_config(key="num_fewshot", value=0)
+            task.set_fewshot_seed(seed=seed)
+        return evaluator.evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=bootstrap_iters, log_samples=False)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def scores(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """``{task: {metric: value, metric_stderr: value}}`` from lm-eval's results (groups included).
+
+    lm-eval keys metrics ``"acc,none"`` (metric, filter); the default filter ``none`` is
+    dropped, any other is kept as ``acc/<filter>``. A standard error lm-eval did not
+    compute (``"N/A"``) is ``None``.
+    """
+    out: dict[str, dict[str, float | None]] = {}
+    for section in ("results", "groups"):
+        for task, table in (results.get(section) or {}).items():
+            row = out.setdefault(task, {})
+            for key, value in table.items():
+                if "," not in key:
+                    continue  # alias, sample_len, ...
+                metric, _, filt = key.partition(",")
+                name = metric if filt == "none" else f"{metric}/{filt}"
+                row[name] = _number(value)
+    return out
+
+
+def resolve_paths(paths: list[str], suite_path: str | None) -> tuple[str, ...]:
+    """Include paths as absolute folders: as given when they exist, else relative to the suite file."""
+    base = Path(suite_path).parent if suite_path and os.path.exists(suite_path) else Path.cwd()
+    resolved = []
+    for p in paths:
+        path = Path(p).expanduser()
+        path = path if path.is_absolute() or path.is_dir() else base / path
+        if not path.is_dir():
+            raise MoebenchError(f"eval.lm_eval.include_paths: {p!r} is not a folder; expected a folder of lm-eval task YAML files")
+        resolved.append(str(path.resolve()))
+    return tuple(resolved)
+
+
+class LmEval(Metric):
+    """lm-eval task scores with standard errors, on the in-memory model (HFLM, no save/reload)."""
+
+    name = "lm_eval"
+    Params = LmEvalParams
+
+    def measure(self, model: MoEModel, params: LmEvalParams, ctx: Context) -> dict:
+        include = resolve_paths(params.include_paths, getattr(ctx.suite, "path", None))
+        results = evaluate(
+            model,
+            params.tasks,
+            num_fewshot=params.num_fewshot,
+            limit=params.limit,
+            batch_size=params.batch_size,
+            include_paths=include,
+            max_length=params.max_length,
+            bootstrap_iters=params.bootstrap_iters,
+            seed=ctx.seed,
+        )
+        import lm_eval
+
+        samples = {t: n.get("effective") for t, n in (results.get("n-samples") or {}).items()}
+        fewshot = {t: c.get("num_fewshot") for t, c in (results.get("configs") or {}).items()}
+        return {
+            "lm_eval": scores(results),
+            "lm_eval_info": {
+                "samples": samples,
+                "num_fewshot": fewshot,
+                "limit": params.limit,
+                "how": f"measured: lm-eval {getattr(lm_eval, '__version__', '?')} HFLM on the in-memory model",
+            },
+        }
+
+
+@hookimpl
+def register_metrics():
+    return [LmEval]
