@@ -54,6 +54,9 @@ class Method:
     Params: ClassVar[type] = NoParams
     #: calibration statistics this method reads, so the runner can gather them in one pass
     stats: ClassVar[tuple[str, ...]] = ()
+    #: reads the calibration windows itself (layer-sequential methods: WANDA, SparseGPT, GPTQ, AWQ),
+    #: so a suite needs [calibration] even when the method names no statistic
+    needs_calibration: ClassVar[bool] = False
     #: one-line summary shown by ``moebench methods`` (defaults to the docstring's first line)
     summary: ClassVar[str] = ""
 

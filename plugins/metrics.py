@@ -85,6 +85,8 @@ def parameter_counts(model: MoEModel) -> dict[str, int]:
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()
+    # quantized storage modules hold their weights as buffers; they say how many they encode
+    total += sum(getattr(m, "stored_numel", 0) for m in model.model.modules())
     inactive = 0
     for block in model.blocks():
         per_expert = (block.gate_up_proj.numel() + block.down_proj.numel()) // max(block.num_experts, 1)

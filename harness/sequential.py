@@ -1,0 +1,396 @@
+"""Layer-sequential calibration: compress one decoder layer at a time on the inputs the
+already-compressed layers before it produce.
+
+The calibration windows enter decoder layer 0 (everything each layer is called with,
+masks and rotary embeddings included, is captured once); then, layer by layer, hooks
+gather what a method asked for about the weights it targets, the method compresses the
+layer, and the layer is run again to turn its inputs into the next layer's inputs, in
+place. Only one layer's activations are held at any time, so memory does not grow with
+depth; the peak is recorded. Usage::
+
+    run = Sequential(model, windows, targets=["experts"], collect={"sq"})
+    for step in run:                       # one decoder layer
+        for group in step.groups:          # weights compressed together
+            group.write(prune(group.weight, group.stats.sq))
+    run.summary()                          # layers, tokens, peak memory
+
+Routed experts are seen through the experts module's call
+``(hidden_states, top_k_index, top_k_weights)``: each expert's statistics use only the
+tokens routed to it, and with ``router_weighted`` each token's input is scaled by its
+routing weight (the MoE-Pruner rule; it makes the statistics describe the expert's
+contribution to the block output). The input of an expert's ``down`` matrix is that
+expert's ``act(gate x) * up x``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapter import MoEModel
+from .errors import MoebenchError
+
+#: module kinds a method can target
+KINDS = ("experts", "shared", "attention", "dense")
+#: statistics a method can ask for, per input channel of each targeted matrix
+COLLECT = ("sq", "abs", "hessian", "samples")
+
+
+def check_targets(targets: Iterable[str]) -> None:
+    """``ValueError`` naming a module kind that does not exist, or an empty selection."""
+    targets = list(targets)
+    if not targets:
+        raise ValueError(f"targets must name at least one of {', '.join(KINDS)}")
+    for t in targets:
+        if t not in KINDS:
+            raise ValueError(f"targets: unknown module kind {t!r}; expected some of {', '.join(KINDS)}")
+
+
+# -- what is compressed -------------------------------------------------------------------
+@dataclass
+class Stats:
+    """Per-input-channel statistics of a group's inputs (each row weighted as configured).
+
+    ``sq [B, cols]``: sum of squared inputs (WANDA's ``||X_j||^2``); ``abs [B, cols]``: sum
+    of absolute inputs; ``hessian [B, cols, cols]``: ``X^T X``; ``samples``: up to
+    ``max_samples`` input rows per matrix; ``tokens [B]``: rows seen per matrix.
+    """
+
+    cols: int
+    tokens: torch.Tensor
+    sq: torch.Tensor | None = None
+    abs: torch.Tensor | None = None
+    hessian: torch.Tensor | None = None
+    samples: list[list[torch.Tensor]] | None = None
+
+    @classmethod
+    def empty(cls, batch: int, cols: int, collect: set[str], device) -> "Stats":
+        zeros = lambda *shape: torch.zeros(*shape, device=device)  # noqa: E731
+        return cls(
+            cols=cols,
+            tokens=torch.zeros(batch, dtype=torch.long, device=device),
+            sq=zeros(batch, cols) if "sq" in collect else None,
+            abs=zeros(batch, cols) if "abs" in collect else None,
+            hessian=zeros(batch, cols, cols) if "hessian" in collect else None,
+            samples=[[] for _ in range(batch)] if "samples" in collect else None,
+        )
+
+    def add(self, b: int, x: torch.Tensor, cap: int) -> None:
+        """Accumulate input rows ``x [n, cols]`` (already weighted) into matrix ``b``; keep at most ``cap`` samples of them."""
+        self.tokens[b] += x.shape[0]
+        if self.sq is not None:
+            self.sq[b] += x.pow(2).sum(0)
+        if self.abs is not None:
+            self.abs[b] += x.abs().sum(0)
+        if self.hessian is not None:
+            self.hessian[b] += x.T @ x
+        if self.samples is not None and cap > 0:
+            self.samples[b].append(x[:: max(1, math.ceil(x.shape[0] / cap))][:cap].clone())
+
+    def sample(self, b: int) -> torch.Tensor:
+        """The kept input rows of matrix ``b`` ``[n, cols]`` (``n`` may be 0)."""
+        chunks = self.samples[b] if self.samples is not None else []
+        return torch.cat(chunks) if chunks else torch.zeros(0, self.cols, device=self.tokens.device)
+
+    def nbytes(self) -> int:
+        tensors = [t for t in (self.tokens, self.sq, self.abs, self.hessian) if t is not None]
+        tensors += [c for chunks in (self.samples or []) for c in chunks]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class Group:
+    """Weight matrices compressed together: one Linear (``B = 1``) or one packed tensor of a block's experts.
+
+    ``weight`` is ``[B, rows, cols]`` with inputs along ``cols``: ``gate_up_proj``
+    ``[E, 2I, H]`` (gate and up rows share the input) or ``down_proj`` ``[E, H, I]``.
+    """
+
+    name: str  # module path plus tensor, e.g. "model.layers.1.mlp.experts.gate_up_proj"
+    kind: str  # one of KINDS
+    layer: int
+    module: nn.Module
+    attr: str  # "weight" (Linear), "gate_up_proj" or "down_proj"
+    stats: Stats | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = getattr(self.module, self.attr).data
+        return w.unsqueeze(0) if self.attr == "weight" else w
+
+    @property
+    def path(self) -> str:
+        """Path of the module that holds the weight (what :meth:`MoEModel.replace_module` takes)."""
+        return self.name.rsplit(".", 1)[0] if self.attr != "weight" else self.name
+
+    def write(self, new: torch.Tensor) -> None:
+        """Store new values ``[B, rows, cols]`` in place (same shape, the parameter's dtype)."""
+        self.weight.copy_(new.to(self.weight.dtype).reshape(self.weight.shape))
+
+
+def find_groups(model: MoEModel, layer: int, targets: Iterable[str]) -> list[Group]:
+    """The groups of decoder ``layer`` for the module kinds ``targets``, in execution order."""
+    targets = set(targets)
+    module = model.layers[layer]
+    names = {id(m): n for n, m in model.model.named_modules()}
+    block = model.block(layer)
+    mlp = block.module if block is not None else getattr(module, "mlp", None)
+    groups: list[Group] = []
+
+    def linears(root: nn.Module | None, kind: str, skip: nn.Module | None = None) -> None:
+        if root is None or kind not in targets:
+            return
+        inside_skip = {id(m) for m in skip.modules()} if skip is not None else set()
+        for m in root.modules():
+            if isinstance(m, nn.Linear) and id(m) not in inside_skip:
+                groups.append(Group(names[id(m)], kind, layer, m, "weight"))
+
+    linears(module, "attention", skip=mlp)
+    if block is None:
+        linears(mlp, "dense")
+        return groups
+    if "experts" in targets:
+        experts = block.experts
+        if not isinstance(getattr(experts, "gate_up_proj", None), nn.Parameter):
+            raise MoebenchError(
+                f"layer {layer}: experts are stored as {type(experts).__name__}; prune or quantize before storing them quantized"
+            )
+        path = names[id(experts)]
+        groups += [Group(f"{path}.gate_up_proj", "experts", layer, experts, "gate_up_proj"),
+                   Group(f"{path}.down_proj", "experts", layer, experts, "down_proj")]
+    linears(block.shared, "shared")
+    return groups
+
+
+# -- the pass -----------------------------------------------------------------------------
+class _Stop(Exception):
+    """Raised by the last layer's recorder so the capture pass skips the head."""
+
+
+@dataclass
+class LayerStep:
+    """One decoder layer during the pass: its index, module, and the groups to compress."""
+
+    index: int
+    layer: nn.Module
+    groups: list[Group] = field(default_factory=list)
+
+
+class Sequential:
+    """Iterate over decoder layers, each with statistics of its targets on the compressed model's own inputs.
+
+    ``collect`` names what the groups need (``COLLECT``). ``max_samples`` caps the kept
+    input rows per matrix (for ``samples``). After each step's body the layer is re-run
+    (as the method left it) to produce the next layer's inputs.
+    """
+
+    def __init__(
+        self,
+        model: MoEModel,
+        windows: torch.Tensor,
+        targets: Iterable[str] = ("experts",),
+        collect: Iterable[str] = ("sq",),
+        batch_size: int = 8,
+        router_weighted: bool = True,
+        max_samples: int = 2048,
+    ):
+        self.model = model
+        self.windows = windows
+        self.targets = list(targets)
+        self.collect = set(collect)
+        unknown = self.collect - set(COLLECT)
+        if unknown:
+            raise ValueError(f"collect: unknown statistics {sorted(unknown)}; expected some of {', '.join(COLLECT)}")
+        check_targets(self.targets)
+        self.batch_size = max(1, batch_size)
+        self.router_weighted = router_weighted
+        self.max_samples = max_samples
+        self.device = model.device
+        self._hidden: list[torch.Tensor] = []
+        self._calls: list[list[tuple[tuple, dict]]] = []  # per batch, per layer: (extra args, kwargs)
+        self.memory = {"activation_bytes": 0, "peak_stats_bytes": 0, "peak_tracked_bytes": 0}
+        self.layers_done = 0
+        self.tokens = int(windows.numel())
+        self.experts_without_tokens = 0
+
+    @property
+    def inputs(self) -> list[torch.Tensor]:
+        """The held inputs of the current layer, one ``[batch, seqlen, hidden]`` tensor per batch."""
+        return self._hidden
+
+    # the capture: layer 0's inputs and every layer's call arguments, for each batch
+    @torch.no_grad()
+    def _capture(self) -> None:
+        layers = self.model.layers
+        last = len(layers) - 1
+        saved = [layer.__dict__.get("forward") for layer in layers]
+        current: dict = {}
+
+        def recorder(i: int):
+            def forward(*args, **kwargs):
+                hidden = args[0] if args else kwargs.pop("hidden_states")
+                if i == 0:
+                    current["hidden"] = hidden
+                current["calls"].append((tuple(args[1:]), kwargs))
+                if i == last:
+                    raise _Stop
+                return hidden
+
+            return forward
+
+        for i, layer in enumerate(layers):
+            layer.forward = recorder(i)
+        try:
+            for batch in self.windows.split(self.batch_size):
+                current.clear()
+                current["calls"] = []
+                try:
+                    self.model.model(input_ids=batch.to(self.device), use_cache=False)
+                except _Stop:
+                    pass
+                self._hidden.append(current["hidden"])
+                self._calls.append(current["calls"])
+        finally:
+            for layer, old in zip(layers, saved):
+                if old is None:
+                    del layer.forward
+                else:
+                    layer.forward = old
+        self.memory["activation_bytes"] = sum(h.numel() * h.element_size() for h in self._hidden)
+
+    def _run_layer(self, i: int, b: int) -> torch.Tensor:
+        args, kwargs = self._calls[b][i]
+        out = self.model.layers[i](self._hidden[b], *args, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    @torch.no_grad()
+    def _gather(self, step: LayerStep) -> None:
+        """Run layer ``step.index`` over the held inputs with hooks filling each group's statistics."""
+        handles = []
+        cap = math.ceil(self.max_samples / max(1, len(self._hidden)))
+        experts_groups: dict[int, list[Group]] = {}
+        for g in step.groups:
+            w = g.weight
+            g.stats = Stats.empty(w.shape[0], w.shape[-1], self.collect, w.device)
+            if g.attr == "weight":
+                def pre(module, args, g=g):
+                    x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                    g.stats.add(0, x, cap)
+
+                handles.append(g.module.register_forward_pre_hook(pre))
+            else:
+                experts_groups.setdefault(id(g.module), []).append(g)
+        for gs in experts_groups.values():
+            handles.append(gs[0].module.register_forward_pre_hook(self._experts_hook(gs, cap), with_kwargs=True))
+        try:
+            for b in range(len(self._hidden)):
+                self._run_layer(step.index, b)
+        finally:
+            for h in handles:
+                h.remove()
+        stats_bytes = sum(g.stats.nbytes() for g in step.groups)
+        batch_bytes = max(h.numel() * h.element_size() for h in self._hidden)
+        self.memory["peak_stats_bytes"] = max(self.memory["peak_stats_bytes"], stats_bytes)
+        tracked = sum(h.numel() * h.element_size() for h in self._hidden) + stats_bytes + batch_bytes
+        self.memory["peak_tracked_bytes"] = max(self.memory["peak_tracked_bytes"], tracked)
+
+    def _experts_hook(self, groups: list[Group], cap: int):
+        by_attr = {g.attr: g for g in groups}
+        experts = groups[0].module
+        weighted = self.router_weighted
+
+        def pre(module, args, kwargs):
+            values = list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index", "top_k_weights") if k in kwargs]
+            hidden, index, weights = values[:3]
+            hidden = hidden.detach().reshape(-1, hidden.shape[-1])
+            for e in range(experts.gate_up_proj.shape[0]):
+                tok, pos = torch.where(index == e)
+                if tok.numel() == 0:
+                    continue
+                x = hidden[tok].float()
+                scale = weights[tok, pos].detach().float()[:, None] if weighted else None
+                if "gate_up_proj" in by_attr:
+                    by_attr["gate_up_proj"].stats.add(e, x * scale if weighted else x, cap)
+                if "down_proj" in by_attr:
+                    gate, up = nn.functional.linear(x, experts.gate_up_proj[e].float()).chunk(2, dim=-1)
+                    h = experts.act_fn(gate) * up
+                    by_attr["down_proj"].stats.add(e, h * scale if weighted else h, cap)
+
+        return pre
+
+    @torch.no_grad()
+    def _advance(self, i: int) -> None:
+        """Replace the held inputs of layer ``i`` by its outputs, batch by batch."""
+        for b in range(len(self._hidden)):
+            self._hidden[b] = self._run_layer(i, b)
+
+    def __iter__(self) -> Iterator[LayerStep]:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._capture()
+        try:
+            for i, layer in enumerate(self.model.layers):
+                groups = find_groups(self.model, i, self.targets)
+                if groups:
+                    step = LayerStep(i, layer, groups)
+                    self._gather(step)
+                    self.experts_without_tokens += sum(int((g.stats.tokens == 0).sum()) for g in groups if g.attr == "gate_up_proj")
+                    yield step
+                    for g in groups:
+                        g.stats = None  # free this layer's statistics before the next
+                self._advance(i)
+                self.layers_done += 1
+        finally:
+            self._hidden.clear()
+            self._calls.clear()
+
+    def summary(self) -> dict:
+        """What the pass held and saw: layers, tokens, activation bytes, peak tracked/process/CUDA memory."""
+        out = {
+            "layers": self.layers_done,
+            "tokens": self.tokens,
+            "router_weighted": self.router_weighted,
+            "experts_without_tokens": self.experts_without_tokens,
+            **self.memory,
+            "process_peak_rss_bytes": peak_rss_bytes(),
+        }
+        if self.device.type == "cuda":
+            out["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
+        return out
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far (a high-water mark; bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def from_context(model: MoEModel, ctx, method: str, **kwargs) -> Sequential:
+    """A :class:`Sequential` pass over the suite's calibration windows (``ctx.calibration``)."""
+    if ctx.calibration is None:
+        raise MoebenchError(f"{method} needs calibration data; add a [calibration] table to the suite")
+    windows = ctx.calibration.windows(model.tokenizer)
+    return Sequential(model, windows, batch_size=ctx.calibration.spec.batch_size, **kwargs)
+
+
+def static_steps(model: MoEModel, targets: Iterable[str]) -> Iterator[LayerStep]:
+    """The layers' groups without calibration (for data-free methods: magnitude, RTN, bitsandbytes)."""
+    check_targets(targets)
+    for i, layer in enumerate(model.layers):
+        groups = find_groups(model, i, targets)
+        if groups:
+            yield LayerStep(i, layer, groups)
+
+
+def record_edit(model: MoEModel, method: str, params) -> None:
+    """Write an in-place weight edit into the model's lineage, so cached statistics of the old weights are not reused."""
+    from .params import to_dict
+
+    model.lineage.append(f"{method}({json.dumps(to_dict(params), sort_keys=True)})")

@@ -1,0 +1,153 @@
+"""Layer-sequential calibration: inputs, per-expert routed statistics, memory that does not grow with depth."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moebench import zoo
+from moebench.adapter import MoEModel
+from moebench.calibration import Calibration, CalibrationSpec
+from moebench.errors import MoebenchError
+from moebench.method import Context
+from moebench.plugins import host
+from moebench.sequential import Sequential, find_groups, from_context
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # the test machine's cores are shared; one thread is several times faster than two there
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(name: str, layers: int = 3, seed: int = 0) -> MoEModel:
+    torch.manual_seed(seed)
+    model = zoo.entry(name).cls(zoo.config(name, num_hidden_layers=layers)).eval()
+    return MoEModel(model, host().adapter_for(model))
+
+
+def windows(n: int = 6, length: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, zoo.VOCAB_SIZE, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def layer_inputs(moe: MoEModel, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Every decoder layer's input hidden states in one ordinary forward."""
+    seen = []
+    handles = [
+        layer.register_forward_pre_hook(lambda m, a, k: seen.append((a[0] if a else k["hidden_states"]).clone()), with_kwargs=True)
+        for layer in moe.layers
+    ]
+    try:
+        with torch.no_grad():
+            moe.model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("name", ["deepseek_v2", "qwen2_moe", "mixtral"])
+def test_held_inputs_match_a_plain_forward(name):
+    moe = tiny(name)
+    ids = windows()
+    expected = layer_inputs(moe, ids[:3]), layer_inputs(moe, ids[3:])
+    run = Sequential(moe, ids, targets=["attention"], collect=["sq"], batch_size=3)
+    for step in run:
+        for b in range(2):
+            torch.testing.assert_close(run.inputs[b], expected[b][step.index], rtol=1e-5, atol=1e-5)
+    assert run.layers_done == len(moe.layers)
+    # the capture left no patched forward behind
+    assert all("forward" not in layer.__dict__ for layer in moe.layers)
+
+
+def test_each_layer_sees_the_inputs_of_the_compressed_layers_before_it():
+    moe = tiny("qwen3_moe")
+    ids = windows(4)
+    run = Sequential(moe, ids, targets=["attention"], collect=["sq"], batch_size=4)
+    for step in run:
+        if step.index == 1:
+            # the pass must now see layer 0 as it was left: inputs of the edited model
+            torch.testing.assert_close(run.inputs[0], layer_inputs(moe, ids)[1], rtol=1e-5, atol=1e-5)
+        for group in step.groups:
+            group.write(group.weight * 0.5)
+    untouched = tiny("qwen3_moe")
+    assert not torch.allclose(layer_inputs(untouched, ids)[1], layer_inputs(moe, ids)[1])
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_expert_statistics_use_routed_tokens_and_routing_weights(weighted):
+    moe = tiny("deepseek_v2")
+    ids = windows(4)
+    layer = moe.moe_layers[0]
+    block = moe.block(layer)
+    captured = {}
+
+    def grab(module, args):
+        captured["args"] = [a.detach().clone() for a in args]
+
+    handle = block.experts.register_forward_pre_hook(grab)
+    with torch.no_grad():
+        moe.model(input_ids=ids, use_cache=False)
+    handle.remove()
+    hidden, index, weights = captured["args"]
+
+    run = Sequential(moe, ids, targets=["experts"], collect=["sq", "hessian"], batch_size=4, router_weighted=weighted)
+    for step in run:
+        if step.index != layer:
+            continue
+        gate_up, down = step.groups
+        assert (gate_up.attr, down.attr) == ("gate_up_proj", "down_proj")
+        for e in range(block.num_experts):
+            tok, pos = torch.where(index == e)
+            x = hidden[tok]
+            scale = weights[tok, pos][:, None] if weighted else torch.ones(len(tok), 1)
+            assert gate_up.stats.tokens[e] == len(tok)
+            torch.testing.assert_close(gate_up.stats.sq[e], ((x * scale) ** 2).sum(0), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(gate_up.stats.hessian[e], (x * scale).T @ (x * scale), rtol=1e-4, atol=1e-4)
+            g, u, _ = block.expert(e)
+            act = block.experts.act_fn(x @ g.T) * (x @ u.T)
+            torch.testing.assert_close(down.stats.sq[e], ((act * scale) ** 2).sum(0), rtol=1e-4, atol=1e-5)
+        assert gate_up.stats.tokens.sum() == index.numel()
+
+
+def test_groups_per_module_kind():
+    moe = tiny("deepseek_v2")
+    dense = find_groups(moe, 0, ["dense", "experts", "shared"])
+    assert {g.kind for g in dense} == {"dense"}
+    moe_layer = find_groups(moe, 1, ["experts", "shared", "attention"])
+    assert {g.kind for g in moe_layer} == {"experts", "shared", "attention"}
+    assert [g.attr for g in moe_layer if g.kind == "experts"] == ["gate_up_proj", "down_proj"]
+    assert find_groups(moe, 1, ["dense"]) == []
+    with pytest.raises(ValueError, match="unknown module kind 'mlp'"):
+        Sequential(moe, windows(), targets=["mlp"])
+
+
+def test_memory_holds_one_layer_whatever_the_depth():
+    ids = windows(8, 32)
+    summaries = {}
+    for depth in (2, 6):
+        moe = tiny("mixtral", layers=depth)
+        run = Sequential(moe, ids, targets=["experts"], collect=["hessian"], batch_size=4)
+        for _ in run:
+            pass
+        summaries[depth] = run.summary()
+    hidden = zoo.config("mixtral").hidden_size
+    assert summaries[2]["activation_bytes"] == ids.numel() * hidden * 4
+    assert summaries[6]["activation_bytes"] == summaries[2]["activation_bytes"]
+    assert summaries[6]["peak_tracked_bytes"] == summaries[2]["peak_tracked_bytes"]
+    assert summaries[6]["layers"] == 6 and summaries[6]["process_peak_rss_bytes"] > 0
+
+
+def test_needs_a_calibration_table(tmp_path):
+    moe = tiny("olmoe")
+    with pytest.raises(MoebenchError, match="wanda needs calibration data"):
+        from_context(moe, Context(), "wanda")
+    text = tmp_path / "calibration.txt"
+    text.write_text("A small calibration text, long enough for two windows of sixteen tokens each. " * 4)
+    ctx = Context(calibration=Calibration(CalibrationSpec(f"file:{text}", samples=2, seqlen=16, batch_size=2), cache=False))
+    moe.tokenizer = zoo.tokenizer()
+    run = from_context(moe, ctx, "wanda", targets=["experts"], collect=["sq"])
+    assert run.windows.shape == (2, 16) and run.batch_size == 2
