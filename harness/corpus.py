@@ -4,7 +4,8 @@ Two clearly different domains, each with fixed train/validation/test splits:
 
 - ``prose``: the interactive-help topics (``pydoc_data.topics``) and the docstrings of
   standard-library modules, one document per topic and one per module.
-- ``code``: the source files of the same standard-library modules, one document per file.
+- ``code``: the source files of the same standard-library modules without their
+  docstrings (those are prose), one document per file.
 
 A module's docstrings and its source share one split key (the module's relative path),
 so a model trained on ``prose`` train never saw the docstrings of a ``code`` test file.
@@ -20,7 +21,7 @@ import ast
 import hashlib
 import re
 import sysconfig
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 from .data import SPLITS
@@ -59,20 +60,34 @@ def _clean(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip("\n")
 
 
-def _docstrings(source: str) -> str:
-    """The module's, classes' and functions' docstrings, in source order, as one text."""
+def _split_docstrings(source: str) -> tuple[str, str]:
+    """(docstrings, code): the module's, classes' and functions' docstrings in source order,
+    and the source without them (a body that was only a docstring becomes ``...``).
+
+    Docstrings go to ``prose`` only, so the two domains share no text and ``code`` is code.
+    """
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
-        return ""
-    nodes = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-    found = []
+        return "", source
+    lines = source.split("\n")
+    docs, drop, stub = [], set(), {}
     for node in ast.walk(tree):
-        if isinstance(node, nodes):
-            doc = ast.get_docstring(node, clean=True)
-            if doc:
-                found.append((getattr(node, "lineno", 0), doc))
-    return "\n\n".join(doc for _, doc in sorted(found, key=lambda item: item[0]))
+        if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        doc = ast.get_docstring(node, clean=True)
+        if not doc:
+            continue
+        first = node.body[0]
+        docs.append((first.lineno, doc))
+        start, end = first.lineno - 1, first.end_lineno - 1
+        own_lines = lines[start][: first.col_offset].strip() == "" and lines[end][first.end_col_offset :].strip() == ""
+        if own_lines:  # skip the odd ``def f(): "doc"`` on one line
+            drop.update(range(start, end + 1))
+            if len(node.body) == 1 and not isinstance(node, ast.Module):
+                stub[start] = " " * first.col_offset + "..."
+    code = [stub.get(i, line) for i, line in enumerate(lines) if i not in drop or i in stub]
+    return "\n\n".join(doc for _, doc in sorted(docs)), "\n".join(code)
 
 
 @lru_cache(maxsize=1)
@@ -83,9 +98,9 @@ def _raw() -> dict[str, dict[str, str]]:
     prose = {f"topic:{name}": _clean(text) for name, text in topics.items()}
     code = {}
     for rel, path in _stdlib_files():
-        source = path.read_bytes().decode("utf-8", errors="replace")
+        docstrings, source = _split_docstrings(path.read_bytes().decode("utf-8", errors="replace"))
         code[rel] = _clean(source)
-        prose[rel] = _clean(_docstrings(source))
+        prose[rel] = _clean(docstrings)
     return {
         domain: {key: doc for key, doc in docs.items() if len(doc) >= MIN_CHARS}
         for domain, docs in (("prose", prose), ("code", code))
@@ -129,7 +144,7 @@ def _check(domain: str, split: str) -> None:
         )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _documents(domain: str, split: str) -> tuple[str, ...]:
     split_of = _split_of()
     docs = _raw()[domain]

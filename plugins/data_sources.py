@@ -99,7 +99,7 @@ class HFSource:
 
     scheme: ClassVar[str] = "hf"
 
-    C4_FILES = {
+    C4_FILES: ClassVar[dict[str, str]] = {
         "train": "en/c4-train.00000-of-01024.json.gz",
         "validation": "en/c4-validation.00000-of-00008.json.gz",
         "test": "en/c4-validation.00000-of-00008.json.gz",
