@@ -25,17 +25,20 @@ def run(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="results directory (default reports/<suite>/<timestamp>)"),
     resume: bool = typer.Option(False, "--resume", help="skip runs already recorded ok (in --out, else the latest run directory)"),
     save_models: Optional[Path] = typer.Option(None, "--save-models", help="save each compressed model under this folder"),
+    shard: Optional[str] = typer.Option(None, "--shard", help="run shard K of N (K/N, e.g. 1/2): a deterministic subset of the runs; join with moebench merge"),
 ):
     """Run a suite: baseline and every method, one JSON record per run."""
     from .report import terminal_table
     from .runner import RunOptions, default_out, latest_out, run_suite
+    from .shard import parse_shard
     from .suite import load_suite
 
     s = load_suite(suite)
+    select = parse_shard(shard).selector() if shard else None
     target = out_dir or (latest_out(s) if resume else None) or default_out(s)
-    err.print(f"suite {s.name}: {len(s.runs())} run(s) -> {target / 'results.jsonl'}")
+    err.print(f"suite {s.name}: {len(s.runs())} run(s){f', shard {shard}' if shard else ''} -> {target / 'results.jsonl'}")
     try:
-        result = run_suite(s, RunOptions(out=target, resume=resume, save_models=save_models, log=lambda m: err.print(m, markup=False, highlight=False)))
+        result = run_suite(s, RunOptions(out=target, resume=resume, select=select, save_models=save_models, log=lambda m: err.print(m, markup=False, highlight=False)))
     except KeyboardInterrupt:
         err.print(f"interrupted; finished runs are in {target / 'results.jsonl'} (continue with --resume --out {target})")
         raise typer.Exit(130)
@@ -106,20 +109,6 @@ def _describe(kind: str, name: str | None) -> None:
         out.print(table)
 
 
-@app.command()
-def report(results: list[Path] = typer.Argument(..., help="results.jsonl files or run directories")):
-    """Print the table of one or more finished runs."""
-    from .report import terminal_table
-    from .store import read_records
-
-    records = [r for path in results for r in read_records(path)]
-    tables = terminal_table(records)
-    if not tables:
-        raise MoebenchError("no records in " + ", ".join(map(str, results)))
-    for table in tables:
-        out.print(table)
-
-
 @zoo_app.command("list")
 def zoo_list():
     """The zoo's models and whether each is built."""
@@ -164,4 +153,7 @@ for _module in ("cli_reports", "cli_analysis"):
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m moebench.cli`: run the imported module's app, where the command modules registered
+    from moebench.cli import main as _main
+
+    _main()

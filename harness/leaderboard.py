@@ -1,0 +1,190 @@
+"""The leaderboard: many result files, one row per method configuration, best result per model.
+
+Results are grouped into boards by model and by what the ranking metric measured
+(perplexity on which data, split and window length), since figures from different
+evaluation settings are not comparable. On each board a method configuration (its
+pipeline with parameters, whatever the run was called) keeps its best record; the row
+carries that record's provenance — commit, versions, device, date — so any figure can
+be traced and reproduced.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import pandas as pd
+
+from .render import accuracy_columns, esc, html_figure, html_page, html_table, label, md_table, origin, pareto_front, plot_perplexity_vs_bytes, versions
+from .report import better, flatten, fmt
+
+
+@dataclass
+class Entry:
+    """One method configuration on a board: its best record and how it compares with the baseline."""
+
+    config: str
+    record: dict[str, Any]
+    metrics: dict[str, float]
+    delta: float | None = None  # relative change of the ranking metric against the baseline
+    runs: int = 1  # records of this configuration on the board
+    front: bool = False  # on the Pareto front of the ranking metric vs weight bytes
+
+    @property
+    def env(self) -> dict[str, Any]:
+        return self.record.get("env") or {}
+
+
+@dataclass
+class Board:
+    model: str
+    setting: str
+    metric: str
+    entries: list[Entry] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        return f"{self.model} — {self.metric}" + (f" ({self.setting})" if self.setting else "")
+
+
+def config_key(record: dict[str, Any]) -> str:
+    """What makes two runs the same method configuration: the pipeline and its parameters."""
+    return json.dumps(record.get("pipeline") or [], sort_keys=True)
+
+
+def config_label(record: dict[str, Any]) -> str:
+    """``expert_drop(keep_ratio=0.5, criterion=frequency) → gptq(bits=4)``; unset parameters left out."""
+    steps = record.get("pipeline") or []
+    if not steps:
+        return "baseline"
+    parts = []
+    for step in steps:
+        params = ", ".join(f"{k}={v}" for k, v in (step.get("params") or {}).items() if v is not None)
+        parts.append(f"{step.get('method')}({params})")
+    return " → ".join(parts)
+
+
+def setting_of(record: dict[str, Any], metric: str) -> str:
+    """The evaluation setting a metric value belongs to (perplexity: data, split, window length)."""
+    head = metric.split(".")[0]
+    m = (record.get("metrics") or {}).get(head)
+    if head == "perplexity" and isinstance(m, dict):
+        return f"{m.get('data')} {m.get('split', '')}, seqlen {m.get('seqlen')}".replace("  ", " ")
+    return ""
+
+
+def boards(records: Iterable[dict[str, Any]], metric: str = "perplexity") -> list[Board]:
+    """Group ok records into boards by (model, evaluation setting) and keep each configuration's best."""
+    lower = better(metric) == "lower"
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r.get("status") != "ok":
+            continue
+        flat = flatten(r.get("metrics") or {})
+        if not _finite(flat.get(metric)):
+            continue
+        model = (r.get("model") or {}).get("source") or "?"
+        dtype = (r.get("model") or {}).get("dtype")
+        groups.setdefault((model + (f" ({dtype})" if dtype and dtype != "float32" else ""), setting_of(r, metric)), []).append(r)
+
+    out = []
+    for (model, setting), recs in groups.items():
+        baselines = {(r.get("suite"), origin(r)): r for r in recs if not r.get("pipeline")}
+        best: dict[str, Entry] = {}
+        for r in recs:
+            flat = flatten(r.get("metrics") or {})
+            key = config_key(r)
+            entry = best.get(key)
+            if entry is None or (flat[metric] < entry.metrics[metric] if lower else flat[metric] > entry.metrics[metric]):
+                best[key] = Entry(config_label(r), r, flat, runs=entry.runs + 1 if entry else 1)
+            else:
+                entry.runs += 1
+        entries = sorted(best.values(), key=lambda e: e.metrics[metric] if lower else -e.metrics[metric])
+        board_base = next((e for e in entries if e.config == "baseline"), None)
+        for e in entries:
+            base = baselines.get((e.record.get("suite"), origin(e.record))) or (board_base.record if board_base else None)
+            b = flatten(base.get("metrics") or {}).get(metric) if base else None
+            if e.config != "baseline" and _finite(b) and b:
+                e.delta = (e.metrics[metric] - b) / abs(b)
+        sized = [i for i, e in enumerate(entries) if _finite(e.metrics.get("weight_bytes"))]
+        sign = 1 if lower else -1
+        for i in pareto_front([(entries[i].metrics["weight_bytes"], sign * entries[i].metrics[metric]) for i in sized]):
+            entries[sized[i]].front = True
+        out.append(Board(model, setting, metric, entries))
+    return out
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _columns(board: Board) -> list[str]:
+    df = pd.DataFrame([e.metrics for e in board.entries])
+    extra = [c for c in ("weight_bytes", "params.active", "speed.speedup_decode") if c in df and df[c].notna().any() and c != board.metric]
+    return [board.metric, *extra, *[c for c in accuracy_columns(df) if c != board.metric]]
+
+
+def _rows(board: Board) -> tuple[list[str], list[list[str]]]:
+    cols = _columns(board)
+    headers = ["#", "method configuration", *map(label, cols), "runs", "suite / run", "commit", "versions", "device", "date"]
+    rows = []
+    for rank, e in enumerate(board.entries, 1):
+        values = []
+        for c in cols:
+            text = fmt(e.metrics.get(c), c)
+            if c == board.metric and e.delta is not None:
+                text += f" ({e.delta:+.1%})"
+            values.append(text)
+        env = e.env
+        rows.append(
+            [
+                f"{rank}{' ★' if e.front else ''}",
+                e.config,
+                *values,
+                str(e.runs),
+                f"{e.record.get('suite')} / {e.record.get('name')}",
+                str(env.get("git_commit") or "–")[:12],
+                versions(env),
+                f"{env.get('device', '?')} ({env.get('device_name', '?')})",
+                str(e.record.get("finished") or "–")[:10],
+            ]
+        )
+    return headers, rows
+
+
+LEGEND = (
+    "One row per method configuration (pipeline and parameters) with its best result on this board; "
+    "the change is against the baseline measured in the same suite run. ★ marks the Pareto front "
+    "(no other configuration is both smaller and better)."
+)
+
+
+def markdown(bs: list[Board], title: str = "moebench leaderboard") -> str:
+    parts = [f"# {title}", "", LEGEND, ""]
+    for board in bs:
+        headers, rows = _rows(board)
+        parts += [f"## {board.title}", "", md_table(headers, rows, right=range(2, 2 + len(_columns(board)) + 1)), ""]
+    if not bs:
+        parts.append("No ok results with the ranking metric.")
+    return "\n".join(parts) + "\n"
+
+
+def html(bs: list[Board], title: str = "moebench leaderboard") -> str:
+    body = [f"<h1>{esc(title)}</h1>", f'<p class="small">{esc(LEGEND)}</p>']
+    for board in bs:
+        headers, rows = _rows(board)
+        body.append(f"<h2>{esc(board.title)}</h2>")
+        row_classes = ["baseline" if e.config == "baseline" else "" for e in board.entries]
+        body.append('<div class="scroll">' + html_table(headers, rows, row_classes=row_classes, left=2, left_tail=5) + "</div>")
+        if board.metric == "perplexity":
+            # points labelled by rank: configuration names are too long for a plot
+            df = pd.DataFrame([{"name": "baseline" if e.config == "baseline" else f"#{i}", "status": "ok", **e.metrics} for i, e in enumerate(board.entries, 1)])
+            body.append('<div class="plots">' + html_figure(plot_perplexity_vs_bytes(df)) + "</div>")
+    if not bs:
+        body.append('<p class="missing">No ok results with the ranking metric.</p>')
+    return html_page(title, "\n".join(body))

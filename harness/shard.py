@@ -1,0 +1,84 @@
+"""Sharding a suite across CI jobs or GPUs, and merging the shards' results.
+
+``--shard K/N`` deals the suite's method runs round-robin, in suite order, into N
+shards and keeps shard K's (1-based): every run lands in exactly one shard, neighbouring
+grid points (often of similar cost) spread across shards, and the split depends only on
+the suite. The runner adds the baseline to every shard that runs anything, so speedups
+are measured against a baseline from the same process; :func:`merge` keeps one copy.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from .errors import MoebenchError
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int  # 1-based
+    count: int
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def pick(self, runs: list) -> list:
+        """This shard's runs: method runs dealt round-robin; the baseline goes to shard 1 when there are none."""
+        methods = [r for r in runs if not r.is_baseline]
+        if not methods:
+            return [r for r in runs if r.is_baseline] if self.index == 1 else []
+        return [r for i, r in enumerate(methods) if i % self.count == self.index - 1]
+
+    def selector(self) -> Callable[[list], list]:
+        """For :attr:`moebench.runner.RunOptions.select`."""
+        return self.pick
+
+
+def parse_shard(text: str) -> Shard:
+    """``K/N`` with 1 <= K <= N, else a one-line error."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not m:
+        raise MoebenchError(f"--shard {text!r}: expected K/N, e.g. 1/2 (shard K of N, counted from 1)")
+    k, n = int(m.group(1)), int(m.group(2))
+    if n < 1 or not 1 <= k <= n:
+        raise MoebenchError(f"--shard {text!r}: expected 1 <= K <= N, got K={k}, N={n}")
+    return Shard(k, n)
+
+
+@dataclass
+class Merged:
+    records: list[dict[str, Any]]
+    duplicates: list[str] = field(default_factory=list)  # "suite/name" of records dropped as copies
+    missing: list[str] = field(default_factory=list)  # runs of the suite (when given) found in no input
+
+
+def merge(inputs: Iterable[Iterable[dict[str, Any]]], order: list[str] | None = None) -> Merged:
+    """Join several results into one: one record per (suite, run id), ``ok`` preferred, then the first seen.
+
+    ``order`` (run ids, e.g. from the suite) sorts the result and reports runs no input has;
+    otherwise each suite's baseline comes first and the rest keep their order of appearance.
+    """
+    chosen: dict[tuple, dict[str, Any]] = {}
+    duplicates = []
+    for records in inputs:
+        for r in records:
+            key = (r.get("suite"), r.get("run_id"))
+            if key not in chosen:
+                chosen[key] = r
+                continue
+            duplicates.append(f"{r.get('suite')}/{r.get('name')}")
+            if chosen[key].get("status") != "ok" and r.get("status") == "ok":
+                chosen[key] = r
+    records = list(chosen.values())
+    missing: list[str] = []
+    if order is not None:
+        rank = {rid: i for i, rid in enumerate(order)}
+        present = {r.get("run_id") for r in records}
+        missing = [rid for rid in order if rid not in present]
+        records.sort(key=lambda r: rank.get(r.get("run_id"), len(rank)))
+    else:
+        suites = list(dict.fromkeys(r.get("suite") for r in records))
+        records.sort(key=lambda r: (suites.index(r.get("suite")), r.get("name") != "baseline"))
+    return Merged(records, duplicates, missing)

@@ -1,0 +1,225 @@
+"""Reports (terminal, Markdown, CSV, HTML with plots), merging result files, the leaderboard."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from moebench import leaderboard, render
+from moebench.runner import RunOptions, run_suite
+from moebench.store import read_records
+from moebench.suite import load_suite
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+def _cli(*args):
+    env = {**os.environ, "COLUMNS": "250"}  # a wide terminal, so rich does not fold run names
+    return subprocess.run([sys.executable, "-m", "moebench.cli", *args], capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, checkpoint):
+    """A real suite run on a small random checkpoint: baseline, an expert-drop grid, a failing run."""
+    tmp = tmp_path_factory.mktemp("report")
+    path = tmp / "r.toml"
+    path.write_text(textwrap.dedent(f"""
+        [suite]
+        name = "r"
+        [model]
+        source = "{checkpoint('mixtral')}"
+        [calibration]
+        samples = 4
+        seqlen = 32
+        [eval.perplexity]
+        seqlen = 32
+        max_samples = 4
+        [[methods]]
+        name = "drop"
+        method = "expert_drop"
+        params = {{ keep_ratio = [0.75, 0.5] }}
+        [[methods]]
+        name = "too-many"
+        method = "layer_drop"
+        params = {{ n = 99 }}
+    """))
+    run_suite(load_suite(path), RunOptions(out=tmp / "out", log=lambda m: None))
+    return tmp / "out"
+
+
+def test_markdown_csv_html_of_a_run(run_dir):
+    records = list(read_records(run_dir / "results.jsonl"))
+    names = [r["name"] for r in records]
+    assert names == ["baseline", "drop[keep_ratio=0.75]", "drop[keep_ratio=0.5]", "too-many"]
+
+    md = render.markdown(records)
+    assert "## suite r" in md and "| name | status | ppl |" in md
+    base_ppl = records[0]["metrics"]["perplexity"]["value"]
+    drop = records[2]["metrics"]
+    change = (drop["weight_bytes"] - records[0]["metrics"]["weight_bytes"]) / records[0]["metrics"]["weight_bytes"]
+    row = next(line for line in md.splitlines() if line.startswith("| drop[keep_ratio=0.5]"))
+    assert f"({change:+.1%})" in row  # weight bytes with their change against the baseline
+    assert "`too-many`: ValueError" in md  # the failure is explained under the table
+    assert records[0]["env"]["git_commit"] is None or records[0]["env"]["git_commit"][:12] in md
+
+    df = pd.read_csv(io.StringIO(render.csv(records)))
+    assert list(df["name"]) == names
+    assert df.loc[0, "perplexity"] == pytest.approx(base_ppl)
+    assert df.loc[2, "Δweight_bytes"] == pytest.approx(change)
+    assert {"git_commit", "device", "versions"} <= set(df.columns)
+
+    page = render.html(records)
+    assert page.startswith("<!doctype html>") and "<table>" in page and "suite r" in page
+    images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert [alt for alt, _ in images] == ["Perplexity vs weight bytes"]  # no lm-eval or speed in this suite...
+    assert "no lm-eval accuracy in these results" in page and "no speed measurements" in page  # ...and the page says so
+    assert "http://" not in page and "https://" not in page  # self-contained
+
+
+def test_cli_report_formats(run_dir, tmp_path):
+    terminal = _cli("report", str(run_dir))
+    assert terminal.returncode == 0 and "drop[keep_ratio=0.5]" in terminal.stdout
+    md = _cli("report", str(run_dir), "--format", "markdown")
+    assert md.returncode == 0 and md.stdout.startswith("# moebench report")
+    done = _cli("report", str(run_dir), "--out", str(tmp_path / "r.html"))  # format from the extension
+    assert done.returncode == 0 and (tmp_path / "r.html").read_text().startswith("<!doctype html>")
+    done = _cli("report", str(run_dir), "-f", "csv", "-o", str(tmp_path / "r.csv"))
+    assert done.returncode == 0 and len(pd.read_csv(tmp_path / "r.csv")) == 4
+    bad = _cli("report", str(run_dir), "--format", "pdf")
+    assert bad.returncode == 2 and "expected one of terminal, markdown, csv, html" in bad.stderr
+
+
+def _with_env(records, commit, device_name, scale=1.0):
+    out = copy.deepcopy(records)
+    for r in out:
+        r["env"] = {**r["env"], "git_commit": commit, "device_name": device_name}
+        if r["status"] == "ok":
+            r["metrics"]["perplexity"]["value"] *= scale
+    return out
+
+
+def test_result_files_merge_shards_and_keep_machines_apart(run_dir):
+    records = list(read_records(run_dir / "results.jsonl"))
+    # shards of one run: each has the baseline; they join into one table without duplicates
+    shard1, shard2 = [records[0], records[1]], [records[0], records[2], records[3]]
+    (table,) = render.suite_tables(shard1 + shard2)
+    assert list(table.df["name"]) == [r["name"] for r in records] and "origin" not in table.df
+    # the same suite on two machines: both kept, each against its own baseline
+    a, b = _with_env(records, "aaaaaaa1", "cpu-a"), _with_env(records, "bbbbbbb2", "gpu-b", scale=2.0)
+    (table,) = render.suite_tables(a + b)
+    assert list(table.df["origin"]) == ["aaaaaaa cpu-a"] * 4 + ["bbbbbbb gpu-b"] * 4
+    assert table.df.loc[4, "perplexity"] == pytest.approx(2 * table.df.loc[0, "perplexity"])
+    assert table.df.loc[5, "Δperplexity"] == pytest.approx(table.df.loc[1, "Δperplexity"])  # scale cancels per origin
+    md = render.markdown(a + b)
+    assert "| name | origin | status |" in md and "aaaaaaa1" in md and "bbbbbbb2" in md
+
+
+def test_pareto_front():
+    points = [(8.0, 20.0), (6.0, 21.0), (5.0, 24.0), (6.5, 26.0), (5.0, 25.0), (9.0, 20.0)]
+    assert render.pareto_front(points) == [2, 1, 0]
+
+
+def fixture_records() -> list[dict]:
+    """Records shaped like a suite with every metric the plots read (values arbitrary: this tests drawing)."""
+    def rec(name, step, ppl, mib, acc, speedup):
+        return {
+            "run_id": f"id-{name}", "suite": "plots", "name": name, "status": "ok", "pipeline": step,
+            "model": {"source": "zoo:deepseek_v2", "dtype": "float32"},
+            "metrics": {
+                "perplexity": {"value": ppl, "data": "embedded:prose", "split": "test", "seqlen": 128},
+                "params": {"total": mib * 2**18, "active": mib * 2**17}, "weight_bytes": mib * 2**20,
+                "lm_eval": {"pydoc_mc": {"acc": acc, "acc_stderr": 0.02}},
+                "speed": {"speedup_prefill": speedup, "speedup_decode": speedup * 0.95},
+            },
+            "env": {"git_commit": "0123456789ab", "device": "cpu", "device_name": "x86_64", "torch": "2.13"},
+        }
+    return [
+        rec("baseline", [], 20.0, 8, 0.62, 1.0),
+        rec("drop[keep_ratio=0.75]", [{"method": "expert_drop", "params": {"keep_ratio": 0.75}}], 21.0, 6, 0.60, 1.1),
+        rec("drop[keep_ratio=0.5]", [{"method": "expert_drop", "params": {"keep_ratio": 0.5}}], 24.0, 5, 0.55, 1.3),
+        rec("layer", [{"method": "layer_drop", "params": {"n": 1}}], 26.0, 6, 0.51, 1.2),
+    ]
+
+
+def chromium_dom(page: Path, tmp_path: Path) -> str:
+    """The page's DOM after load, as headless Chromium renders it."""
+    cmd = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--virtual-time-budget=10000", "--dump-dom", page.resolve().as_uri(),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (apt-get install -y chromium)")
+def test_html_page_shows_its_plots_in_chromium(tmp_path):
+    page = tmp_path / "report.html"
+    page.write_text(render.html(fixture_records()))
+    dom = chromium_dom(page, tmp_path)
+    assert dom.count("<img") == 3
+    # the page's own script counts images that decoded (complete, non-zero natural width)
+    assert 'data-images="3/3"' in dom
+    broken = tmp_path / "broken.html"
+    broken.write_text(page.read_text().replace("data:image/png;base64,iVBOR", "data:image/png;base64,XXXX", 1))
+    assert 'data-images="2/3"' in chromium_dom(broken, tmp_path)  # the check can fail
+
+
+def test_leaderboard_best_per_configuration_with_provenance(tmp_path):
+    base = fixture_records()
+    older = _with_env(base, "1111111aaaa", "cpu-old", scale=1.10)  # worse everywhere
+    newer = _with_env(base, "2222222bbbb", "cpu-new", scale=1.0)
+    other_setting = copy.deepcopy(base[:2])
+    for r in other_setting:
+        r["metrics"]["perplexity"]["seqlen"] = 512  # not comparable: its own board
+    for i, recs in enumerate((older, newer, other_setting)):
+        (tmp_path / f"run{i}").mkdir()
+        (tmp_path / f"run{i}" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    records = [r for i in range(3) for r in read_records(tmp_path / f"run{i}")]
+    boards = leaderboard.boards(records)
+    assert [b.setting for b in boards] == ["embedded:prose test, seqlen 128", "embedded:prose test, seqlen 512"]
+    board = boards[0]
+    assert [e.config for e in board.entries] == ["baseline", "expert_drop(keep_ratio=0.75)", "expert_drop(keep_ratio=0.5)", "layer_drop(n=1)"]
+    assert all(e.runs == 2 and e.env["git_commit"] == "2222222bbbb" for e in board.entries)  # the better machine's records
+    assert board.entries[1].delta == pytest.approx(21 / 20 - 1)
+    assert [e.front for e in board.entries] == [True, True, True, False]
+
+    done = _cli("leaderboard", str(tmp_path), "--out", str(tmp_path / "board"))
+    assert done.returncode == 0, done.stderr
+    md = (tmp_path / "board" / "leaderboard.md").read_text()
+    assert "expert_drop(keep_ratio=0.75) | 21 (+5.0%)" in md and "2222222bbbb" in md and "torch 2.13" in md
+    html = (tmp_path / "board" / "leaderboard.html").read_text()
+    assert html.count("<img") == 2 and "cpu (cpu-new)" in html  # one plot per board
+    missing = _cli("leaderboard", str(tmp_path), "--metric", "nope")
+    assert missing.returncode == 2 and "no ok record has the metric 'nope'" in missing.stderr
+
+
+@pytest.mark.slow  # the quickstart suite on the trained zoo model
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (apt-get install -y chromium)")
+def test_quickstart_report_in_every_format(tmp_path, isolated_cache):
+    out = tmp_path / "quickstart"
+    done = _cli("run", str(ROOT / "suites" / "quickstart.toml"), "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for fmt, name in (("markdown", "q.md"), ("csv", "q.csv"), ("html", "q.html")):
+        done = _cli("report", str(out), "--format", fmt, "--out", str(tmp_path / name))
+        assert done.returncode == 0, done.stderr
+    names = [r["name"] for r in read_records(out)]
+    md = (tmp_path / "q.md").read_text()
+    assert all(f"| {n} |" in md for n in names)
+    assert list(pd.read_csv(tmp_path / "q.csv")["name"]) == names
+    dom = chromium_dom(tmp_path / "q.html", tmp_path)
+    n = dom.count("<img")
+    assert n >= 1 and f'data-images="{n}/{n}"' in dom

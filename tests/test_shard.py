@@ -1,0 +1,123 @@
+"""Sharding: K/N covers a suite exactly once; merged shards equal an unsharded run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from moebench.errors import MoebenchError
+from moebench.runner import RunOptions, run_suite
+from moebench.shard import Shard, merge, parse_shard
+from moebench.store import read_records
+from moebench.suite import load_suite, parse_suite
+
+#: per-run fields that measure time or bookkeeping of one process, not the run's result
+TIMING = {"started", "finished", "env", "calibration"}
+TIMING_METRICS = {"compress_seconds", "speed", "peak_memory_bytes"}
+
+
+def grid_suite(n_points: int):
+    raw = {
+        "model": {"source": "zoo:deepseek_v2"},
+        "calibration": {"samples": 4, "seqlen": 32},
+        "methods": [
+            {"name": "drop", "method": "expert_drop", "params": {"keep_ratio": [round(0.9 - 0.1 * i, 2) for i in range(n_points)]}},
+            {"name": "layer", "method": "layer_drop", "params": {"n": 1}},
+        ],
+    }
+    return parse_suite(raw, "grid.toml")
+
+
+@pytest.mark.parametrize("n_points", [0, 1, 4, 7])
+@pytest.mark.parametrize("count", [1, 2, 3, 5])
+def test_shards_cover_every_run_exactly_once(n_points, count):
+    suite = grid_suite(n_points) if n_points else parse_suite({"model": {"source": "zoo:deepseek_v2"}}, "base.toml")
+    runs = suite.runs()
+    picked = [r.run_id for k in range(1, count + 1) for r in Shard(k, count).pick(runs)]
+    methods = [r.run_id for r in runs if not r.is_baseline] or [runs[0].run_id]  # a baseline-only suite: shard 1 runs it
+    assert sorted(picked) == sorted(methods)
+    # deterministic: the same suite parsed again gives the same split
+    again = grid_suite(n_points).runs() if n_points else runs
+    assert [r.run_id for r in Shard(1, count).pick(again)] == [r.run_id for r in Shard(1, count).pick(runs)]
+    sizes = [len(Shard(k, count).pick(runs)) for k in range(1, count + 1)]
+    assert max(sizes) - min(sizes) <= 1  # balanced
+
+
+@pytest.mark.parametrize("text", ["0/2", "3/2", "1/0", "a/b", "1", "1/2/3", ""])
+def test_bad_shard_is_one_line_error(text):
+    with pytest.raises(MoebenchError, match="--shard"):
+        parse_shard(text)
+
+
+def test_merge_prefers_ok_and_drops_duplicates():
+    a = [{"suite": "s", "run_id": "b", "name": "baseline", "status": "ok"}, {"suite": "s", "run_id": "x", "name": "x", "status": "failed"}]
+    b = [{"suite": "s", "run_id": "b", "name": "baseline", "status": "ok", "copy": 2}, {"suite": "s", "run_id": "x", "name": "x", "status": "ok"}]
+    merged = merge([a, b], order=["b", "x", "y"])
+    assert [(r["run_id"], r["status"]) for r in merged.records] == [("b", "ok"), ("x", "ok")]
+    assert "copy" not in merged.records[0]  # the first copy of an ok run is kept
+    assert merged.duplicates == ["s/baseline", "s/x"] and merged.missing == ["y"]
+
+
+def comparable(record: dict) -> dict:
+    """A record without its timings (what sharding may change)."""
+    out = {k: v for k, v in record.items() if k not in TIMING}
+    out["metrics"] = {k: v for k, v in record["metrics"].items() if k not in TIMING_METRICS}
+    out["calibration_key"] = {k: record.get("calibration", {}).get(k) for k in ("data", "samples", "seqlen", "seed")}
+    return out
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "moebench.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow  # four processes (three suite runs)
+def test_two_shards_merge_to_the_unsharded_run(tmp_path, checkpoint, isolated_cache):
+    path = tmp_path / "t.toml"
+    path.write_text(textwrap.dedent(f"""
+        [suite]
+        name = "t"
+        [model]
+        source = "{checkpoint('qwen3_moe')}"
+        [calibration]
+        samples = 4
+        seqlen = 32
+        [eval.perplexity]
+        seqlen = 32
+        max_samples = 4
+        [[methods]]
+        name = "drop"
+        method = "expert_drop"
+        params = {{ keep_ratio = [0.75, 0.5] }}
+        [[methods]]
+        name = "layer"
+        method = "layer_drop"
+        params = {{ n = 1 }}
+    """))
+    suite = load_suite(path)
+    run_suite(suite, RunOptions(out=tmp_path / "full", log=lambda m: None))
+    full = list(read_records(tmp_path / "full" / "results.jsonl"))
+
+    for k in (1, 2):
+        done = _cli("run", str(path), "--shard", f"{k}/2", "--out", str(tmp_path / f"shard{k}"))
+        assert done.returncode == 0, done.stderr[-2000:]
+    shards = [list(read_records(tmp_path / f"shard{k}" / "results.jsonl")) for k in (1, 2)]
+    # each shard ran the baseline (for deltas and speedups) plus its own runs, none twice
+    assert [r["name"] for r in shards[0]] == ["baseline", "drop[keep_ratio=0.75]", "layer"]
+    assert [r["name"] for r in shards[1]] == ["baseline", "drop[keep_ratio=0.5]"]
+
+    merged_path = tmp_path / "merged.jsonl"
+    done = _cli("merge", str(tmp_path / "shard2"), str(tmp_path / "shard1"), "--out", str(merged_path), "--suite", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "1 duplicate(s) dropped" in done.stderr
+    merged = list(read_records(merged_path))
+    assert [r["run_id"] for r in merged] == [r["run_id"] for r in full]  # the suite's order
+    assert [comparable(r) for r in merged] == [comparable(r) for r in full]
+
+    # a shard alone is incomplete: merge says what is missing and fails
+    partial = _cli("merge", str(tmp_path / "shard2"), "--out", str(tmp_path / "partial.jsonl"), "--suite", str(path))
+    assert partial.returncode == 1 and "missing from every input: drop[keep_ratio=0.75], layer" in partial.stderr
+    assert _cli("run", str(path), "--shard", "3/2").returncode == 2
