@@ -107,6 +107,7 @@ class Suite:
             "calibration": self.calibration.key() if (spec.pipeline and self.calibration) else None,
             "eval": {name: to_dict(p) for name, p in sorted(self.evals.items())},
             "seed": self.info.seed,
+            **({"tasks": self.tasks} if self.tasks else {}),  # task data shapes premoe and task_perplexity
         }
         return hashlib.sha1(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -172,11 +173,15 @@ def parse_suite(raw: dict, path: str = "<suite>") -> Suite:
         seen.add(parsed["name"])
         entries.append(parsed)
     needs_calibration = [
-        (e["name"], s.method) for e in entries for r in e["runs"] for s in r.pipeline if host().method(s.method)().needs(s.params)
+        (e["name"], s.method) for e in entries for r in e["runs"] for s in r.pipeline
+        if host().method(s.method)().needs(s.params) or host().method(s.method).needs_calibration
     ]
     if needs_calibration and calibration is None:
         name, method = needs_calibration[0]
         raise err("calibration", f"missing [calibration] table; method {method!r} of {name!r} needs calibration data")
+    from .premoe import parse_tasks
+
+    parse_tasks(raw.get("tasks"), err)  # [tasks.NAME] data = "..." (query optional); kept raw in Suite.tasks
     return Suite(path, info, model, hardware, calibration, evals, entries, raw.get("compare", {}), raw.get("tasks", {}), raw)
 
 

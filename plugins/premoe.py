@@ -1,0 +1,233 @@
+"""PreMoe (Pei et al., arXiv 2505.17639): task-conditioned expert pruning with FAISS task retrieval.
+
+- ``premoe`` (method): keeps each MoE layer's ``keep`` experts with the highest
+  task-conditioned expected selection score (TCESS) of one task. The task is named
+  (``task = "prose"``) or retrieved (``task = "retrieve"``): the query prompt's own
+  routing finds the nearest task pattern in a FAISS index built from the suite's
+  ``[tasks]`` (built once per model and cached like calibration statistics).
+- ``task_perplexity`` (metric): perplexity on the test split of every task of the
+  suite, so the baseline, a task-agnostic expert drop and each task's PreMoe run are
+  compared on each task; a PreMoe run's own task is also reported as ``own``.
+- ``mix:`` (data source): several data specs interleaved in equal shares
+  (``mix:embedded:prose,embedded:code``): task-agnostic calibration text.
+
+The model is pruned in memory here (what a suite measures); reading only the kept
+experts from a checkpoint is :func:`moebench.premoe.load_for_query` /
+:func:`moebench.checkpoint.load`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from moebench import premoe
+from moebench.adapter import MoEModel
+from moebench.calibration import CalibrationSpec
+from moebench.data import SPLITS, DataSpec, encode, load_text, windows
+from moebench.errors import MoebenchError
+from moebench.hookspecs import hookimpl
+from moebench.method import Context, Method, Metric
+from moebench.params import param
+
+
+@dataclass
+class PreMoeParams:
+    keep_ratio: float | None = param(0.5, help="fraction of each layer's routed experts kept (ignored when keep is set)")
+    keep: int | None = param(None, help="routed experts kept per MoE layer (the paper's 8/128 is keep = 128)")
+    threshold: float = param(0.0, help="r: a token marks an expert only if its probability renormalised over the top-k is >= r (0: every top-k expert)")
+    task: str = param("retrieve", help="a task of the suite's [tasks] whose experts are kept, or 'retrieve': the task nearest to the query's routing")
+    query: str | None = param(None, help="with task = 'retrieve': a task name (its held-out queries) or a data spec; the prompt routed for retrieval")
+    query_split: str = param("validation", help="split the query prompt is taken from")
+    query_tokens: int = param(256, help="prompt tokens routed for retrieval (from the start of the query split)")
+    key_layer: int = param(0, help="which MoE layer's scores are the retrieval key (0 = first MoE layer, as in the paper)")
+    metric: Literal["l2", "cosine"] = param("l2", help="distance between retrieval keys (FAISS flat index)")
+    index: str | None = param(None, help="folder of a saved PreMoe index (default: built from the suite's [tasks] and cached)")
+
+    def check(self):
+        if self.keep is None and self.keep_ratio is None:
+            raise ValueError("keep_ratio or keep must be set")
+        if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.keep is not None and self.keep < 1:
+            raise ValueError(f"keep must be >= 1, got {self.keep}")
+        if not 0 <= self.threshold < 1:
+            raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
+        if self.task == "retrieve" and not self.query:
+            raise ValueError("query is required with task = 'retrieve': a task name or a data spec whose text is the prompt")
+        if self.query_split not in SPLITS:
+            raise ValueError(f"query_split must be one of {', '.join(SPLITS)}, got {self.query_split!r}")
+        if self.query_tokens < 1:
+            raise ValueError(f"query_tokens must be >= 1, got {self.query_tokens}")
+        if self.key_layer < 0:
+            raise ValueError(f"key_layer must be >= 0, got {self.key_layer}")
+
+
+class PreMoe(Method):
+    """PreMoe: keep the experts one task needs (TCESS), the task named or retrieved from the query's routing."""
+
+    name = "premoe"
+    Params = PreMoeParams
+    # router logits per task come from task-specific calibrations, not the suite's
+    stats = ()
+
+    def apply(self, model: MoEModel, params: PreMoeParams, ctx: Context) -> dict:
+        tasks = premoe.parse_tasks(getattr(ctx.suite, "tasks", None) or {})
+        settings = premoe.IndexSettings(params.threshold, params.key_layer, params.metric)
+        if params.index:
+            index = premoe.TaskIndex.load(params.index, model)
+            if index.settings != settings:
+                ctx.note(f"premoe: the saved index's settings {index.settings} are used, not the run's")
+        else:
+            spec = ctx.calibration.spec if ctx.calibration is not None else CalibrationSpec(seed=ctx.seed)
+            index = premoe.cached(model, tasks, spec, settings)
+        expected, matches = None, []
+        if params.task == "retrieve":
+            text, expected = self._query(params, tasks)
+            ids = encode(model.tokenizer, load_text(text, params.query_split))[: params.query_tokens]
+            if ids.numel() < 2:
+                raise MoebenchError(f"premoe: query {params.query!r} has fewer than 2 tokens in split {params.query_split!r}")
+            key = premoe.query_key(model, ids[None], index.settings)
+            matches = index.search(key)
+            chosen = matches[0][0]
+        else:
+            chosen = params.task
+            if chosen not in index.tasks:
+                raise MoebenchError(f"premoe: task {chosen!r} is not among the indexed tasks ({', '.join(index.tasks)}); name one or use 'retrieve'")
+        blocks = list(model.blocks())
+        total = {b.layer: b.num_experts for b in blocks}
+        n = _count(max(total.values()), params)
+        kept = index.keep(chosen, n)
+        for layer, experts in kept.items():
+            for note in model.keep_experts(layer, experts):
+                ctx.note(f"layer {layer}: {note}")
+        ctx.extras["premoe_task"] = expected or chosen
+        active = max(model.block(layer).top_k for layer in kept)
+        changes = {
+            "notation": f"{active}/{n}",
+            "task": chosen,
+            "kept": {layer: sorted(e) for layer, e in kept.items()},
+            "experts_before": sum(total.values()),
+            "experts_after": sum(len(e) for e in kept.values()),
+        }
+        if params.task == "retrieve":
+            changes["retrieval"] = {
+                "query": params.query,
+                "query_tokens": int(ids.numel()),
+                "expected": expected,
+                "correct": None if expected is None else chosen == expected,
+                "distances": {t: round(d, 6) for t, d in matches},
+                "faiss": premoe.faiss_device(),
+            }
+        return changes
+
+    @staticmethod
+    def _query(params: PreMoeParams, tasks: dict) -> tuple[str, str | None]:
+        """The query's data spec, and the task it belongs to when it names one."""
+        if params.query in tasks:
+            return tasks[params.query].query_data, params.query
+        try:
+            DataSpec.parse(params.query)
+        except MoebenchError:
+            raise MoebenchError(
+                f"premoe: query {params.query!r} is neither a task ({', '.join(tasks) or 'none declared'}) nor a data spec like 'embedded:code'"
+            ) from None
+        return params.query, None
+
+
+def _count(num_experts: int, p: PreMoeParams) -> int:
+    n = p.keep if p.keep is not None else round(p.keep_ratio * num_experts)
+    return max(1, min(num_experts, n))
+
+
+# -- per-task evaluation --------------------------------------------------------------
+@dataclass
+class TaskPerplexityParams:
+    split: str = param("test", help="split of each task's data that is evaluated")
+    seqlen: int = param(256, help="tokens per window")
+    max_samples: int | None = param(None, help="at most this many windows per task (default: all)")
+    batch_size: int = param(8, help="windows per forward pass")
+
+    def check(self):
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if self.seqlen < 2:
+            raise ValueError(f"seqlen must be >= 2, got {self.seqlen}")
+
+
+class TaskPerplexity(Metric):
+    """Perplexity on each task of the suite's [tasks] (and the run's own task); routed experts as active/kept."""
+
+    name = "task_perplexity"
+    Params = TaskPerplexityParams
+
+    def measure(self, model: MoEModel, params: TaskPerplexityParams, ctx: Context) -> dict:
+        from moebench_plugins.metrics import perplexity
+
+        tasks = premoe.parse_tasks(getattr(ctx.suite, "tasks", None) or {})
+        if not tasks:
+            raise MoebenchError("[eval.task_perplexity] needs a [tasks] table: [tasks.NAME] data = 'embedded:prose'")
+        values = {}
+        for name, task in tasks.items():
+            ids = windows(encode(model.tokenizer, load_text(task.data, params.split)), params.seqlen, params.max_samples)
+            values[name] = perplexity(model.model, ids, params.batch_size)
+        own = ctx.extras.get("premoe_task")
+        if own in values:
+            values["own"] = values[own]
+        blocks = list(model.blocks())
+        routed = {"active": max(b.top_k for b in blocks), "kept": max(b.num_experts for b in blocks)} if blocks else {}
+        return {"task_perplexity": values, "routed": routed}
+
+
+# -- task-agnostic data ---------------------------------------------------------------
+class MixSource:
+    """``mix:SPEC,SPEC,...``: the documents of several data specs in equal shares, interleaved.
+
+    Each source contributes the same number of characters (the smallest source's
+    total; documents beyond it are left out), documents alternating so every stretch of
+    the text mixes the sources. Used as task-agnostic calibration text.
+    """
+
+    scheme: ClassVar[str] = "mix"
+
+    def documents(self, arg: str, split: str) -> list[str]:
+        from moebench.plugins import host
+
+        specs = [s.strip() for s in arg.split(",") if s.strip()]
+        if len(specs) < 2:
+            raise MoebenchError(f"data mix:{arg}: expected two or more comma-separated data specs, e.g. mix:embedded:prose,embedded:code")
+        sources = []
+        for text in specs:
+            spec = DataSpec.parse(text)
+            if spec.scheme == "mix":
+                raise MoebenchError(f"data mix:{arg}: a mix cannot contain another mix")
+            sources.append(list(host().data_source(spec.scheme).documents(spec.arg, split)))
+        budget = min(sum(len(d) for d in docs) for docs in sources)
+        used = [0] * len(sources)
+        cursor = [0] * len(sources)
+        out = []
+        while True:
+            open_ = [i for i in range(len(sources)) if cursor[i] < len(sources[i]) and used[i] < budget]
+            if not open_:
+                return out
+            i = min(open_, key=lambda j: used[j])  # the source furthest behind goes next
+            doc = sources[i][cursor[i]][: budget - used[i]]
+            out.append(doc)
+            used[i] += len(doc)
+            cursor[i] += 1
+
+
+@hookimpl
+def register_methods():
+    return [PreMoe]
+
+
+@hookimpl
+def register_metrics():
+    return [TaskPerplexity]
+
+
+@hookimpl
+def register_data_sources():
+    return [MixSource]
+
