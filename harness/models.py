@@ -59,6 +59,12 @@ def load(
         max_memory=max_memory,
         config=config,
     )
+    if device == "cpu" and hasattr(model, "set_experts_implementation"):
+        # the per-expert loop is bit-reproducible on the CPU; grouped_mm is not
+        try:
+            model.set_experts_implementation("eager")
+        except (ValueError, NotImplementedError):
+            pass
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
