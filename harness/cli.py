@@ -15,7 +15,8 @@ from .errors import MoebenchError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmark Mixture-of-Experts compression methods.")
 zoo_app = typer.Typer(no_args_is_help=True, help="Tiny trained MoE checkpoints for every adapted architecture.")
 app.add_typer(zoo_app, name="zoo")
-out = Console()
+# piped output gets a wide table instead of rich's 80-column default
+out = Console(width=None if sys.stdout.isatty() else 220)
 err = Console(stderr=True)
 
 

@@ -111,6 +111,8 @@ LABELS = {
     "speed.speedup_decode": "decode ×",
     "compress_seconds": "compress s",
 }
+#: detail columns left out of the terminal table (they stay in the record, Markdown, CSV and HTML)
+TERMINAL_HIDDEN = ("stderr", "acc_norm", "lm_eval_info", "spread", "analytic", "above_runtime", "increase_bytes", "by_batch", "runs.", "by_step")
 #: columns whose change against the baseline is shown in the terminal
 DELTA_COLUMNS = {"perplexity", "params.total", "params.active", "weight_bytes", "flops_per_token"}
 
@@ -126,15 +128,19 @@ def terminal_table(records: list[dict[str, Any]], columns: list[str] | None = No
         return tables
     for suite, part in df.groupby("suite", sort=False):
         part = part.dropna(axis=1, how="all")
-        cols = columns or [c for c in part.columns if c not in ("suite", "run_id") and "stderr" not in c]
+        cols = columns or [c for c in part.columns if c not in ("suite", "run_id") and not any(h in c for h in TERMINAL_HIDDEN)]
         base = part[part["name"] == "baseline"]
         table = Table(title=f"suite {suite}", show_lines=False)
         for c in cols:
-            table.add_column(escape(LABELS.get(c, c)), justify="left" if c in ("name", "status") else "right", overflow="fold")
+            label = LABELS.get(c) or (c[len("lm_eval.") :].replace(".", " ") if c.startswith("lm_eval.") else c)
+            table.add_column(escape(label), justify="left" if c in ("name", "status") else "right", overflow="fold", min_width=28 if c == "name" else None)
         for _, row in part.iterrows():
             cells = []
             for c in cols:
                 text = fmt(row.get(c), c)
+                stderr = row.get(f"{c}_stderr") if f"{c}_stderr" in part else None
+                if stderr is not None and pd.notna(stderr) and pd.notna(row.get(c)):
+                    text += f" ±{stderr:.2f}"
                 if c in DELTA_COLUMNS and len(base) and row["name"] != "baseline" and pd.notna(row.get(c)):
                     b = base[c].iloc[0] if c in base else None
                     if b not in (None, 0) and pd.notna(b):
