@@ -351,7 +351,7 @@ def load(
     exactly as :meth:`MoEModel.keep_experts` would after a full load (the lineage says
     so too, so calibration caches agree).
     """
-    from .models import DTYPES, fingerprint
+    from .models import DTYPES, fingerprint, reproducible_experts
 
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     config = _config(path)
@@ -371,6 +371,7 @@ def load(
     if left:
         raise MoebenchError(f"{path}: checkpoint has nothing for {left[:3]}")
     moe.model.to(device)
+    reproducible_experts(moe.model, device)
     report.bytes_read = ckpt.bytes_read
     report.experts_kept = sum(moe.expert_counts().values())
     moe.identity = f"{path}@{fingerprint(path)}"

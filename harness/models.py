@@ -59,18 +59,22 @@ def load(
         max_memory=max_memory,
         config=config,
     )
-    if device == "cpu" and hasattr(model, "set_experts_implementation"):
-        # the per-expert loop is bit-reproducible on the CPU; grouped_mm is not
-        try:
-            model.set_experts_implementation("eager")
-        except (ValueError, NotImplementedError):
-            pass
+    reproducible_experts(model, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise MoebenchError(f"model {source!r} has no usable tokenizer: {exc}") from None
     identity = f"{source}@{fingerprint(path)}" if Path(path).is_dir() else source
     return MoEModel(model, adapter, tokenizer=tokenizer, source=source, identity=identity)
+
+
+def reproducible_experts(model, device: str) -> None:
+    """On the CPU, run experts with the per-expert loop: bit-reproducible, where grouped_mm is not."""
+    if device == "cpu" and hasattr(model, "set_experts_implementation"):
+        try:
+            model.set_experts_implementation("eager")
+        except (ValueError, NotImplementedError):
+            pass
 
 
 def load_pretrained(
