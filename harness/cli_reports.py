@@ -5,7 +5,6 @@ Imported by :mod:`moebench.cli`, these register themselves on its ``app``.
 
 from __future__ import annotations
 
-import os
 import re
 import string
 from pathlib import Path
@@ -61,6 +60,7 @@ def report(
     format: str = typer.Option("terminal", "--format", "-f", help="terminal | markdown | csv | html (default: from --out's extension, else terminal)"),
     out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="write to this file instead of standard output"),
     title: str = typer.Option("moebench report", "--title", help="page title (markdown, html)"),
+    columns: Optional[str] = typer.Option(None, "--columns", help="metric columns to show, comma-separated globs (e.g. 'perplexity,weight_bytes,lm_eval.*.acc')"),
 ):
     """One table per suite with deltas against the baseline; Markdown, CSV, or an HTML page with plots."""
     from . import render
@@ -71,11 +71,16 @@ def report(
     if format == "terminal" and out_path is not None:
         format = render.EXTENSIONS.get(out_path.suffix.lower(), "markdown")
     records = read_all(results)
+    patterns = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
     if format == "terminal":
-        for table in terminal_table(records):
+        cols = None
+        if patterns:
+            cols = [c for t in render.suite_tables(records) for c in render.display_columns(t, patterns) if c != "origin"]
+            cols = list(dict.fromkeys(cols))
+        for table in terminal_table(records, cols):
             out.print(table)
         return
-    _write(render.render(records, format, title), out_path)
+    _write(render.render(records, format, title, patterns), out_path)
 
 
 # --------------------------------------------------------------------------- compare
@@ -100,12 +105,14 @@ def compare(
     result = run_compare(read_all([new]), read_all([baseline]), spec)
     body = rows(result)
     if body:
-        table = Table(title=f"{new} vs {baseline}")
+        from rich.markup import escape
+
+        table = Table(title=escape(f"{new} vs {baseline}"))
         for h in HEADERS:
             table.add_column(h, overflow="fold")
         for row in body:
             style = "red" if row[0].startswith(("regressed", "run failed", "missing")) and "warning" not in row[0] else ("green" if row[0].startswith(("improved", "fixed")) else None)
-            table.add_row(*row, style=style)
+            table.add_row(*map(escape, row), style=style)
         out.print(table)
     if result.ungated:
         err.print("not gated (no tolerance names them): " + ", ".join(result.ungated), markup=False, highlight=False)

@@ -12,6 +12,7 @@ embedded as base64 PNGs, so the HTML page is one file that opens anywhere.
 from __future__ import annotations
 
 import base64
+import fnmatch
 import html as _html
 import io
 import math
@@ -108,10 +109,19 @@ def record_of(table: SuiteTable, row: pd.Series) -> dict[str, Any]:
 # --------------------------------------------------------------------------- cells
 
 
-def display_columns(table: SuiteTable) -> list[str]:
-    """Columns a person reads: name, status, metrics (stderr and empty columns left out)."""
+#: bookkeeping columns left out of the Markdown and HTML tables (they stay in the CSV)
+HIDDEN = ("*stderr*", "lm_eval_info.*", "*_spread", "*.how")
+
+
+def display_columns(table: SuiteTable, columns: list[str] | None = None) -> list[str]:
+    """Columns a person reads: name, status, then the metrics matching ``columns`` (globs, in
+    their order), or every metric but the bookkeeping ones in :data:`HIDDEN`."""
     ids = ["origin"] if "origin" in table.df.columns else []
-    return ["name", *ids, "status", *[c for c in table.metrics if "stderr" not in c]]
+    if columns:
+        chosen = [m for pattern in columns for m in table.metrics if fnmatch.fnmatchcase(m, pattern)]
+    else:
+        chosen = [m for m in table.metrics if not any(fnmatch.fnmatchcase(m, h) for h in HIDDEN)]
+    return ["name", *ids, "status", *dict.fromkeys(chosen)]
 
 
 def label(column: str) -> str:
@@ -156,11 +166,11 @@ def md_table(headers: list[str], rows: list[list[str]], right: Iterable[int] = (
     return "\n".join(lines)
 
 
-def markdown(records: list[dict[str, Any]], title: str = "moebench report") -> str:
+def markdown(records: list[dict[str, Any]], title: str = "moebench report", columns: list[str] | None = None) -> str:
     """One Markdown table per suite, values with their change against the baseline."""
     parts = [f"# {title}", ""]
     for table in suite_tables(records):
-        cols = display_columns(table)
+        cols = display_columns(table, columns)
         parts += [f"## suite {table.suite}", ""]
         rows = [[cell(row, c) for c in cols] for _, row in table.df.iterrows()]
         parts += [md_table([label(c) for c in cols], rows, right=range(2, len(cols))), ""]
@@ -192,10 +202,13 @@ def _failures_md(table: SuiteTable) -> list[str]:
 # --------------------------------------------------------------------------- csv
 
 
-def csv(records: list[dict[str, Any]]) -> str:
+def csv(records: list[dict[str, Any]], columns: list[str] | None = None) -> str:
     """Every run of every suite as one CSV: raw metric values, ``Δ`` columns, provenance."""
     frames = []
     for table in suite_tables(records):
+        if columns:
+            keep = display_columns(table, columns)
+            table.df = table.df[["suite", *[c for c in table.df.columns if c in keep or c == "run_id"], *[f"Δ{c}" for c in keep if f"Δ{c}" in table.df]]]
         env = [(record_of(table, row).get("env") or {}) for _, row in table.df.iterrows()]
         extra = pd.DataFrame(
             [{"git_commit": e.get("git_commit"), "device": e.get("device"), "device_name": e.get("device_name"), "versions": versions(e)} for e in env]
@@ -295,7 +308,7 @@ def plot_accuracy_vs_params(df: pd.DataFrame) -> Plot:
     title = "Accuracy vs parameters"
     df = _ok(df)
     cols = accuracy_columns(df)
-    xcol = "params.active" if "params.active" in df else "params.total"
+    xcol = "params.total" if "params.total" in df else "params.active"  # expert drop changes total, not active
     if not cols or xcol not in df:
         return Plot(title, None, "no lm-eval accuracy in these results (add an [eval.lm_eval] table to the suite)")
     fig, ax = _figure()
@@ -412,11 +425,11 @@ def html_page(title: str, body: str) -> str:
     )
 
 
-def html(records: list[dict[str, Any]], title: str = "moebench report") -> str:
+def html(records: list[dict[str, Any]], title: str = "moebench report", columns: list[str] | None = None) -> str:
     """The whole report as one HTML page: per suite a table and its plots, then provenance."""
     body = [f"<h1>{esc(title)}</h1>"]
     for table in suite_tables(records):
-        cols = display_columns(table)
+        cols = display_columns(table, columns)
         rows, classes, row_classes = [], [], []
         for _, row in table.df.iterrows():
             rows.append([cell(row, c) for c in cols])
@@ -440,12 +453,12 @@ FORMATS = ("terminal", "markdown", "csv", "html")
 EXTENSIONS = {".md": "markdown", ".markdown": "markdown", ".csv": "csv", ".html": "html", ".htm": "html"}
 
 
-def render(records: list[dict[str, Any]], fmt_name: str, title: str = "moebench report") -> str:
-    """The report in one of the file formats (markdown, csv, html)."""
+def render(records: list[dict[str, Any]], fmt_name: str, title: str = "moebench report", columns: list[str] | None = None) -> str:
+    """The report in one of the file formats (markdown, csv, html); ``columns`` are metric globs to show."""
     if fmt_name == "markdown":
-        return markdown(records, title)
+        return markdown(records, title, columns)
     if fmt_name == "csv":
-        return csv(records)
+        return csv(records, columns)
     if fmt_name == "html":
-        return html(records, title)
+        return html(records, title, columns)
     raise ValueError(f"format {fmt_name!r}: expected one of {', '.join(FORMATS)}")

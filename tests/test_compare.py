@@ -7,11 +7,15 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from moebench.compare import CompareSpec, Tolerance, compare, compare_spec_from_suite, parse_compare, parse_tolerance_arg
 from moebench.errors import MoebenchError, SuiteError
+from moebench.runner import RunOptions, run_suite
+from moebench.store import read_records
+from moebench.suite import load_suite
 
 
 def record(name, ppl=10.0, acc=0.5, weight_bytes=1000, status="ok", run_id=None, **extra):
@@ -218,3 +222,47 @@ def test_cli_exit_codes_and_markdown(tmp_path):
     assert cli(worse, base, "--suite", str(suite), "--tol", "perplexity=rel:0.01").returncode == 1  # the command line wins
     usage = cli(worse, base, "--tol", "perplexity")
     assert usage.returncode == 2 and "error: --tol 'perplexity'" in usage.stderr
+
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "reports" / "baselines" / "ci.jsonl"
+
+
+def test_committed_ci_baseline_catches_a_planted_regression(tmp_path):
+    base = list(read_records(COMMITTED))
+    assert [r["name"] for r in base][0] == "baseline" and all(r["status"] == "ok" for r in base)
+    spec = compare_spec_from_suite(ROOT / "suites" / "ci.toml")
+    assert compare(copy.deepcopy(base), base, spec).passed
+    planted = copy.deepcopy(base)
+    planted[1]["metrics"]["perplexity"]["value"] *= 1 + 2 * spec.tolerance_for("perplexity").rel
+    result = compare(planted, base, spec)
+    assert [(f.run, f.metric) for f in result.regressions] == [(base[1]["name"], "perplexity")]
+    lost = copy.deepcopy(base)[:-1]  # a run that vanished (e.g. a method that now fails to register)
+    assert [f.kind for f in compare(lost, base, spec).regressions] == ["missing_run"]
+
+
+def test_an_identical_rerun_passes_the_gate(tmp_path, checkpoint):
+    path = tmp_path / "t.toml"
+    path.write_text(textwrap.dedent(f"""
+        [suite]
+        name = "t"
+        [model]
+        source = "{checkpoint('olmoe')}"
+        [calibration]
+        samples = 4
+        seqlen = 32
+        [eval.perplexity]
+        seqlen = 32
+        max_samples = 4
+        [[methods]]
+        name = "drop"
+        method = "expert_drop"
+        params = {{ keep_ratio = 0.5 }}
+        [compare.tolerances]
+        perplexity = {{ rel = 0.0 }}
+    """))
+    for out in ("a", "b"):
+        run_suite(load_suite(path), RunOptions(out=tmp_path / out, log=lambda m: None))
+    spec = compare_spec_from_suite(path)
+    result = compare(list(read_records(tmp_path / "b")), list(read_records(tmp_path / "a")), spec)
+    assert result.passed and result.gated >= 10 and not result.improvements, result.summary()
