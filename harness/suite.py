@@ -181,7 +181,10 @@ def parse_suite(raw: dict, path: str = "<suite>") -> Suite:
         raise err("calibration", f"missing [calibration] table; method {method!r} of {name!r} needs calibration data")
     from .premoe import parse_tasks
 
-    parse_tasks(raw.get("tasks"), err)  # [tasks.NAME] data = "..." (query optional); kept raw in Suite.tasks
+    parse_tasks(raw.get("tasks"), err)
+    from .compare import check_compare
+
+    check_compare(raw.get("compare"), path)  # [compare] tolerances for `moebench compare`  # [tasks.NAME] data = "..." (query optional); kept raw in Suite.tasks
     return Suite(path, info, model, hardware, calibration, evals, entries, raw.get("compare", {}), raw.get("tasks", {}), raw)
 
 
