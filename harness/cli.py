@@ -63,7 +63,7 @@ def validate(suite: Path = typer.Argument(..., help="suite TOML file")):
     out.print(f"{suite}: ok, {len(runs)} run(s)")
     for r in runs:
         steps = " -> ".join(step.method for step in r.pipeline) or "(baseline)"
-        out.print(f"  {r.run_id}  {r.name}: {steps}")
+        out.print(f"  {r.run_id}  {r.name}: {steps}", markup=False, highlight=False)
 
 
 @app.command()
