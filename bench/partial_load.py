@@ -43,7 +43,6 @@ MODES = ("transformers", "full", "quarter", "full-fp8", "quarter-fp8", "quarter-
 def make(folder: Path, args) -> None:
     import torch
     import transformers
-
     from moebench import zoo
 
     config = zoo.config(
@@ -112,7 +111,6 @@ def peak_bytes() -> int:
 def child(mode: str, folder: Path, fp8: Path, keep_fraction: float) -> dict:
     """One measurement, in this (fresh) process."""
     import torch
-
     from moebench import checkpoint as ck
     from moebench import models
     from moebench.plugins import host
@@ -192,7 +190,7 @@ def main() -> None:
                 print(res.stderr[-3000:], file=sys.stderr)
                 raise SystemExit(f"mode {mode} failed")
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-    mib = lambda b: "–" if b is None else f"{b / 2**20:.1f}"  # noqa: E731
+    mib = lambda b: "–" if b is None else f"{b / 2**20:.1f}"
     print(f"read_ahead_kb of the checkpoint's disk: {read_ahead}")
     print("| mode | experts kept | reader MiB | from disk MiB | io read MiB | weights MiB | peak during load MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -8,9 +8,9 @@ Prints, as Markdown tables:
 2. test perplexity of each domain at the same expert count with: the full model;
    task-agnostic frequency expert drop calibrated on both domains in equal shares
    (``mix:``); PreMoe with the task's own pattern; PreMoe with the pattern retrieved
-   from the task's first held-out query (what ``suites/premoe.toml`` runs); and, for
-   reference, PreMoe with the other task's pattern and frequency drop calibrated on the
-   task's own text.
+   from one held-out query of the task (what ``suites/premoe.toml`` runs), and from the
+   first tokens of its validation split; and, for reference, PreMoe with the other
+   task's pattern and frequency drop calibrated on the task's own text.
 
     python bench/premoe_tasks.py [--model zoo:deepseek_v2] [--keep 8 4] [--threshold 0.0] [--key-layer 0]
 """
@@ -22,7 +22,6 @@ import copy
 import time
 
 import torch
-
 from moebench import models, premoe
 from moebench.calibration import Calibration, CalibrationSpec
 from moebench.data import encode, load_text, random_windows, windows
@@ -39,8 +38,13 @@ def held_out_queries(model, task: premoe.TaskSpec, tokens: int, n: int, seed: in
     return random_windows(encode(model.tokenizer, load_text(task.query_data, "validation")), tokens, n, seed)
 
 
+def method_query(model, task: premoe.TaskSpec, tokens: int, seed: int = 0) -> torch.Tensor:
+    """The prompt the premoe method routes for ``query = task``: a window at a seeded offset of the validation split."""
+    return random_windows(encode(model.tokenizer, load_text(task.query_data, "validation")), tokens, 1, seed)
+
+
 def first_query(model, task: premoe.TaskSpec, tokens: int) -> torch.Tensor:
-    """The prompt the premoe method routes: the first ``tokens`` tokens of the validation split."""
+    """The first ``tokens`` tokens of the validation split (the start of one document)."""
     return encode(model.tokenizer, load_text(task.query_data, "validation"))[:tokens][None]
 
 
@@ -117,22 +121,28 @@ def main() -> None:
 
     t0 = time.perf_counter()
     other = {a: next(b for b in TASKS if b != a) for a in TASKS}
-    retrieved = {
-        name: index.search(premoe.query_key(model, first_query(model, TASKS[name], args.retrieve_tokens), settings))[0][0] for name in TASKS
-    }
+    def retrieve(query) -> dict[str, str]:
+        return {name: index.search(premoe.query_key(model, query(model, TASKS[name], args.retrieve_tokens), settings))[0][0] for name in TASKS}
+
+    retrieved, from_start = retrieve(method_query), retrieve(first_query)
     rows = [("full model", f"{top_k}/{n_experts}", ppl(model))]
     for keep in args.keep:
         notation = f"{min(top_k, keep)}/{keep}"
         rows += [
             ("frequency drop, task-agnostic (both domains)", notation, ppl(expert_drop(model, keep, MIX, spec))),
-            ("PreMoe, the task's own pattern", notation, per_task(lambda t: pruned(model, index.keep(t, keep)))),
+            ("PreMoe, the task's own pattern", notation, per_task(lambda t, keep=keep: pruned(model, index.keep(t, keep)))),
             (
                 "PreMoe, retrieved (" + ", ".join(f"{t} query -> {r}" for t, r in retrieved.items()) + ")",
                 notation,
-                per_task(lambda t: pruned(model, index.keep(retrieved[t], keep))),
+                per_task(lambda t, keep=keep: pruned(model, index.keep(retrieved[t], keep))),
             ),
-            ("PreMoe, the other task's pattern", notation, per_task(lambda t: pruned(model, index.keep(other[t], keep)))),
-            ("frequency drop on the task's own text", notation, per_task(lambda t: expert_drop(model, keep, TASKS[t].data, spec))),
+            (
+                "PreMoe, retrieved from the split's first tokens (" + ", ".join(f"{t} -> {r}" for t, r in from_start.items()) + ")",
+                notation,
+                per_task(lambda t, keep=keep: pruned(model, index.keep(from_start[t], keep))),
+            ),
+            ("PreMoe, the other task's pattern", notation, per_task(lambda t, keep=keep: pruned(model, index.keep(other[t], keep)))),
+            ("frequency drop on the task's own text", notation, per_task(lambda t, keep=keep: expert_drop(model, keep, TASKS[t].data, spec))),
         ]
     print(f"test perplexity per task (PreMoe key layer {args.key_layer}, queries of {args.retrieve_tokens} tokens):\n")
     print("| experts kept per layer | active/kept | ppl prose | ppl code |")

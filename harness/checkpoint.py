@@ -161,6 +161,8 @@ class Checkpoint:
     release_every = 64 * 2**20
 
     def __init__(self, path, block: int = FP8_BLOCK):
+        from safetensors import SafetensorError
+
         self.path = Path(path)
         self.block = block
         self.bytes_read = 0
@@ -177,9 +179,9 @@ class Checkpoint:
                 self._files = {name: self.path / file for name, file in weight_map.items()}
             else:
                 for file in files:
-                    for name in self._open(file).keys():
+                    for name in self._open(file).keys():  # noqa: SIM118 (a safe_open handle, not a dict)
                         self._files[name] = file
-        except Exception as exc:  # a truncated or foreign file: say which
+        except (SafetensorError, OSError, ValueError, KeyError) as exc:  # a truncated or foreign file: say which
             raise MoebenchError(f"{self.path}: cannot read the safetensors checkpoint ({exc})") from None
         self.release()
         # in-memory name -> checkpoint name (renames undone)
@@ -511,6 +513,9 @@ class LayerStream:
         config = _config(path)
         self.ckpt = Checkpoint(path, block=fp8_block(config) or FP8_BLOCK)
         self.model, config = skeleton(path, dtype=self.dtype, config=config)
+        from .models import reproducible_experts
+
+        reproducible_experts(self.model.model, device)
         self.full_counts = self.model.expert_counts()
         self.keep = {int(k): list(v) for k, v in (keep or {}).items()}
         for layer, kept in self.keep.items():

@@ -158,7 +158,7 @@ class Pattern:
     perms: torch.Tensor  # [L, E] int16
 
     @classmethod
-    def from_scores(cls, scores: Sequence[torch.Tensor], key_layer: int) -> "Pattern":
+    def from_scores(cls, scores: Sequence[torch.Tensor], key_layer: int) -> Pattern:
         counts = {s.numel() for s in scores}
         if len(counts) != 1:
             raise MoebenchError(f"PreMoe patterns need the same routed expert count in every MoE layer; got {sorted(counts)}")
@@ -192,7 +192,7 @@ class ModelSignature:
     router_digest: str
 
     @classmethod
-    def of(cls, model: "MoEModel", router_weight: Callable | None = None) -> "ModelSignature":
+    def of(cls, model: MoEModel, router_weight: Callable | None = None) -> ModelSignature:
         """The signature of ``model``; ``router_weight(block)`` supplies router weights that are not resident."""
         h = hashlib.sha256()
         blocks = list(model.blocks())
@@ -208,7 +208,7 @@ class ModelSignature:
             router_digest=h.hexdigest()[:16],
         )
 
-    def check(self, built: "ModelSignature", where: str) -> None:
+    def check(self, built: ModelSignature, where: str) -> None:
         """Raise a one-line error when ``built`` (an index's) does not describe this model."""
         for name, what in (
             ("model_type", "model type"),
@@ -222,7 +222,7 @@ class ModelSignature:
                 raise MoebenchError(f"{where}: index was built for another model: {what} {_short(theirs)} there, {_short(mine)} here")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelSignature":
+    def from_dict(cls, d: dict) -> ModelSignature:
         return cls(d["model_type"], tuple(d["moe_layers"]), tuple(d["num_experts"]), tuple(d["top_k"]), d["router_digest"])
 
 
@@ -252,6 +252,7 @@ class TaskIndex:
     settings: IndexSettings = field(default_factory=IndexSettings)
     info: dict[str, Any] = field(default_factory=dict)  # e.g. calibration spec, model identity
     _faiss: Any = field(default=None, repr=False)
+    _searching: Any = field(default=None, repr=False, compare=False)  # the index searched (a GPU copy when there is one)
 
     def __post_init__(self):
         if len(self.tasks) != len(self.patterns) or not self.tasks:
@@ -267,7 +268,9 @@ class TaskIndex:
         """Nearest stored tasks to a query key, best first: ``[(task, distance)]`` (cosine: 1 - similarity)."""
         k = min(k or len(self.tasks), len(self.tasks))
         query = _prepare(key.float().reshape(1, -1), self.settings.metric)
-        distances, ids = _searcher(self._faiss).search(query, k)
+        if self._searching is None:
+            self._searching = _searcher(self._faiss)
+        distances, ids = self._searching.search(query, k)
         out = []
         for d, i in zip(distances[0].tolist(), ids[0].tolist()):
             out.append((self.tasks[i], 1.0 - d if self.settings.metric == "cosine" else d))
@@ -302,10 +305,10 @@ class TaskIndex:
         return folder
 
     @classmethod
-    def load(cls, folder, model: "MoEModel | None" = None) -> "TaskIndex":
+    def load(cls, folder, model: MoEModel | None = None) -> TaskIndex:
         """Read an index back; checks its integrity, and that it was built for ``model`` when given."""
         import faiss
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         folder = Path(folder)
         where = f"PreMoe index {folder}"
@@ -316,7 +319,7 @@ class TaskIndex:
             with safe_open(str(folder / "patterns.safetensors"), framework="pt") as f:
                 header = f.metadata() or {}
                 perms = f.get_tensor("perms")
-        except Exception as exc:  # safetensors raises its own error types for broken files
+        except (SafetensorError, OSError, KeyError) as exc:
             raise MoebenchError(f"{where}: patterns.safetensors is corrupt ({exc})") from None
         if header.get("format") != FORMAT:
             raise MoebenchError(f"{where}: not a PreMoe index (format {header.get('format')!r})")
@@ -395,7 +398,7 @@ def _sha256(path: Path) -> str:
 # --------------------------------------------------------------------------- building and querying
 
 
-def task_scores(model: "MoEModel", data: str, spec: "CalibrationSpec", threshold: float = 0.0, cache: bool = True) -> dict[int, torch.Tensor]:
+def task_scores(model: MoEModel, data: str, spec: CalibrationSpec, threshold: float = 0.0, cache: bool = True) -> dict[int, torch.Tensor]:
     """TCESS per MoE layer of ``model`` over ``data`` (train split), through the calibration service (cached)."""
     from dataclasses import replace
 
@@ -406,9 +409,9 @@ def task_scores(model: "MoEModel", data: str, spec: "CalibrationSpec", threshold
 
 
 def build(
-    model: "MoEModel",
+    model: MoEModel,
     tasks: Mapping[str, TaskSpec],
-    spec: "CalibrationSpec",
+    spec: CalibrationSpec,
     settings: IndexSettings = IndexSettings(),
     cache: bool = True,
 ) -> TaskIndex:
@@ -425,7 +428,41 @@ def build(
     return TaskIndex(list(tasks), patterns, signature, settings, info)
 
 
-def cached(model: "MoEModel", tasks: Mapping[str, TaskSpec], spec: "CalibrationSpec", settings: IndexSettings, cache: bool = True) -> TaskIndex:
+def build_streaming(
+    path,
+    tasks: Mapping[str, TaskSpec],
+    spec: CalibrationSpec,
+    settings: IndexSettings = IndexSettings(),
+    *,
+    dtype: str = "bfloat16",
+    device: str = "cpu",
+) -> TaskIndex:
+    """:func:`build` for a checkpoint too large to load: each task's calibration streams one layer at a time.
+
+    Same patterns as :func:`build` on the loaded model (FP8 checkpoints dequantized on read).
+    """
+    from dataclasses import replace
+
+    from . import checkpoint
+    from .calibration import Calibration
+
+    if not tasks:
+        raise MoebenchError("PreMoe needs at least one task; add [tasks.NAME] data = '...' tables to the suite")
+    stream = checkpoint.LayerStream(path, dtype=dtype, device=device)
+    signature = ModelSignature.of(stream.model, stream.router_weight)
+    _check_key_layer(settings.key_layer, signature)
+    top_k = {b.layer: b.top_k for b in stream.model.blocks()}
+    patterns = []
+    for task in tasks.values():
+        windows = Calibration(replace(spec, data=task.data), cache=False).windows(stream.model.tokenizer)
+        logits = stream.statistics(["router_logits"], windows, spec.batch_size, spec.seed)["router_logits"]
+        scores = layer_scores(logits, top_k, settings.threshold)
+        patterns.append(Pattern.from_scores([scores[layer] for layer in signature.moe_layers], settings.key_layer))
+    info = {"model": stream.model.identity, "calibration": spec.key(), "tasks": {t.name: t.data for t in tasks.values()}}
+    return TaskIndex(list(tasks), patterns, signature, settings, info)
+
+
+def cached(model: MoEModel, tasks: Mapping[str, TaskSpec], spec: CalibrationSpec, settings: IndexSettings, cache: bool = True) -> TaskIndex:
     """:func:`build`, saved under the cache and reused while model, tasks, calibration and settings agree."""
     from . import paths
 
@@ -459,7 +496,7 @@ def cached(model: "MoEModel", tasks: Mapping[str, TaskSpec], spec: "CalibrationS
 
 
 @torch.no_grad()
-def query_scores(model: "MoEModel", ids: torch.Tensor, threshold: float = 0.0) -> dict[int, torch.Tensor]:
+def query_scores(model: MoEModel, ids: torch.Tensor, threshold: float = 0.0) -> dict[int, torch.Tensor]:
     """TCESS per MoE layer over a query's tokens ``ids [n, len]`` (one forward pass)."""
     from .plugins import host
 
@@ -473,7 +510,7 @@ def query_scores(model: "MoEModel", ids: torch.Tensor, threshold: float = 0.0) -
     return layer_scores(stat.result(), {b.layer: b.top_k for b in model.blocks()}, threshold)
 
 
-def query_key(model: "MoEModel", ids: torch.Tensor, settings: IndexSettings) -> torch.Tensor:
+def query_key(model: MoEModel, ids: torch.Tensor, settings: IndexSettings) -> torch.Tensor:
     """The query's key: its TCESS in the key layer."""
     scores = query_scores(model, ids, settings.threshold)
     return scores[model.moe_layers[settings.key_layer]]

@@ -24,7 +24,7 @@ from typing import ClassVar, Literal
 from moebench import premoe
 from moebench.adapter import MoEModel
 from moebench.calibration import CalibrationSpec
-from moebench.data import SPLITS, DataSpec, encode, load_text, windows
+from moebench.data import SPLITS, DataSpec, encode, load_text, random_windows, windows
 from moebench.errors import MoebenchError
 from moebench.hookspecs import hookimpl
 from moebench.method import Context, Method, Metric
@@ -36,13 +36,13 @@ class PreMoeParams:
     keep_ratio: float | None = param(0.5, help="fraction of each layer's routed experts kept (ignored when keep is set)")
     keep: int | None = param(None, help="routed experts kept per MoE layer (the paper's 8/128 is keep = 128)")
     threshold: float = param(0.0, help="r: a token marks an expert only if its probability renormalised over the top-k is >= r (0: every top-k expert)")
-    task: str = param("retrieve", help="a task of the suite's [tasks] whose experts are kept, or 'retrieve': the task nearest to the query's routing")
+    task: str = param("retrieve", help="a task of the suite's tasks table whose experts are kept, or 'retrieve': the task nearest to the query's routing")
     query: str | None = param(None, help="with task = 'retrieve': a task name (its held-out queries) or a data spec; the prompt routed for retrieval")
     query_split: str = param("validation", help="split the query prompt is taken from")
-    query_tokens: int = param(256, help="prompt tokens routed for retrieval (from the start of the query split)")
+    query_tokens: int = param(256, help="prompt tokens routed for retrieval: a window at a seeded offset of a task's query split, or the start of a data spec's")
     key_layer: int = param(0, help="which MoE layer's scores are the retrieval key (0 = first MoE layer, as in the paper)")
     metric: Literal["l2", "cosine"] = param("l2", help="distance between retrieval keys (FAISS flat index)")
-    index: str | None = param(None, help="folder of a saved PreMoe index (default: built from the suite's [tasks] and cached)")
+    index: str | None = param(None, help="folder of a saved PreMoe index (default: built from the suite's tasks table and cached)")
 
     def check(self):
         if self.keep is None and self.keep_ratio is None:
@@ -84,7 +84,12 @@ class PreMoe(Method):
         expected, matches = None, []
         if params.task == "retrieve":
             text, expected = self._query(params, tasks)
-            ids = encode(model.tokenizer, load_text(text, params.query_split))[: params.query_tokens]
+            ids = encode(model.tokenizer, load_text(text, params.query_split))
+            if expected is not None and ids.numel() > params.query_tokens:
+                # a task's held-out query: a window at a seeded offset (a split's first tokens are one
+                # document's header, e.g. a licence comment in code, rarely typical of the task)
+                ids = random_windows(ids, params.query_tokens, 1, ctx.seed)[0]
+            ids = ids[: params.query_tokens]
             if ids.numel() < 2:
                 raise MoebenchError(f"premoe: query {params.query!r} has fewer than 2 tokens in split {params.query_split!r}")
             key = premoe.query_key(model, ids[None], index.settings)
@@ -156,7 +161,7 @@ class TaskPerplexityParams:
 
 
 class TaskPerplexity(Metric):
-    """Perplexity on each task of the suite's [tasks] (and the run's own task); routed experts as active/kept."""
+    """Perplexity on each task of the suite's tasks table (and the run's own task); routed experts as active/kept."""
 
     name = "task_perplexity"
     Params = TaskPerplexityParams

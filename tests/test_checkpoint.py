@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
-
 from moebench import checkpoint as ck
 from moebench import models
 from moebench.errors import MoebenchError
 from moebench.plugins import host
+from safetensors import safe_open
 
 ARCHS = ["deepseek_v2", "deepseek_v3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 
@@ -145,7 +144,7 @@ def test_partial_load_of_a_packed_moebench_checkpoint(checkpoint, tmp_path):
     moe.keep_experts(moe.moe_layers[0], [0, 1, 2, 3, 5, 8])
     moe.save(tmp_path / "packed")
     with safe_open(str(next((tmp_path / "packed").glob("*.safetensors"))), "pt") as f:
-        assert any(k.endswith("experts.gate_up_proj") for k in f.keys())
+        assert any(k.endswith("experts.gate_up_proj") for k in f.keys())  # noqa: SIM118
     ref = models.load(str(tmp_path / "packed"))
     keep = {ref.moe_layers[0]: [5, 0, 2, 3], ref.moe_layers[1]: [1, 2, 3, 4, 6, 7]}
     part, _ = ck.load(tmp_path / "packed", keep=keep)
@@ -223,3 +222,23 @@ def test_stop_at_router_reads_no_routed_experts(checkpoint):
         h.remove()
     torch.testing.assert_close(logits[first_moe], stat.result()[first_moe])
 
+
+
+def test_streaming_an_fp8_checkpoint_with_kept_experts(checkpoint, tmp_path):
+    """What a larger-than-memory DeepSeek-V3 calibration does: FP8 dequantized layer by layer, kept experts only."""
+    dst = ck.write_fp8(checkpoint("deepseek_v3"), tmp_path / "fp8")
+    full, _ = ck.load(dst)
+    keep = _every_other(full)
+    stream = ck.LayerStream(dst, keep=keep)
+    ids = _ids(2, 32)
+    streamed = stream.statistics(["routing_counts"], ids)["routing_counts"]
+    part, _ = ck.load(dst, keep=keep)
+    ref = host().statistic("routing_counts")(part)
+    handles = ref.attach()
+    with torch.no_grad():
+        part.model(input_ids=ids, use_cache=False)
+    for h in handles:
+        h.remove()
+    for layer, counts in ref.result().items():
+        assert counts.numel() == len(keep[layer]) and torch.equal(streamed[layer], counts)
+    assert stream.max_resident == 1

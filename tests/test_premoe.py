@@ -7,7 +7,6 @@ import textwrap
 
 import pytest
 import torch
-
 from moebench import checkpoint as ck
 from moebench import models, premoe
 from moebench.calibration import Calibration, CalibrationSpec
@@ -169,6 +168,7 @@ def test_method_keeps_the_task_experts_and_retrieval_deploys_from_the_checkpoint
     ids = _query_ids(model, "embedded:code", 64)
     deployed, report, matches = premoe.load_for_query(path, index, ids, keep=6)
     assert matches[0][0] == changes["task"]
+    assert {t: round(d, 6) for t, d in matches} == changes["retrieval"]["distances"]  # the very same query key
     assert {k: sorted(v) for k, v in index.keep(changes["task"], 6).items()} == changes["kept"]
     assert report.experts_kept == 6 * 4
     # routing the query read the layers up to the first MoE router (no routed experts); then the kept experts
@@ -178,10 +178,11 @@ def test_method_keeps_the_task_experts_and_retrieval_deploys_from_the_checkpoint
         torch.testing.assert_close(deployed.model(input_ids=x).logits, model.model(input_ids=x).logits, rtol=0, atol=1e-6)
 
 
-def _query_ids(model, data, n):
-    from moebench.data import encode
+def _query_ids(model, data, n, seed=0):
+    """The method's held-out query for a task: ``n`` tokens at a seeded offset of the validation split."""
+    from moebench.data import encode, random_windows
 
-    return encode(model.tokenizer, load_text(data, "validation"))[:n][None]
+    return random_windows(encode(model.tokenizer, load_text(data, "validation")), n, 1, seed)
 
 
 def test_method_with_a_named_task_and_a_saved_index(index, ds_model, checkpoint, tmp_path):
@@ -294,3 +295,12 @@ def test_deployment_can_store_the_kept_experts_in_4_bits(index, checkpoint):
     with torch.no_grad():
         a, b = dense.model(input_ids=x).logits, nf4.model(input_ids=x).logits
     assert 0 < (a - b).abs().max() < 0.5 * a.abs().max()
+
+
+def test_index_built_by_streaming_a_checkpoint_matches_the_in_memory_build(index, checkpoint):
+    path = checkpoint("deepseek_v2")
+    streamed = premoe.build_streaming(path, TASKS, SPEC, index.settings, dtype="float32")
+    assert streamed.signature == index.signature and streamed.tasks == index.tasks
+    for a, b in zip(streamed.patterns, index.patterns):
+        torch.testing.assert_close(a.key, b.key, rtol=0, atol=1e-3)  # float16 logits either way
+        assert a.keep(8) == b.keep(8)
