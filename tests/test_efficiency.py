@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+
 import pytest
 import torch
 
@@ -124,8 +126,11 @@ def test_cpu_peak_is_per_run_not_process_lifetime():
         pytest.skip("the peak-RSS mark cannot be reset on this system (the metric uses a fresh process)")
     model = random_model("mixtral").model
     ids = torch.randint(3, 2048, (1, 32))
-    big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched, then freed
-    del big
+    # 64 MiB of fresh pages, touched, then returned to the system: an anonymous mapping, so
+    # the allocator cannot satisfy it from memory earlier tests freed but kept resident
+    big = mmap.mmap(-1, 64 * 2**20)
+    big.write(b"\1" * len(big))
+    big.close()
     lifetime = peak_rss_bytes()
     peak = measure_peak(model, ids, 2)
     assert peak["kind"] == "process_peak_rss"
