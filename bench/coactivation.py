@@ -20,7 +20,6 @@ import statistics
 import time
 
 import torch
-
 from moebench.analysis import coactivation_counts
 from moebench.calibration import Calibration, CalibrationSpec
 from moebench.models import load
@@ -85,7 +84,7 @@ def main() -> None:
     synthetic = {}
     for e in (64, 256):
         idx = torch.rand(tokens, e, generator=g).topk(8, dim=1).indices
-        synthetic[e], _ = timed(lambda: coactivation_counts(idx, e), args.repeats)
+        synthetic[e], _ = timed(lambda idx=idx, e=e: coactivation_counts(idx, e), args.repeats)
 
     layers = len(picks)
     top_k = next(iter(picks.values())).shape[1]

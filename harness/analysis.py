@@ -115,8 +115,19 @@ def analyze_model(model, stats: Mapping[str, Mapping]) -> dict[str, dict[int, to
 
 
 # -- plots ------------------------------------------------------------------------------
-def plot_heatmaps(matrices: Mapping[int, torch.Tensor], title: str, path: str | Path, vmin: float | None = None, vmax: float | None = None) -> Path:
-    """One heatmap per layer in a grid, saved as a PNG (matplotlib, no display needed)."""
+def plot_heatmaps(
+    matrices: Mapping[int, torch.Tensor],
+    title: str,
+    path: str | Path,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    hide_diagonal: bool = True,
+) -> Path:
+    """One heatmap per layer in a grid, saved as a PNG (matplotlib, no display needed).
+
+    The diagonal (an expert against itself) is left blank by default, so the colour
+    scale spans the pairs that matter.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,8 +141,10 @@ def plot_heatmaps(matrices: Mapping[int, torch.Tensor], title: str, path: str | 
         ax.axis("off")
     image = None
     for ax, layer in zip(axes.flat, layers):
-        m = matrices[layer].float().numpy()
-        image = ax.imshow(m, cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
+        m = matrices[layer].float().clone()
+        if hide_diagonal:
+            m.fill_diagonal_(float("nan"))
+        image = ax.imshow(m.numpy(), cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
         ax.set_title(f"layer {layer}", fontsize=9)
         ax.axis("on")
         ax.tick_params(labelsize=6)

@@ -13,7 +13,6 @@ import html
 import json
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -30,7 +29,7 @@ TITLES = {
 @app.command()
 def analyze(
     suite: Path = typer.Argument(..., help="suite TOML file (its [model] and [calibration] are used)"),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="folder for heatmaps and matrices (default reports/<suite>/analysis)"),
+    out_dir: Path | None = typer.Option(None, "--out", help="folder for heatmaps and matrices (default reports/<suite>/analysis)"),
     outputs: bool = typer.Option(True, "--outputs/--no-outputs", help="also measure output similarity (runs every expert on sampled tokens)"),
 ):
     """Expert analysis of a suite's model: co-activation, output and weight similarity heatmaps."""
@@ -57,7 +56,7 @@ def analyze(
     matrices = analyze_model(model, stats)
     images = {}
     for kind, per_layer in matrices.items():
-        images[kind] = plot_heatmaps(per_layer, TITLES[kind], target / f"{kind}.png", vmin=None, vmax=1.0)
+        images[kind] = plot_heatmaps(per_layer, TITLES[kind] + ", diagonal blank", target / f"{kind}.png")
     torch.save({kind: {int(k): v for k, v in m.items()} for kind, m in matrices.items()}, target / "analysis.pt")
     summary = {
         "suite": s.name,

@@ -85,7 +85,7 @@ def resolved(spec: HealParams, trains: str) -> HealParams:
     return spec if spec.lr is not None else replace(spec, lr=DEFAULT_LR[trains])
 
 
-def teacher_for(model: "MoEModel", ctx: "Context") -> tuple[torch.nn.Module, str]:
+def teacher_for(model: MoEModel, ctx: Context) -> tuple[torch.nn.Module, str]:
     """The original model and where it came from (``extras`` or ``source``)."""
     if ctx.extras.get("teacher") is not None:
         from .adapter import MoEModel
@@ -103,7 +103,7 @@ def teacher_for(model: "MoEModel", ctx: "Context") -> tuple[torch.nn.Module, str
     return load(model.source, dtype=dtype, device=device, trust_remote_code=trust).model, "source"
 
 
-def windows_for(model: "MoEModel", spec: HealParams, ctx: "Context") -> torch.Tensor:
+def windows_for(model: MoEModel, spec: HealParams, ctx: Context) -> torch.Tensor:
     """Training windows: the heal data if named, else the suite's calibration windows."""
     from .data import encode, load_text, random_windows
 
@@ -120,10 +120,10 @@ def windows_for(model: "MoEModel", spec: HealParams, ctx: "Context") -> torch.Te
 
 
 def heal(
-    model: "MoEModel",
+    model: MoEModel,
     parameters: Iterable[torch.nn.Parameter],
     spec: HealParams,
-    ctx: "Context",
+    ctx: Context,
     teacher: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Train ``parameters`` of ``model`` to match the teacher; returns what goes in the record.
@@ -186,6 +186,7 @@ def heal(
     model.lineage.append(f"heal({_digest(spec, params)})")  # healed weights must not share calibration caches
     return {
         "steps": spec.steps,
+        "train": spec.train,
         "loss": spec.loss,
         "lr": spec.lr,
         "loss_before": _sig(before),
@@ -234,7 +235,7 @@ def layer_mse(student_hidden, teacher_hidden) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
-def lora_heal(model: "MoEModel", spec: HealParams, ctx: "Context", targets: list[str]) -> dict[str, Any]:
+def lora_heal(model: MoEModel, spec: HealParams, ctx: Context, targets: list[str]) -> dict[str, Any]:
     """Heal through a peft LoRA on packed expert parameters (``targets``: parameter names such as
     ``model.layers.1.mlp.experts.gate_up_proj``), then merge it back so the architecture stays standard."""
     from peft import LoraConfig, get_peft_model
@@ -274,6 +275,6 @@ def _digest(spec: HealParams, params: list[torch.nn.Parameter]) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
-def _dtype_name(model: "MoEModel") -> str:
+def _dtype_name(model: MoEModel) -> str:
     dtype = next(model.model.parameters()).dtype
     return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")

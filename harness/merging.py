@@ -162,7 +162,7 @@ def sce(stack: torch.Tensor, weights: torch.Tensor, select: float = 0.1) -> torc
     tau = stack - pivot
     if select < 1:
         var = tau.var(dim=0, unbiased=False).reshape(-1)
-        k = max(1, int(round(select * var.numel())))
+        k = max(1, round(select * var.numel()))
         threshold = var.kthvalue(var.numel() - k + 1).values
         tau = tau * (var >= threshold).reshape(tau.shape[1:]).to(tau.dtype)
     energy = tau.reshape(tau.shape[0], -1).pow(2).sum(1)

@@ -38,15 +38,19 @@ import hashlib
 import importlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from moebench.adapter import MoEBlock, MoEModel
-from moebench.analysis import coactivation_affinity, coactivation_counts, output_similarity, output_similarity_update, weight_similarity
+from moebench.analysis import (
+    coactivation_affinity,
+    coactivation_counts,
+    output_similarity,
+    output_similarity_update,
+    weight_similarity,
+)
 from moebench.calibration import Statistic
 from moebench.grouping import Groups, by_frequency, cluster
 from moebench.healing import HealParams, enabled, heal, lora_heal, resolved, teacher_for
@@ -56,6 +60,7 @@ from moebench.method import Context, Method
 from moebench.params import param
 from moebench_plugins.statistics import _hidden_in, _RouterStatistic
 from moebench_plugins.trimming import _count, _global_budgets
+from torch import nn
 
 CLASS_PATH = "moebench_plugins.fusion:FusedMoE"
 
@@ -343,9 +348,8 @@ def block_spec(model: MoEModel, block: MoEBlock) -> dict[str, str]:
 
 
 def _build_block(block: str, config: str, router: str) -> nn.Module:
-    from transformers import AutoConfig
-
     from moebench.plugins import host
+    from transformers import AutoConfig
 
     fields = json.loads(config)
     cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
@@ -367,13 +371,13 @@ class GroupParams:
     keep: int | None = param(None, help="merged experts per layer (layer scope) or on average (global scope); overrides keep_ratio")
     keep_ratio: float | None = param(0.5, help="fraction of each layer's experts kept as merged experts")
     grouping: Literal["act_cl", "state_cl", "frequency"] = param(
-        "act_cl",
-        help="act_cl: cluster by co-activation; state_cl: cluster by output similarity; "
-        "frequency: most-used experts are centres, the rest join the most similar centre",
+        "frequency",
+        help="frequency: most-used experts are centres, the rest join the most similar centre; "
+        "act_cl: cluster by co-activation; state_cl: cluster by output similarity",
     )
     balanced: bool = param(True, help="clusters of equal size (busiest experts seed them); false: average-linkage clusters of any size")
     similarity: Literal["output", "weight"] = param("output", help="what the frequency grouping measures closeness by")
-    operator: str = param("average", help="merge operator: average | frequency_average | slerp | sce | any a plugin registers")
+    operator: str = param("slerp", help="merge operator: average | frequency_average | slerp | sce | any a plugin registers")
     operator_args: dict = param(default_factory=dict, help="options passed to the operator, e.g. {select = 0.1} for sce")
     scope: Literal["layer", "global"] = param(
         "layer", help="layer: same count per layer; global: one budget spread by routing frequency (each layer keeps at least its top-k)"
@@ -436,11 +440,14 @@ class FusedLoRAParams(VariantParams):
 
 @dataclass
 class MixtureOfLoRAParams(VariantParams):
-    keep: int | None = param(1, help="shared core experts per layer (each expert's residual is taken against its group's core)")
+    keep: int | None = param(None, help="shared core experts per layer, each expert's residual taken against its group's core (default: 1)")
     keep_ratio: float | None = param(None, help="cores as a fraction of the experts (when keep is not set)")
+    operator: str = param("frequency_average", help="how a group's core is merged (the weighted mean leaves the least residual energy)")
     rank: int = param(8, help="rank of each expert's residual (>= min(hidden, intermediate) reproduces the layer exactly)")
 
     def check(self):
+        if self.keep is None and self.keep_ratio is None:
+            self.keep = 1
         super().check()
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
@@ -586,7 +593,7 @@ def _heal_merged(model: MoEModel, spec: HealParams, ctx: Context, teacher=None) 
         targets = [names[id(p)] for b in blocks for p in (b.experts.gate_up_proj, b.experts.down_proj)]
         return lora_heal(model, spec, ctx, targets)
     params = [p for b in blocks for p in (b.experts.gate_up_proj, b.experts.down_proj, b.router.weight)]
-    return heal(model, params, resolved(spec, "experts"), ctx, teacher=teacher)
+    return heal(model, params, resolved(replace(spec, train="experts"), "experts"), ctx, teacher=teacher)
 
 
 class Merge(Method):
@@ -594,7 +601,7 @@ class Merge(Method):
 
     name = "merge"
     Params = MergeParams
-    stats = ("routing_counts", "coactivation")
+    stats = ("routing_counts", "output_similarity", "moe_io")  # for the defaults; needs() follows the params
 
     def needs(self, params: MergeParams) -> tuple[str, ...]:
         return _needs(params, params.router)
@@ -644,7 +651,7 @@ class ProgressiveMerge(Method):
                     if n <= targets[layer]:
                         continue
                     groups, notes = _merge_layer(model, block, max(targets[layer], math.ceil(n / 2)), params, stats)
-                    members[layer] = [sum((members[layer][e] for e in g), []) for g in groups.members]
+                    members[layer] = [[x for e in g for x in members[layer][e]] for g in groups.members]
                     for note in notes:
                         ctx.note(f"layer {layer}: {note}")
                 model.lineage.append(f"progressive_merge({_digest([_params_summary(params), members, len(steps)])})")
@@ -676,7 +683,7 @@ class _Variant(Method):
     """Shared flow of the variants that keep the original router and wrap the block in :class:`FusedMoE`."""
 
     Params = VariantParams
-    stats = ("routing_counts", "coactivation")
+    stats = ("routing_counts", "output_similarity")  # for the defaults; needs() follows the params
     #: how tokens reach the fused experts (for the record)
     routing = "original router top-k over the original experts; a merged expert runs with the summed weight of its selected members"
 
@@ -714,24 +721,21 @@ class _Variant(Method):
             train = params.heal.train
             trains = "adapters" if train == "auto" and any(w.fusion.adapter_parameters() for w in fused) else train
             trains = "experts" if trains == "auto" else trains
-            changes["healing"] = heal(model, _variant_parameters(fused, train), resolved(params.heal, trains), ctx)
+            spec = resolved(replace(params.heal, train=trains), trains)
+            changes["healing"] = heal(model, _variant_parameters(fused, trains), spec, ctx)
         changes["reload"] = "moebench"
         changes["module_class"] = CLASS_PATH
         return changes
 
 
 def _variant_parameters(fused: list[FusedMoE], train: str) -> list[nn.Parameter]:
+    """What healing trains in the fused layers: ``adapters``, ``experts`` (merged weights or cores) or ``all``."""
     out = []
     for w in fused:
-        adapters, merged = w.fusion.adapter_parameters(), w.fusion.merged_parameters()
-        if train == "auto":
-            out += adapters or merged
-        elif train == "adapters":
-            out += adapters
-        elif train == "experts":
-            out += merged
-        else:
-            out += adapters + merged
+        if train in ("adapters", "all"):
+            out += w.fusion.adapter_parameters()
+        if train in ("experts", "all"):
+            out += w.fusion.merged_parameters()
     return out
 
 

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-
 from moebench import zoo
 from moebench.adapter import MoEModel
 from moebench.analysis import (
@@ -153,9 +152,8 @@ def test_heatmaps_are_written(tmp_path):
 
 
 def test_analyze_command_writes_heatmaps_and_matrices(tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
     from moebench.cli import app
+    from typer.testing import CliRunner
 
     model = _random_model("mixtral")
     folder = tmp_path / "model"

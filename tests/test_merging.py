@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from moebench.errors import MoebenchError
 from moebench.hookspecs import hookimpl
 from moebench.merging import merge, operators, sce, slerp
