@@ -244,7 +244,7 @@ class MoEModel:
         notes = self.adapter.resize_router(router, n)
         if router.top_k > n:
             self.set_top_k(layer, n)
-        self._record(f"replace_experts({layer},{n})")
+        self._record(f"replace_experts({layer},{n},{_digest(gate_up_proj, down_proj, router_weight)})")
         return notes
 
     def set_top_k(self, layer: int, k: int) -> None:
@@ -304,7 +304,7 @@ class MoEModel:
         modules = self.structure()["modules"]
         modules[path] = spec
         self._write_structure({"modules": modules})
-        self._record(f"replace_module({path},{spec.get('class')})")
+        self._record(f"replace_module({path},{spec.get('class')},{_digest(*module.state_dict().values())})")
 
     # -- structure (what the loader must rebuild) --------------------------------------
     def structure(self) -> dict:
@@ -437,6 +437,22 @@ def experts_subset(block: MoEBlock, keep: Sequence[int]) -> Iterator[nn.Module]:
     finally:
         for obj, name, value in saved:
             setattr(obj, name, value)
+
+
+def _digest(*tensors: torch.Tensor) -> str:
+    """A short fingerprint of new weights, so edits that install different weights get
+    different calibration cache keys. Shapes, sums and a strided sample of each tensor:
+    cheap on multi-GB expert tensors, and different for any two merges in practice."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for t in tensors:
+        flat = t.detach().reshape(-1).float()
+        step = max(1, flat.numel() // 4096)
+        h.update(str(tuple(t.shape)).encode())
+        h.update(torch.stack([flat.sum(), flat.abs().sum()]).cpu().numpy().tobytes())
+        h.update(flat[::step].cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
 
 
 def _is_dense(adapter: Adapter, layer: nn.Module) -> bool:
