@@ -346,11 +346,131 @@ def plot_speedup(df: pd.DataFrame) -> Plot:
     return Plot(title, _png(fig), "tokens/s of each run divided by the baseline's, measured in the same process")
 
 
+# -- sweeps (fusion): drawn only when the records hold them ------------------------------
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_short(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _series(record: dict, leave_out: tuple[str, ...]) -> str:
+    """The line a run belongs to: its method entry plus the grid values other than the x axis."""
+    rest = [f"{k}={_short(v)}" for k, v in (record.get("grid") or {}).items() if k not in leave_out]
+    return " ".join([str(record.get("entry") or record.get("name")), *rest])
+
+
+def _perplexity(record: dict) -> float | None:
+    value = ((record.get("metrics") or {}).get("perplexity") or {}).get("value")
+    return float(value) if _num(value) else None
+
+
+def _sweep(records: list[dict], x_of, leave_out: tuple[str, ...]) -> dict[str, list[tuple[float, float]]]:
+    """Lines of ``(x, perplexity)`` points, keeping only lines that actually sweep x (two or more values)."""
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for r in records:
+        if r.get("status") != "ok" or not r.get("pipeline"):
+            continue
+        x, y = x_of(r), _perplexity(r)
+        if x is not None and y is not None:
+            lines.setdefault(_series(r, leave_out), []).append((float(x), y))
+    return {k: sorted(v) for k, v in lines.items() if len({p[0] for p in v}) > 1}
+
+
+def experts_after(record: dict) -> int | None:
+    """Routed experts left by the last step that changed the expert count."""
+    for step in reversed(record.get("pipeline") or []):
+        n = ((record.get("changes") or {}).get(step["method"]) or {}).get("experts_after")
+        if n is not None:
+            return n
+    return None
+
+
+def lora_rank(record: dict) -> int | None:
+    for step in reversed(record.get("pipeline") or []):
+        if step.get("params", {}).get("rank") is not None:
+            return step["params"]["rank"]
+    return None
+
+
+def _baseline_line(ax, records: list[dict]) -> None:
+    base = next((_perplexity(r) for r in records if r.get("name") == "baseline" and r.get("status") == "ok"), None)
+    if base is not None:
+        ax.axhline(base, color="#333333", lw=1, ls="--", label="baseline")
+
+
+def _legend(ax, lines: int) -> None:
+    """Inside the axes for a few lines, to the right of them for many (it would hide the data)."""
+    if lines <= 5:
+        ax.legend(fontsize=7, loc="best")
+    else:
+        ax.figure.set_figwidth(ax.figure.get_figwidth() + 3.2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
+def _sweep_plot(title: str, lines: dict, records: list[dict], xlabel: str, caption: str, log_x: bool = False) -> Plot | None:
+    if not lines:
+        return None
+    fig, ax = _figure()
+    for i, (name, points) in enumerate(lines.items()):  # past ten lines the colours repeat: dash them
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-" if i < 10 else "o--", ms=4, label=name)
+    _baseline_line(ax, records)
+    if log_x:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.grid(alpha=0.3)
+    _legend(ax, len(lines))
+    return Plot(title, _png(fig), caption)
+
+
+def plot_perplexity_vs_experts(table: SuiteTable) -> Plot | None:
+    lines = _sweep(table.records, experts_after, ("keep", "keep_ratio"))
+    return _sweep_plot("Perplexity vs routed experts", lines, table.records, "routed experts left (all MoE layers)",
+                       "one line per method and setting that sweeps the kept/fused expert count (changes.<method>.experts_after)")
+
+
+def plot_perplexity_vs_rank(table: SuiteTable) -> Plot | None:
+    lines = _sweep(table.records, lora_rank, ("rank",))
+    return _sweep_plot("Perplexity vs LoRA rank", lines, table.records, "rank (log scale)",
+                       "one line per method and setting that sweeps the rank parameter", log_x=True)
+
+
+def loss_curves(records: list[dict]) -> dict[str, list[float]]:
+    """Healing loss curves by run name (``changes.<method>.healing.loss_curve``)."""
+    curves = {}
+    for r in records:
+        for step in r.get("pipeline") or []:
+            curve = (((r.get("changes") or {}).get(step["method"]) or {}).get("healing") or {}).get("loss_curve")
+            if curve and r.get("status") == "ok":
+                curves[str(r.get("name"))] = curve
+    return curves
+
+
+def plot_healing_loss(table: SuiteTable) -> Plot | None:
+    curves = loss_curves(table.records)
+    if not curves:
+        return None
+    fig, ax = _figure()
+    for i, (name, curve) in enumerate(curves.items()):
+        ax.plot(range(1, len(curve) + 1), curve, "-" if i < 10 else "--", lw=1, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("healing step")
+    ax.set_ylabel("distillation loss (log scale)")
+    ax.grid(alpha=0.3)
+    _legend(ax, len(curves))
+    return Plot("Healing loss curves", _png(fig), "distillation loss per step of each run that healed (changes.<method>.healing.loss_curve)")
+
+
 PLOTS = (plot_perplexity_vs_bytes, plot_accuracy_vs_params, plot_speedup)
+SWEEP_PLOTS = (plot_perplexity_vs_experts, plot_perplexity_vs_rank, plot_healing_loss)
 
 
 def plots(table: SuiteTable) -> list[Plot]:
-    return [make(table.df) for make in PLOTS]
+    """The three plots every report has, then the sweep plots its records hold."""
+    drawn = [make(table.df) for make in PLOTS]
+    return drawn + [p for p in (make(table) for make in SWEEP_PLOTS) if p is not None]
 
 
 # --------------------------------------------------------------------------- html

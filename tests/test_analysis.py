@@ -178,20 +178,31 @@ def test_analyze_command_writes_heatmaps_and_matrices(tmp_path, monkeypatch):
     assert "weight_similarity.png" in (out / "analysis.html").read_text()
 
 
-def test_sweep_and_loss_curve_plots_read_fusion_records(tmp_path):
-    from moebench.analysis import plot_loss_curves, plot_sweep
+def test_report_plots_fusion_sweeps_and_loss_curves_from_records():
+    from moebench.render import html, plots, suite_tables
 
-    def record(entry, keep, rank, ppl):
+    def record(name, entry, grid, keep, rank, ppl, curve=None):
+        changes = {"experts_after": 3 * keep}
+        if curve:
+            changes["healing"] = {"loss_curve": curve}
         return {
-            "status": "ok",
-            "entry": entry,
+            "suite": "s", "run_id": name, "name": name, "status": "ok", "entry": entry, "grid": grid,
             "pipeline": [{"method": "fused_lora", "params": {"keep": keep, "rank": rank}}],
             "metrics": {"perplexity": {"value": ppl}},
-            "changes": {"fused_lora": {"experts_after": 3 * keep, "healing": {"loss_curve": [1.0, 0.5]}}},
+            "changes": {"fused_lora": changes},
         }
 
-    records = [record("a", 4, 2, 30.0), record("a", 8, 8, 20.0), {"status": "failed", "pipeline": []}]
-    assert plot_sweep(records, tmp_path / "experts.png").exists()
-    assert plot_sweep(records, tmp_path / "rank.png", x="rank").exists()
-    assert plot_sweep(records, tmp_path / "none.png", x="missing") is None
-    assert plot_loss_curves({"a": [1.0, 0.5], "b": []}, tmp_path / "loss.png").exists()
+    records = [
+        {"suite": "s", "run_id": "b", "name": "baseline", "status": "ok", "pipeline": [], "metrics": {"perplexity": {"value": 10.0}}},
+        record("a1", "a", {"keep": 4}, 4, 8, 30.0, [1.0, 0.5]),
+        record("a2", "a", {"keep": 8}, 8, 8, 20.0),
+        record("r1", "r", {"rank": 2}, 4, 2, 25.0),
+        record("r2", "r", {"rank": 8}, 4, 8, 22.0),
+        {"suite": "s", "run_id": "f", "name": "f", "status": "failed", "pipeline": []},
+    ]
+    titles = [p.title for p in plots(suite_tables(records)[0]) if p.png]
+    assert titles[-3:] == ["Perplexity vs routed experts", "Perplexity vs LoRA rank", "Healing loss curves"]
+    assert "Perplexity vs LoRA rank" in html(records)
+    # a suite without sweeps or healing gets only the three standard plots
+    plain = [records[0], record("x", "x", {}, 4, None, 12.0)]
+    assert [p.title for p in plots(suite_tables(plain)[0])] == ["Perplexity vs weight bytes", "Accuracy vs parameters", "Speedup per method"]

@@ -83,7 +83,8 @@ def test_markdown_csv_html_of_a_run(run_dir):
     page = render.html(records)
     assert page.startswith("<!doctype html>") and "<table>" in page and "suite r" in page
     images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert [alt for alt, _ in images] == ["Perplexity vs weight bytes"]  # no lm-eval or speed in this suite...
+    # no lm-eval or speed in this suite; the keep_ratio grid is a sweep of the expert count
+    assert [alt for alt, _ in images] == ["Perplexity vs weight bytes", "Perplexity vs routed experts"]
     assert "no lm-eval accuracy in these results" in page and "no speed measurements" in page  # ...and the page says so
     assert "http://" not in page and "https://" not in page  # self-contained
 
