@@ -18,6 +18,7 @@ PREFERRED = [
     "params.active",
     "weight_bytes",
     "experts",
+    "active/kept",
     "blocks",
     "flops_per_token",
     "peak_memory_bytes",
@@ -49,6 +50,7 @@ def frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     for r in records:
         row = {"suite": r.get("suite"), "name": r.get("name"), "run_id": r.get("run_id"), "status": r.get("status")}
         row.update(flatten(r.get("metrics") or {}))
+        row.update(routed_notation(row))
         rows[(r.get("suite"), r.get("run_id"))] = row
     df = pd.DataFrame(list(rows.values()))
     if df.empty:
@@ -58,10 +60,17 @@ def frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     return df[["suite", "name", "run_id", "status", *ordered]]
 
 
+def routed_notation(row: dict[str, Any]) -> dict[str, str]:
+    """PreMoe's ``active/kept`` notation (e.g. ``8/128``: top-k of the routed experts kept) as one
+    text column, in place of the numeric ``routed.active`` and ``routed.kept`` columns."""
+    active, kept = row.pop("routed.active", None), row.pop("routed.kept", None)
+    return {"active/kept": f"{int(active)}/{int(kept)}"} if active is not None and kept is not None else {}
+
+
 def with_deltas(df: pd.DataFrame) -> pd.DataFrame:
     """Add ``Δ<col>`` columns: relative change of each run against its suite's baseline."""
     out = df.copy()
-    for col in [c for c in df.columns if c not in ("suite", "name", "run_id", "status")]:
+    for col in [c for c in df.columns if c not in ("suite", "name", "run_id", "status") and pd.api.types.is_numeric_dtype(df[c])]:
         deltas = []
         for _, row in df.iterrows():
             base = df[(df["suite"] == row["suite"]) & (df["name"] == "baseline")]

@@ -277,6 +277,14 @@ def test_suite_compares_tasks_per_run(checkpoint, tmp_path, isolated_cache):
     assert "own" not in records["drop"]["metrics"]["task_perplexity"]
     assert records["premoe[query=prose]"]["changes"]["premoe"]["notation"] == "4/8"
     json.dumps(records)  # records stay JSON
+    # the report shows PreMoe's notation as one active/kept column
+    from moebench import render
+
+    md = render.markdown(list(records.values()))
+    header = next(line for line in md.splitlines() if line.startswith("| name"))
+    assert "active/kept" in header and "routed" not in header
+    assert "| 4/16 |" in next(line for line in md.splitlines() if line.startswith("| baseline"))
+    assert "| 4/8 |" in next(line for line in md.splitlines() if line.startswith("| premoe[query=code]"))
 
 
 def test_deployment_can_store_the_kept_experts_in_4_bits(index, checkpoint):
