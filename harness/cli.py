@@ -145,7 +145,7 @@ def main() -> None:
 
 
 # Command groups that live in their own modules register themselves on `app` when imported.
-for _module in ("cli_reports", "cli_analysis"):
+for _module in ("cli_reports", "cli_analysis", "cli_premoe"):
     try:
         __import__(f"{__package__}.{_module}")
     except ModuleNotFoundError as _exc:

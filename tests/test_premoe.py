@@ -312,3 +312,43 @@ def test_index_built_by_streaming_a_checkpoint_matches_the_in_memory_build(index
     for a, b in zip(streamed.patterns, index.patterns):
         torch.testing.assert_close(a.key, b.key, rtol=0, atol=1e-3)  # float16 logits either way
         assert a.keep(8) == b.keep(8)
+
+
+def test_cli_builds_the_index_streaming_and_prunes_a_checkpoint_for_a_prompt(checkpoint, tmp_path, isolated_cache):
+    from typer.testing import CliRunner
+
+    from moebench.cli import app
+
+    path = checkpoint("deepseek_v2")
+    suite = tmp_path / "p.toml"
+    suite.write_text(textwrap.dedent(f"""
+        [model]
+        source = "{path}"
+        [calibration]
+        samples = 4
+        seqlen = 32
+        [tasks.prose]
+        data = "embedded:prose"
+        [tasks.code]
+        data = "embedded:code"
+    """))
+    runner = CliRunner()
+    for flags, folder in ((["--stream"], "streamed"), ([], "loaded")):
+        result = runner.invoke(app, ["premoe", "index", str(suite), "--out", str(tmp_path / folder), *flags])
+        assert result.exit_code == 0, result.output
+        assert "index of 2 tasks (prose, code)" in result.output
+    streamed, loaded = premoe.TaskIndex.load(tmp_path / "streamed"), premoe.TaskIndex.load(tmp_path / "loaded")
+    for a, b in zip(streamed.patterns, loaded.patterns):
+        torch.testing.assert_close(a.key, b.key)
+        assert torch.equal(a.perms, b.perms)
+
+    query = tmp_path / "q.txt"
+    query.write_text(load_text("embedded:code", "validation")[:2000])
+    result = runner.invoke(app, ["premoe", "prune", str(path), "--index", str(tmp_path / "streamed"), "--keep", "4",
+                                 "--query", f"@{query}", "--out", str(tmp_path / "pruned")])
+    assert result.exit_code == 0, result.output
+    assert "retrieved task" in result.output and "/4 (" in result.output and "MiB of the checkpoint" in result.output
+    assert {b.num_experts for b in models.load(str(tmp_path / "pruned")).blocks()} == {4}
+
+    result = runner.invoke(app, ["premoe", "prune", str(path), "--index", str(tmp_path / "none"), "--keep", "4", "--query", "x y"])
+    assert result.exit_code != 0 and "missing index.faiss" in str(result.output) + str(result.exception)
