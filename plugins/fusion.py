@@ -155,6 +155,23 @@ class _PackedExperts(nn.Module):
     def adapter_parameters(self) -> list[nn.Parameter]:
         return []
 
+    def per_merged(self) -> list[nn.Parameter]:
+        """Tensors with one slice per merged expert (a token uses the slices of the experts it runs)."""
+        return [self.gate_up_proj, self.down_proj]
+
+    def per_source(self) -> list[nn.Parameter]:
+        """Tensors with one slice per original expert (a token uses those of its top-k)."""
+        return []
+
+    def unused_numel(self, top_k: int) -> int:
+        """Parameters a token leaves unused when its router picks ``top_k`` original experts."""
+        return _unused(self.per_merged(), self.num_experts, top_k) + _unused(self.per_source(), getattr(self, "num_source", 0), top_k)
+
+
+def _unused(params: list[nn.Parameter], n: int, top_k: int) -> int:
+    """Of tensors sliced ``n`` ways along dim 0, the numel of the ``n - top_k`` slices a token does not touch."""
+    return sum(p.numel() for p in params) // n * (n - min(top_k, n)) if n else 0
+
 
 class GroupedExperts(_PackedExperts):
     """Merged experts behind the original router: ``assign[e]`` is the merged expert of original expert ``e``.
@@ -210,6 +227,9 @@ class MultiplexExperts(GroupedExperts):
     def adapter_parameters(self):
         return [self.mux]
 
+    def per_source(self):
+        return [self.mux]
+
 
 class FusedLoRAExperts(GroupedExperts):
     """Grouped experts plus LoRA terms; the gate/up LoRA reads ``[x ; z]``, ``z`` a latent projection of the routing weights."""
@@ -245,6 +265,12 @@ class FusedLoRAExperts(GroupedExperts):
 
     def adapter_parameters(self):
         return [self.latent, self.lora_gate_up_a, self.lora_gate_up_b, self.lora_down_a, self.lora_down_b]
+
+    def per_merged(self):
+        return [self.gate_up_proj, self.down_proj, self.lora_gate_up_a, self.lora_gate_up_b, self.lora_down_a, self.lora_down_b]
+
+    def per_source(self):
+        return [self.latent]
 
 
 class MixtureOfLoRAExperts(nn.Module):
@@ -299,6 +325,10 @@ class MixtureOfLoRAExperts(nn.Module):
     def adapter_parameters(self):
         return [self.gate_up_a, self.gate_up_b, self.down_a, self.down_b]
 
+    def unused_numel(self, top_k: int) -> int:
+        """A token runs at most ``top_k`` cores and exactly ``top_k`` experts' residuals."""
+        return _unused(self.merged_parameters(), self.num_cores, top_k) + _unused(self.adapter_parameters(), self.num_experts, top_k)
+
 
 EXPERTS_CLASSES = {c.__name__: c for c in (GroupedExperts, MultiplexExperts, FusedLoRAExperts, MixtureOfLoRAExperts)}
 
@@ -324,6 +354,23 @@ class FusedMoE(nn.Module):
     def fusion(self) -> nn.Module:
         """The fusion experts module."""
         return self.fused.experts
+
+    @property
+    def top_k(self) -> int:
+        """Original experts the block's router picks per token."""
+        for module in self.fused.modules():
+            if module is not self.fusion and isinstance(getattr(module, "top_k", None), int):
+                return module.top_k
+        raise AttributeError(f"no router with a top_k in {type(self.fused).__name__}")
+
+    @property
+    def routed_experts(self) -> int:
+        """Routed experts this layer holds (merged experts; mixture of LoRA: the original experts it rebuilds)."""
+        return self.fusion.num_experts
+
+    def inactive_numel(self) -> int:
+        """Parameters a token does not use (for ``params.active``): the block is opaque to the MoE view."""
+        return self.fusion.unused_numel(self.top_k)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.fused(hidden_states)

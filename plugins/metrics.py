@@ -79,7 +79,11 @@ class Perplexity(Metric):
 
 
 def parameter_counts(model: MoEModel) -> dict[str, int]:
-    """Total parameters, and those a token activates (routed experts counted top-k of E)."""
+    """Total parameters, and those a token activates (routed experts counted top-k of E).
+
+    MoE modules the adapter cannot see into (fusion blocks) report what a token leaves
+    unused themselves, through an ``inactive_numel()`` method.
+    """
     seen, total = set(), 0
     for p in model.model.parameters():
         if id(p) not in seen:
@@ -91,7 +95,14 @@ def parameter_counts(model: MoEModel) -> dict[str, int]:
     for block in model.blocks():
         per_expert = (block.gate_up_proj.numel() + block.down_proj.numel()) // max(block.num_experts, 1)
         inactive += per_expert * (block.num_experts - min(block.top_k, block.num_experts))
+    inactive += sum(m.inactive_numel() for m in model.model.modules() if callable(getattr(m, "inactive_numel", None)))
     return {"total": total, "active": total - inactive}
+
+
+def routed_experts(model: MoEModel) -> int:
+    """Routed experts over all MoE layers, those in opaque (fusion) blocks included via their ``routed_experts``."""
+    opaque = sum(m.routed_experts for m in model.model.modules() if isinstance(getattr(m, "routed_experts", None), int))
+    return sum(model.expert_counts().values()) + opaque
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -115,7 +126,7 @@ class ModelSize(Metric):
         return {
             "params": parameter_counts(model),
             "weight_bytes": weight_bytes(model.model),
-            "experts": sum(model.expert_counts().values()),
+            "experts": routed_experts(model),
             "blocks": len(model.layers),
         }
 

@@ -325,3 +325,26 @@ params = {{ rank = 8, heal = {{ steps = 2 }} }}
             measured = Perplexity().measure(reloaded, suite.evals["perplexity"], Context())["perplexity"]["value"]
             # the same logits: the reloaded model's perplexity is the one measured before saving
             assert measured == pytest.approx(record["metrics"]["perplexity"]["value"], rel=1e-5), (record["name"], loader)
+
+
+@pytest.mark.parametrize("name", ["deepseek_v2", "mixtral"])
+def test_fused_blocks_report_their_experts_and_active_parameters(name, calibration):
+    """Fusion blocks are opaque to the MoE view; they count their own experts and unused parameters."""
+    from moebench_plugins.metrics import parameter_counts, routed_experts
+
+    plain, mux, molora = fresh(name), fresh(name), fresh(name)
+    layers, top_k, hidden = len(plain.moe_layers), next(plain.blocks()).top_k, plain.model.config.hidden_size
+    experts = next(plain.blocks()).num_experts
+    run("merge", plain, calibration, keep=4)
+    run("multiplexage", mux, calibration, keep=4)
+    assert routed_experts(plain) == routed_experts(mux) == 4 * layers
+    p, q = parameter_counts(plain), parameter_counts(mux)
+    # multiplexage = the same merge plus mux rows [E, H] per layer, of which a token reads its top-k,
+    # and it keeps the original router (E rows, all active) where the merge has 4
+    router = layers * (experts - 4) * hidden
+    assert q["total"] - p["total"] == layers * experts * hidden + router
+    assert q["active"] - p["active"] == layers * top_k * hidden + router
+    run("mixture_of_lora", molora, calibration, keep=1, rank=2)
+    counts = parameter_counts(molora)
+    assert routed_experts(molora) == experts * layers  # every original expert is rebuilt: core + residual
+    assert counts["active"] < counts["total"]
