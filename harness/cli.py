@@ -126,12 +126,15 @@ def zoo_build(
     names: list[str] = typer.Argument(None, help="zoo models to build (default: the default one)"),
     all_: bool = typer.Option(False, "--all", help="build every zoo model"),
     force: bool = typer.Option(False, "--force", help="rebuild even if cached"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="training steps (default: each model's recipe); a suite names the result zoo:NAME?steps=N"),
 ):
     """Build (train) zoo checkpoints into the cache."""
     from . import zoo
 
+    if steps is not None and steps < 1:
+        raise MoebenchError(f"--steps {steps}: expected a positive number of training steps")
     for name in zoo.names() if all_ else (names or [zoo.DEFAULT]):
-        path = zoo.build(name, force=force)
+        path = zoo.build(name, force=force, steps=steps)
         out.print(f"{name}: {path}")
 
 

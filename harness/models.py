@@ -27,7 +27,8 @@ def resolve(source: str) -> str:
     if source.startswith("zoo:"):
         from . import zoo
 
-        return str(zoo.path(source[4:]))
+        name, options = zoo.parse_source(source[4:])
+        return str(zoo.path(name, **options))
     return source
 
 

@@ -285,8 +285,10 @@ def _check_model(model: ModelSpec, err) -> None:
     if source.startswith("zoo:"):
         from . import zoo
 
-        if source[4:] not in zoo.names():
-            raise err("model.source", f"unknown zoo model {source[4:]!r}{did_you_mean(source[4:], zoo.names())}; known: {', '.join(zoo.names())}")
+        try:
+            zoo.parse_source(source[4:])
+        except MoebenchError as exc:
+            raise err("model.source", str(exc)) from None
     elif not os.path.isdir(source) and (source.count("/") != 1 or source.startswith((".", "/"))):
         raise err("model.source", f"{source!r} is neither zoo:NAME, an existing model folder, nor a hub id like 'org/name'")
 

@@ -215,6 +215,23 @@ def entry(name: str) -> ZooEntry:
     return ZOO[name]
 
 
+def parse_source(text: str) -> tuple[str, dict[str, int]]:
+    """``NAME`` or ``NAME?steps=N&seed=S`` (a suite's ``zoo:`` source without the prefix) as ``(name, build options)``.
+
+    A longer training run is the same architecture closer to convergence; benchmarks whose
+    effects are small next to an under-trained model's noise use one.
+    """
+    name, _, query = text.partition("?")
+    entry(name)
+    options: dict[str, int] = {}
+    for part in filter(None, query.split("&")):
+        key, _, value = part.partition("=")
+        if key not in ("steps", "seed") or not value.isdigit() or (key == "steps" and int(value) < 1):
+            raise MoebenchError(f"zoo:{text}: expected zoo:NAME or zoo:NAME?steps=N&seed=S with whole numbers, got {part!r}")
+        options[key] = int(value)
+    return name, options
+
+
 def config(name: str, **overrides):
     """The toy config of a zoo model; build a random (untrained) model with ``entry(name).cls(cfg)``."""
     return entry(name).config(**overrides)

@@ -97,6 +97,7 @@ def test_errors_name_field_and_expectation(tmp_path, snippet, field, expected):
     [
         ('source = "zoo:deepseek_v2"', 'source = "zoo:deepsek_v2"', "model.source", "did you mean 'deepseek_v2'"),
         ('source = "zoo:deepseek_v2"', 'source = "./no/such/folder"', "model.source", "neither zoo:NAME"),
+        ('source = "zoo:deepseek_v2"', 'source = "zoo:deepseek_v2?step=9"', "model.source", "zoo:NAME?steps=N"),
         ('[model]\n', '[model]\ndtype = "fp32"\n', "model.dtype", "expected one of float32"),
         ('[model]\n', '[model]\ndevice = "gpu"\n', "model.device", "cpu | cuda"),
         ('[model]\n', '[model]\nsorce = "x"\n', "model.sorce", "did you mean 'source'"),

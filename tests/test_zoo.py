@@ -54,6 +54,14 @@ def test_unknown_name():
         zoo.build("nope")
 
 
+@pytest.mark.parametrize("bad", ["deepseek_v2?steps=x", "deepseek_v2?steps=0", "deepseek_v2?lr=3", "deepsek_v2?steps=5"])
+def test_zoo_sources_name_their_build_options(bad):
+    assert zoo.parse_source("mixtral?steps=2500&seed=1") == ("mixtral", {"steps": 2500, "seed": 1})
+    assert zoo.parse_source("mixtral") == ("mixtral", {})
+    with pytest.raises(MoebenchError, match="zoo:NAME\\?steps=N|unknown zoo model"):
+        zoo.parse_source(bad)
+
+
 def test_tokenizer_round_trip(tok):
     assert len(tok) == zoo.VOCAB_SIZE
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2)
@@ -88,6 +96,10 @@ def test_build_cache_is_atomic_and_reused(tmp_path, monkeypatch):
     assert zoo.path("olmoe", steps=2, progress=False) == folder
     assert (folder / "zoo.json").stat().st_mtime_ns == stamp  # not rebuilt
     assert _tiny_build(seed=1) != folder
+    # a suite names the same build zoo:olmoe?steps=2
+    from moebench.models import resolve
+
+    assert resolve("zoo:olmoe?steps=2") == str(folder)
 
     weights = (folder / "model.safetensors").read_bytes()
     assert _tiny_build(force=True) == folder
