@@ -9,10 +9,13 @@ front and shared through the calibration cache.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import platform
+import signal
 import subprocess
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -88,20 +91,47 @@ def run_suite(suite: Suite, options: RunOptions) -> SuiteResult:
         options.log("re-measuring the baseline in this process for relative metrics: " + ", ".join(needs_relative))
         baseline = _measure_only(suite, runs[0], needs_relative, calibration)
 
-    for spec in todo:
-        ctx = Context(seed=suite.info.seed, calibration=calibration, device=suite.model.device, baseline=baseline, suite=suite, log=options.log)
-        host().notify("on_run_start", suite=suite, spec=spec)
-        options.log(f"run {spec.name} ({spec.run_id})")
-        record = execute(suite, spec, ctx, options)
-        store.append(record)
-        host().notify("on_record", suite=suite, record=record)
-        result.records.append(record)
-        if spec.is_baseline and record["status"] == "ok":
-            baseline = record["metrics"]
-        status = "ok" if record["status"] == "ok" else f"FAILED: {record['error']}"
-        options.log(f"  {spec.name}: {status}")
+    with _interrupts() as interrupted:
+        for spec in todo:
+            ctx = Context(seed=suite.info.seed, calibration=calibration, device=suite.model.device, baseline=baseline, suite=suite, log=options.log)
+            host().notify("on_run_start", suite=suite, spec=spec)
+            options.log(f"run {spec.name} ({spec.run_id})")
+            record = execute(suite, spec, ctx, options)
+            store.append(record)
+            host().notify("on_record", suite=suite, record=record)
+            result.records.append(record)
+            if spec.is_baseline and record["status"] == "ok":
+                baseline = record["metrics"]
+            status = "ok" if record["status"] == "ok" else f"FAILED: {record['error']}"
+            options.log(f"  {spec.name}: {status}")
+            if interrupted.is_set():  # Ctrl-C landed in a finalizer, which swallows the exception
+                raise KeyboardInterrupt
     result.calibration = calibration.summary() if calibration else {}
     return result
+
+
+@contextlib.contextmanager
+def _interrupts():
+    """Remember every Ctrl-C, besides raising KeyboardInterrupt as usual.
+
+    Python ignores an exception raised inside ``__del__`` (freeing a model runs many), so
+    a Ctrl-C arriving there would be lost and the suite would run on; the flag makes the
+    runner stop after the run it is in.
+    """
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def execute(suite: Suite, spec: RunSpec, ctx: Context, options: RunOptions) -> dict:
