@@ -9,12 +9,32 @@ from the cache) the trained default zoo model, for tests about compression quali
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
 ARCHS = ["deepseek_v2", "deepseek_v3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+
+
+def suite_file(folder: Path, source, methods: str, name: str = "t", max_samples: int = 6) -> str:
+    """Write a small suite on ``source`` (4 x 32 calibration tokens, perplexity on ``max_samples``
+    windows of 32) with the given ``[[methods]]`` TOML; returns its path."""
+    path = Path(folder) / f"{name}.toml"
+    path.write_text(textwrap.dedent(f"""
+        [suite]
+        name = "{name}"
+        [model]
+        source = "{source}"
+        [calibration]
+        samples = 4
+        seqlen = 32
+        [eval.perplexity]
+        seqlen = 32
+        max_samples = {max_samples}
+    """) + textwrap.dedent(methods))
+    return str(path)
 
 
 def make_checkpoint(folder: Path, name: str, seed: int = 0, **overrides) -> Path:

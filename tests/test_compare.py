@@ -16,6 +16,7 @@ from moebench.errors import MoebenchError, SuiteError
 from moebench.runner import RunOptions, run_suite
 from moebench.store import read_records
 from moebench.suite import load_suite
+from conftest import suite_file
 
 
 def record(name, ppl=10.0, acc=0.5, weight_bytes=1000, status="ok", run_id=None, **extra):
@@ -242,25 +243,14 @@ def test_committed_ci_baseline_catches_a_planted_regression(tmp_path):
 
 
 def test_an_identical_rerun_passes_the_gate(tmp_path, checkpoint):
-    path = tmp_path / "t.toml"
-    path.write_text(textwrap.dedent(f"""
-        [suite]
-        name = "t"
-        [model]
-        source = "{checkpoint('olmoe')}"
-        [calibration]
-        samples = 4
-        seqlen = 32
-        [eval.perplexity]
-        seqlen = 32
-        max_samples = 4
+    path = suite_file(tmp_path, checkpoint("olmoe"), max_samples=4, methods="""
         [[methods]]
         name = "drop"
         method = "expert_drop"
-        params = {{ keep_ratio = 0.5 }}
+        params = { keep_ratio = 0.5 }
         [compare.tolerances]
-        perplexity = {{ rel = 0.0 }}
-    """))
+        perplexity = { rel = 0.0 }
+    """)
     for out in ("a", "b"):
         run_suite(load_suite(path), RunOptions(out=tmp_path / out, log=lambda m: None))
     spec = compare_spec_from_suite(path)

@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +19,7 @@ from moebench import leaderboard, render
 from moebench.runner import RunOptions, run_suite
 from moebench.store import read_records
 from moebench.suite import load_suite
+from conftest import suite_file
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
@@ -34,27 +34,16 @@ def _cli(*args):
 def run_dir(tmp_path_factory, checkpoint):
     """A real suite run on a small random checkpoint: baseline, an expert-drop grid, a failing run."""
     tmp = tmp_path_factory.mktemp("report")
-    path = tmp / "r.toml"
-    path.write_text(textwrap.dedent(f"""
-        [suite]
-        name = "r"
-        [model]
-        source = "{checkpoint('mixtral')}"
-        [calibration]
-        samples = 4
-        seqlen = 32
-        [eval.perplexity]
-        seqlen = 32
-        max_samples = 4
+    path = suite_file(tmp, checkpoint("mixtral"), name="r", max_samples=4, methods="""
         [[methods]]
         name = "drop"
         method = "expert_drop"
-        params = {{ keep_ratio = [0.75, 0.5] }}
+        params = { keep_ratio = [0.75, 0.5] }
         [[methods]]
         name = "too-many"
         method = "layer_drop"
-        params = {{ n = 99 }}
-    """))
+        params = { n = 99 }
+    """)
     run_suite(load_suite(path), RunOptions(out=tmp / "out", log=lambda m: None))
     return tmp / "out"
 

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -15,23 +14,7 @@ import pytest
 from moebench.runner import RunOptions, run_suite
 from moebench.store import ResultStore, read_records
 from moebench.suite import load_suite
-
-
-def suite_file(tmp_path, source, methods: str, name="t") -> str:
-    path = tmp_path / f"{name}.toml"
-    path.write_text(textwrap.dedent(f"""
-        [suite]
-        name = "{name}"
-        [model]
-        source = "{source}"
-        [calibration]
-        samples = 4
-        seqlen = 32
-        [eval.perplexity]
-        seqlen = 32
-        max_samples = 6
-    """) + textwrap.dedent(methods))
-    return str(path)
+from conftest import suite_file
 
 
 def test_records_and_failed_run_does_not_stop_the_suite(tmp_path, checkpoint, isolated_cache):

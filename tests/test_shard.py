@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -13,6 +12,7 @@ from moebench.runner import RunOptions, run_suite
 from moebench.shard import Shard, merge, parse_shard
 from moebench.store import read_records
 from moebench.suite import load_suite, parse_suite
+from conftest import suite_file
 
 #: per-run fields that measure time or bookkeeping of one process, not the run's result
 TIMING = {"started", "finished", "env", "calibration"}
@@ -75,27 +75,16 @@ def _cli(*args):
 
 @pytest.mark.slow  # four processes (three suite runs)
 def test_two_shards_merge_to_the_unsharded_run(tmp_path, checkpoint, isolated_cache):
-    path = tmp_path / "t.toml"
-    path.write_text(textwrap.dedent(f"""
-        [suite]
-        name = "t"
-        [model]
-        source = "{checkpoint('qwen3_moe')}"
-        [calibration]
-        samples = 4
-        seqlen = 32
-        [eval.perplexity]
-        seqlen = 32
-        max_samples = 4
+    path = suite_file(tmp_path, checkpoint("qwen3_moe"), max_samples=4, methods="""
         [[methods]]
         name = "drop"
         method = "expert_drop"
-        params = {{ keep_ratio = [0.75, 0.5] }}
+        params = { keep_ratio = [0.75, 0.5] }
         [[methods]]
         name = "layer"
         method = "layer_drop"
-        params = {{ n = 1 }}
-    """))
+        params = { n = 1 }
+    """)
     suite = load_suite(path)
     run_suite(suite, RunOptions(out=tmp_path / "full", log=lambda m: None))
     full = list(read_records(tmp_path / "full" / "results.jsonl"))
