@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from moebench.errors import MoebenchError, SuiteError
+from moebench.errors import MoebenchError
 from moebench.suite import load_suite
 
 BASE = """
