@@ -37,6 +37,18 @@ def suite_file(folder: Path, source, methods: str, name: str = "t", max_samples:
     return str(path)
 
 
+def kl_from(base: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor) -> float:
+    """Mean per-token KL(base || model) of next-token predictions: how far compression moved the model."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in ids.split(8):
+            ref = base(input_ids=batch).logits.float().log_softmax(-1)
+            new = model(input_ids=batch).logits.float().log_softmax(-1)
+            total += (ref.exp() * (ref - new)).sum().item()
+            count += batch.numel()
+    return total / count
+
+
 def make_checkpoint(folder: Path, name: str, seed: int = 0, **overrides) -> Path:
     """Save a random zoo-config model of architecture ``name`` (5 layers) with the zoo tokenizer."""
     import transformers

@@ -20,6 +20,7 @@ from moebench.runner import RunOptions, run_suite
 from moebench.suite import parse_suite
 from moebench_plugins.metrics import ModelSize, weight_bytes
 from moebench_plugins.quantization import Bnb4bitExperts, PackedInt4Experts, PackedInt4Linear
+from conftest import kl_from
 
 ARCHS = zoo.names()
 
@@ -250,18 +251,6 @@ def test_every_method_runs_from_a_suite(name, checkpoint, tmp_path):
     drop = records["drop-then-gptq"]
     assert drop["changes"]["expert_drop"]["experts_after"] * 2 == drop["changes"]["expert_drop"]["experts_before"]
     assert drop["changes"]["gptq"]["weights"]["experts"] * 2 == records["gptq"]["changes"]["gptq"]["weights"]["experts"]
-
-
-def kl_from(base: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor) -> float:
-    """Mean per-token KL(base || model) of next-token predictions: how far compression moved the model."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in ids.split(8):
-            ref = base(input_ids=batch).logits.float().log_softmax(-1)
-            new = model(input_ids=batch).logits.float().log_softmax(-1)
-            total += (ref.exp() * (ref - new)).sum().item()
-            count += batch.numel()
-    return total / count
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from moebench.runner import RunOptions, run_suite
 from moebench.sequential import find_groups
 from moebench.sparsity import NM, nm_holds, nm_mask, row_mask, sparsegpt, wanda_score
 from moebench.suite import parse_suite
+from conftest import kl_from
 
 ARCHS = zoo.names()  # every adapted architecture has a zoo entry
 
@@ -231,18 +232,6 @@ def test_suite_without_calibration_is_refused():
     raw = {"model": {"source": "zoo:deepseek_v2"}, "methods": [{"method": "sparsegpt"}]}
     with pytest.raises(SuiteError, match="missing \\[calibration\\] table; method 'sparsegpt'"):
         parse_suite(raw)
-
-
-def kl_from(base: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor) -> float:
-    """Mean per-token KL(base || model) of next-token predictions: how far compression moved the model."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in ids.split(8):
-            ref = base(input_ids=batch).logits.float().log_softmax(-1)
-            new = model(input_ids=batch).logits.float().log_softmax(-1)
-            total += (ref.exp() * (ref - new)).sum().item()
-            count += batch.numel()
-    return total / count
 
 
 @pytest.mark.slow
