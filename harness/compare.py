@@ -28,7 +28,6 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
-import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -164,16 +163,10 @@ def check_compare(table: Any, path: str = "<suite>") -> None:
 
 
 def compare_spec_from_suite(path: str | os.PathLike) -> CompareSpec:
-    """The ``[compare]`` table of a suite file (only that table is read)."""
-    path = str(path)
-    if not os.path.exists(path):
-        raise MoebenchError(f"{path}: suite file not found")
-    try:
-        with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise SuiteError(path, "toml", f"not valid TOML ({exc})") from None
-    return parse_compare(raw.get("compare"), path)
+    """The ``[compare]`` table of a suite file (only that table is validated)."""
+    from .suite import read_toml
+
+    return parse_compare(read_toml(path).get("compare"), str(path))
 
 
 def parse_tolerance_arg(text: str) -> Tolerance:

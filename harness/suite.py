@@ -112,17 +112,21 @@ class Suite:
         return hashlib.sha1(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def load_suite(path: str | os.PathLike) -> Suite:
-    """Read, validate and expand a suite file."""
+def read_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """A suite file's raw tables; a missing file or bad TOML is a one-line error naming the file."""
     path = str(path)
     if not os.path.exists(path):
         raise MoebenchError(f"{path}: suite file not found")
     try:
         with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
+            return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise SuiteError(path, "toml", f"not valid TOML ({exc})") from None
-    return parse_suite(raw, path)
+
+
+def load_suite(path: str | os.PathLike) -> Suite:
+    """Read, validate and expand a suite file."""
+    return parse_suite(read_toml(path), str(path))
 
 
 def parse_suite(raw: dict, path: str = "<suite>") -> Suite:
