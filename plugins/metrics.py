@@ -23,8 +23,9 @@ from moebench.progress import progress_bar
 
 
 @dataclass
-class PerplexityParams:
-    data: str = param("embedded:prose", help="data spec of the evaluation text")
+class WindowParams:
+    """Fixed non-overlapping windows of a split: what perplexity-style metrics evaluate."""
+
     split: str = param("test", help="split evaluated: train | validation | test")
     seqlen: int = param(256, help="tokens per window")
     max_samples: int | None = param(None, help="at most this many windows (default: all)")
@@ -35,6 +36,11 @@ class PerplexityParams:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         if self.seqlen < 2:
             raise ValueError(f"seqlen must be >= 2, got {self.seqlen}")
+
+
+@dataclass
+class PerplexityParams(WindowParams):
+    data: str = param("embedded:prose", help="data spec of the evaluation text")
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ from moebench.errors import MoebenchError
 from moebench.hookspecs import hookimpl
 from moebench.method import Context, Method, Metric
 from moebench.params import param
+from moebench_plugins.metrics import WindowParams, perplexity
 
 
 @dataclass
@@ -146,29 +147,13 @@ def _count(num_experts: int, p: PreMoeParams) -> int:
 
 
 # -- per-task evaluation --------------------------------------------------------------
-@dataclass
-class TaskPerplexityParams:
-    split: str = param("test", help="split of each task's data that is evaluated")
-    seqlen: int = param(256, help="tokens per window")
-    max_samples: int | None = param(None, help="at most this many windows per task (default: all)")
-    batch_size: int = param(8, help="windows per forward pass")
-
-    def check(self):
-        if self.split not in SPLITS:
-            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
-        if self.seqlen < 2:
-            raise ValueError(f"seqlen must be >= 2, got {self.seqlen}")
-
-
 class TaskPerplexity(Metric):
     """Perplexity on each task of the suite's tasks table (and the run's own task); routed experts as active/kept."""
 
     name = "task_perplexity"
-    Params = TaskPerplexityParams
+    Params = WindowParams  # each task's own data, so no data field
 
-    def measure(self, model: MoEModel, params: TaskPerplexityParams, ctx: Context) -> dict:
-        from moebench_plugins.metrics import perplexity
-
+    def measure(self, model: MoEModel, params: WindowParams, ctx: Context) -> dict:
         tasks = premoe.parse_tasks(getattr(ctx.suite, "tasks", None) or {})
         if not tasks:
             raise MoebenchError("[eval.task_perplexity] needs a [tasks] table: [tasks.NAME] data = 'embedded:prose'")
