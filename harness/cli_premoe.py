@@ -21,11 +21,9 @@ app.add_typer(premoe_app, name="premoe")
 
 
 def _peak_rss() -> str:
-    import resource
-    import sys
+    from .sequential import peak_rss_bytes
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return f"{peak / 2**20:.0f} MiB"
+    return f"{peak_rss_bytes() / 2**20:.0f} MiB"
 
 
 @premoe_app.command("index")

@@ -26,7 +26,6 @@ import inspect
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,7 @@ from moebench.errors import MoebenchError
 from moebench.hookspecs import hookimpl
 from moebench.method import Context, Metric
 from moebench.params import param
+from moebench import sequential
 from moebench_plugins.metrics import parameter_counts
 
 ZERO_NOTE_THRESHOLD = 0.05  # share of exact-zero matrix weights above which a run is told it is computing zeros
@@ -280,10 +280,7 @@ def rss_bytes() -> int | None:
 def peak_rss_bytes() -> int:
     """The process's peak RSS: VmHWM where available, else ``ru_maxrss`` (KiB on Linux, bytes on macOS)."""
     kib = _status_kib("VmHWM")
-    if kib is not None:
-        return kib * 1024
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    return kib * 1024 if kib is not None else sequential.peak_rss_bytes()  # ru_maxrss
 
 
 def _devices(model: torch.nn.Module) -> list[torch.device]:
