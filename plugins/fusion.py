@@ -157,7 +157,7 @@ class _PackedExperts(nn.Module):
 
     def per_merged(self) -> list[nn.Parameter]:
         """Tensors with one slice per merged expert (a token uses the slices of the experts it runs)."""
-        return [self.gate_up_proj, self.down_proj]
+        return self.merged_parameters()
 
     def per_source(self) -> list[nn.Parameter]:
         """Tensors with one slice per original expert (a token uses those of its top-k)."""
@@ -267,7 +267,7 @@ class FusedLoRAExperts(GroupedExperts):
         return [self.latent, self.lora_gate_up_a, self.lora_gate_up_b, self.lora_down_a, self.lora_down_b]
 
     def per_merged(self):
-        return [self.gate_up_proj, self.down_proj, self.lora_gate_up_a, self.lora_gate_up_b, self.lora_down_a, self.lora_down_b]
+        return self.merged_parameters() + [self.lora_gate_up_a, self.lora_gate_up_b, self.lora_down_a, self.lora_down_b]
 
     def per_source(self):
         return [self.latent]
