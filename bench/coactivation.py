@@ -20,7 +20,7 @@ import statistics
 import time
 
 import torch
-from moebench.analysis import coactivation_counts
+from moebench_plugins.fusion.analysis import coactivation_counts
 from moebench.calibration import Calibration, CalibrationSpec
 from moebench.models import load
 

@@ -147,13 +147,17 @@ def main() -> None:
         sys.exit(2)
 
 
-# Command groups that live in their own modules register themselves on `app` when imported.
-for _module in ("cli_reports", "cli_analysis", "cli_premoe"):
-    try:
-        __import__(f"{__package__}.{_module}")
-    except ModuleNotFoundError as _exc:
-        if _exc.name != f"{__package__}.{_module}":
-            raise
+# The report commands live in their own module; plugins add theirs through `register_commands`.
+from . import cli_reports  # noqa: E402,F401
+
+
+def _plugin_commands() -> None:
+    from .plugins import host
+
+    host().pm.hook.register_commands(cli=app)
+
+
+_plugin_commands()
 
 
 if __name__ == "__main__":

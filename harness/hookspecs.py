@@ -39,6 +39,12 @@ def register_statistics():
 
 
 @hookspec
+def register_commands(cli):
+    """Add commands to the ``moebench`` CLI: ``cli`` is its :class:`typer.Typer` app
+    (``cli.command()(fn)`` or ``cli.add_typer(group, name=...)``), as simonw/llm does."""
+
+
+@hookspec
 def on_run_start(suite, spec):
     """Called before a run of the suite starts (``spec`` is a :class:`moebench.suite.RunSpec`)."""
 

@@ -394,3 +394,22 @@ def record_edit(model: MoEModel, method: str, params) -> None:
     from .params import to_dict
 
     model.lineage.append(f"{method}({json.dumps(to_dict(params), sort_keys=True)})")
+
+
+def inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` for ``[B, n, n]``.
+
+    Damping grows tenfold (up to five times) for any matrix that is not positive definite.
+    """
+    n = hessian.shape[-1]
+    eye = torch.eye(n, device=hessian.device, dtype=hessian.dtype)
+    mean = hessian.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[:, None, None]
+    factor = torch.full_like(mean, damp)
+    for _ in range(6):
+        chol, info = torch.linalg.cholesky_ex(hessian + factor * mean * eye)
+        if not bool((info > 0).any()):
+            break
+        factor = torch.where(info[:, None, None] > 0, factor * 10, factor)
+    else:
+        raise RuntimeError("Hessian is not positive definite even with heavy damping")
+    return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)

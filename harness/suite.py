@@ -183,7 +183,7 @@ def parse_suite(raw: dict, path: str = "<suite>") -> Suite:
     if needs_calibration and calibration is None:
         name, method = needs_calibration[0]
         raise err("calibration", f"missing [calibration] table; method {method!r} of {name!r} needs calibration data")
-    from .premoe import parse_tasks
+    from moebench_plugins.premoe.index import parse_tasks
 
     parse_tasks(raw.get("tasks"), err)
     from .compare import check_compare

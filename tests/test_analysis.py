@@ -9,7 +9,7 @@ import pytest
 import torch
 from moebench import zoo
 from moebench.adapter import MoEModel
-from moebench.analysis import (
+from moebench_plugins.fusion.analysis import (
     coactivation_affinity,
     coactivation_counts,
     output_similarity,
@@ -18,7 +18,7 @@ from moebench.analysis import (
     weight_similarity,
 )
 from moebench.calibration import Calibration, CalibrationSpec
-from moebench.grouping import Groups, by_frequency, cluster
+from moebench_plugins.fusion.grouping import Groups, by_frequency, cluster
 from moebench.plugins import host
 
 

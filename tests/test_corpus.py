@@ -10,7 +10,7 @@ import pytest
 from moebench import corpus
 from moebench.data import SPLITS
 from moebench.errors import MoebenchError
-from moebench_plugins.data_sources import EmbeddedSource, FileSource, register_data_sources
+from moebench_plugins.calibration.data_sources import EmbeddedSource, FileSource, register_data_sources
 
 
 @pytest.mark.parametrize("domain", corpus.DOMAINS)

@@ -13,7 +13,7 @@ from moebench.errors import MoebenchError
 from moebench.method import Context
 from moebench.params import ParamError, parse
 from moebench.plugins import host
-from moebench_plugins.efficiency import (
+from moebench_plugins.metrics.efficiency import (
     Flops,
     FlopsParams,
     Memory,

@@ -9,7 +9,7 @@ import torch
 from moebench import zoo
 from moebench.adapter import MoEModel
 from moebench.calibration import Calibration, CalibrationSpec
-from moebench.healing import HealParams, distillation_loss
+from moebench_plugins.fusion.healing import HealParams, distillation_loss
 from moebench.method import Context
 from moebench.models import load_pretrained
 from moebench.params import ParamError, parse

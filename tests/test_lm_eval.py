@@ -15,7 +15,7 @@ from moebench.errors import MoebenchError
 from moebench.method import Context
 from moebench.params import ParamError, parse
 from moebench.plugins import host
-from moebench_plugins.lm_eval_metric import LmEval, LmEvalParams, evaluate, find_tasks, resolve_paths, scores
+from moebench_plugins.metrics.lm_eval_metric import LmEval, LmEvalParams, evaluate, find_tasks, resolve_paths, scores
 from moebench_plugins.metrics import Perplexity, PerplexityParams, perplexity
 
 

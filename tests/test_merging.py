@@ -8,7 +8,7 @@ import pytest
 import torch
 from moebench.errors import MoebenchError
 from moebench.hookspecs import hookimpl
-from moebench.merging import merge, operators, sce, slerp
+from moebench_plugins.fusion.operators import merge, operators, sce, slerp
 from moebench.params import ParamError, parse
 from moebench.plugins import host
 

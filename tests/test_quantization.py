@@ -15,7 +15,7 @@ from moebench.method import Context
 from moebench.models import load_pretrained
 from moebench.params import ParamError, parse
 from moebench.plugins import host
-from moebench.quant import awq_scale, gptq, pack_int4, rtn, theoretical_bits, unpack_int4
+from moebench_plugins.quantization.quant import awq_scale, gptq, pack_int4, rtn, theoretical_bits, unpack_int4
 from moebench.runner import RunOptions, run_suite
 from moebench.suite import parse_suite
 from moebench_plugins.metrics import ModelSize, weight_bytes

@@ -16,7 +16,7 @@ from moebench.params import ParamError, parse
 from moebench.plugins import host
 from moebench.runner import RunOptions, run_suite
 from moebench.sequential import find_groups
-from moebench.sparsity import NM, nm_holds, nm_mask, row_mask, sparsegpt, wanda_score
+from moebench_plugins.slimming.sparsity import NM, nm_holds, nm_mask, row_mask, sparsegpt, wanda_score
 from moebench.suite import parse_suite
 from conftest import kl_from
 

@@ -21,7 +21,7 @@ from moebench.hookspecs import hookimpl
 from moebench.method import Context, Method
 from moebench.params import param
 from moebench.sequential import Group, check_targets, from_context, record_edit, static_steps
-from moebench.sparsity import NM, mask_for, nm_holds, sparsegpt, wanda_score
+from moebench_plugins.slimming.sparsity import NM, mask_for, nm_holds, sparsegpt, wanda_score
 
 MASKED = "sparsity is masked zeros; no sparse kernel"
 NO_TOKENS = "{n} routed expert(s) received no calibration tokens; they were pruned by magnitude"

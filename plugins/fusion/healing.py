@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.nn.functional as F
 
-from .params import param
+from moebench.params import param
 
 if TYPE_CHECKING:
-    from .adapter import MoEModel
-    from .method import Context
+    from moebench.adapter import MoEModel
+    from moebench.method import Context
 
 
 @dataclass
@@ -88,13 +88,13 @@ def resolved(spec: HealParams, trains: str) -> HealParams:
 def teacher_for(model: MoEModel, ctx: Context) -> tuple[torch.nn.Module, str]:
     """The original model and where it came from (``extras`` or ``source``)."""
     if ctx.extras.get("teacher") is not None:
-        from .adapter import MoEModel
+        from moebench.adapter import MoEModel
 
         teacher = ctx.extras["teacher"]  # a MoEModel or the causal LM itself
         return (teacher.model if isinstance(teacher, MoEModel) else teacher), "extras"
     if not model.source:
         raise RuntimeError("healing needs the original model: load the model from a source, or put it in ctx.extras['teacher']")
-    from .models import load
+    from moebench.models import load
 
     suite_model = getattr(ctx.suite, "model", None)
     dtype = suite_model.dtype if suite_model is not None else _dtype_name(model)
@@ -105,7 +105,7 @@ def teacher_for(model: MoEModel, ctx: Context) -> tuple[torch.nn.Module, str]:
 
 def windows_for(model: MoEModel, spec: HealParams, ctx: Context) -> torch.Tensor:
     """Training windows: the heal data if named, else the suite's calibration windows."""
-    from .data import encode, load_text, random_windows
+    from moebench.data import encode, load_text, random_windows
 
     cal = ctx.calibration.spec if ctx.calibration is not None else None
     seqlen = spec.seqlen or (cal.seqlen if cal else 128)
@@ -183,7 +183,7 @@ def heal(
         if own_teacher:
             del teacher
             gc.collect()
-    model.lineage.append(f"heal({_digest(spec, params)})")  # healed weights must not share calibration caches
+    model.lineage.append(f"heal({digest(spec, params)})")  # healed weights must not share calibration caches
     return {
         "steps": spec.steps,
         "train": spec.train,
@@ -270,7 +270,7 @@ def _unique(parameters: Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter
     return out
 
 
-def _digest(spec: HealParams, params: list[torch.nn.Parameter]) -> str:
+def digest(spec: HealParams, params: list[torch.nn.Parameter]) -> str:
     blob = json.dumps({"spec": asdict(spec), "shapes": [list(p.shape) for p in params]}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 

@@ -1,7 +1,7 @@
 """Expert slimming by quantization: RTN, GPTQ, AWQ and bitsandbytes 4-bit storage (arXiv 2406.02500).
 
 ``rtn``, ``gptq`` and ``awq`` quantize the weight matrices of the module kinds in
-``targets`` group-wise (asymmetric, float16 scales, see :mod:`moebench.quant`); a packed
+``targets`` group-wise (asymmetric, float16 scales, see :mod:`moebench_plugins.quantization.quant`); a packed
 expert is two matrices, ``gate_up [2I, H]`` and ``down [H, I]``, and GPTQ/AWQ solve
 each expert on the tokens routed to it, layer-sequentially. With ``storage = "fake"``
 the weights are dequantized back into the original dtype (the record says so and gives
@@ -36,7 +36,7 @@ from moebench.hookspecs import hookimpl
 from moebench.method import Context, Method
 from moebench.models import DTYPES
 from moebench.params import param
-from moebench.quant import (
+from moebench_plugins.quantization.quant import (
     BITS,
     Quantized,
     awq_clip,

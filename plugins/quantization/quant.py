@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from moebench.sequential import inverse_cholesky
 
 BITS = (2, 3, 4, 8)
 
@@ -96,25 +97,6 @@ def theoretical_bits(bits: int, group_size: int, cols: int) -> float:
 
 
 # -- GPTQ ---------------------------------------------------------------------------------
-def inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` for ``[B, n, n]``.
-
-    Damping grows tenfold (up to five times) for any matrix that is not positive definite.
-    """
-    n = hessian.shape[-1]
-    eye = torch.eye(n, device=hessian.device, dtype=hessian.dtype)
-    mean = hessian.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[:, None, None]
-    factor = torch.full_like(mean, damp)
-    for _ in range(6):
-        chol, info = torch.linalg.cholesky_ex(hessian + factor * mean * eye)
-        if not bool((info > 0).any()):
-            break
-        factor = torch.where(info[:, None, None] > 0, factor * 10, factor)
-    else:
-        raise RuntimeError("Hessian is not positive definite even with heavy damping")
-    return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
-
-
 def _prepare_hessian(w: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Float copies with dead inputs (never active) made harmless: diag 1 in H. Returns ``(W, H, dead)``."""
     W = w.float().clone()

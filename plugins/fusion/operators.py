@@ -22,8 +22,8 @@ from collections.abc import Callable
 
 import torch
 
-from .errors import MoebenchError, did_you_mean
-from .hookspecs import hookspec
+from moebench.errors import MoebenchError, did_you_mean
+from moebench.hookspecs import hookspec
 
 #: ``fn(stack [n, *shape], weights [n], **options) -> merged [*shape]``
 MergeOperator = Callable[..., torch.Tensor]
@@ -33,7 +33,7 @@ _BUILTIN: dict[str, MergeOperator] = {}
 
 @hookspec
 def register_merge_operators():
-    """Return ``{name: fn(stack, weights, **options)}`` merge operators (see :mod:`moebench.merging`)."""
+    """Return ``{name: fn(stack, weights, **options)}`` merge operators (see :mod:`moebench_plugins.fusion.operators`)."""
 
 
 def builtin(name: str):
@@ -48,7 +48,7 @@ def builtin(name: str):
 
 def operators() -> dict[str, MergeOperator]:
     """Every merge operator: the built-ins, then those plugins provide (a plugin may override one)."""
-    from .plugins import host
+    from moebench.plugins import host
 
     pm = host().pm
     caller = getattr(pm.hook, "register_merge_operators", None)

@@ -13,15 +13,14 @@ from pathlib import Path
 
 import typer
 
-from .cli import app, out
-from .errors import MoebenchError
+from moebench.cli import out
+from moebench.errors import MoebenchError
 
 premoe_app = typer.Typer(help="PreMoe task indexes and task-pruned loading, for models larger than memory", no_args_is_help=True)
-app.add_typer(premoe_app, name="premoe")
 
 
 def _peak_rss() -> str:
-    from .sequential import peak_rss_bytes
+    from moebench.sequential import peak_rss_bytes
 
     return f"{peak_rss_bytes() / 2**20:.0f} MiB"
 
@@ -38,10 +37,10 @@ def index_cmd(
     """Build a suite's PreMoe task index (one expert-importance pattern per task) and save it."""
     import time
 
-    from . import premoe
-    from .calibration import CalibrationSpec
-    from .models import resolve
-    from .suite import load_suite
+    from . import index as premoe
+    from moebench.calibration import CalibrationSpec
+    from moebench.models import resolve
+    from moebench.suite import load_suite
 
     s = load_suite(suite)
     tasks = premoe.parse_tasks(s.tasks or {})
@@ -55,7 +54,7 @@ def index_cmd(
     if stream:
         index = premoe.build_streaming(resolve(s.model.source), tasks, spec, settings, dtype=s.model.dtype, device=s.model.device)
     else:
-        from .runner import load_model
+        from moebench.runner import load_model
 
         index = premoe.build(load_model(s), tasks, spec, settings)
     index.save(out_dir)
@@ -77,9 +76,9 @@ def prune_cmd(
     """Retrieve the task nearest to a prompt and load only its kept experts (optionally save the result)."""
     import torch
 
-    from . import premoe
-    from .data import encode
-    from .models import DTYPES, resolve
+    from . import index as premoe
+    from moebench.data import encode
+    from moebench.models import DTYPES, resolve
 
     if dtype not in DTYPES:
         raise MoebenchError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -111,3 +110,8 @@ def prune_cmd(
         model.save(out_dir)
         loader = "moebench.models.load_pretrained" if model.needs_moebench_loader() else "transformers"
         out.print(f"saved to {out_dir} (reload with {loader})", markup=False)
+
+
+def register(cli) -> None:
+    """Add ``moebench premoe {index,prune}`` to the CLI (called from the ``register_commands`` hook)."""
+    cli.add_typer(premoe_app, name="premoe")

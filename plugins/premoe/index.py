@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from .errors import MoebenchError, did_you_mean
+from moebench.errors import MoebenchError, did_you_mean
 
 if TYPE_CHECKING:
-    from .adapter import MoEModel
-    from .calibration import CalibrationSpec
+    from moebench.adapter import MoEModel
+    from moebench.calibration import CalibrationSpec
 
 FORMAT = "moebench-premoe"
 VERSION = 1
@@ -71,8 +71,8 @@ def parse_tasks(raw: Any, err: Callable[[str, str], Exception] | None = None) ->
     ``err(field, message)`` builds the exception (the suite parser passes one naming the
     file); by default a :class:`MoebenchError`.
     """
-    from .data import DataSpec
-    from .plugins import host
+    from moebench.data import DataSpec
+    from moebench.plugins import host
 
     def fail(where: str, message: str) -> Exception:
         return err(where, message) if err else MoebenchError(f"{where}: {message}")
@@ -402,7 +402,7 @@ def task_scores(model: MoEModel, data: str, spec: CalibrationSpec, threshold: fl
     """TCESS per MoE layer of ``model`` over ``data`` (train split), through the calibration service (cached)."""
     from dataclasses import replace
 
-    from .calibration import Calibration
+    from moebench.calibration import Calibration
 
     logits = Calibration(replace(spec, data=data), cache=cache).stats(model, ["router_logits"])["router_logits"]
     return layer_scores(logits, {b.layer: b.top_k for b in model.blocks()}, threshold)
@@ -443,8 +443,8 @@ def build_streaming(
     """
     from dataclasses import replace
 
-    from . import checkpoint
-    from .calibration import Calibration
+    from moebench import checkpoint
+    from moebench.calibration import Calibration
 
     if not tasks:
         raise MoebenchError("PreMoe needs at least one task; add [tasks.NAME] data = '...' tables to the suite")
@@ -464,7 +464,7 @@ def build_streaming(
 
 def cached(model: MoEModel, tasks: Mapping[str, TaskSpec], spec: CalibrationSpec, settings: IndexSettings, cache: bool = True) -> TaskIndex:
     """:func:`build`, saved under the cache and reused while model, tasks, calibration and settings agree."""
-    from . import paths
+    from moebench import paths
 
     blob = json.dumps(
         {
@@ -498,7 +498,7 @@ def cached(model: MoEModel, tasks: Mapping[str, TaskSpec], spec: CalibrationSpec
 @torch.no_grad()
 def query_scores(model: MoEModel, ids: torch.Tensor, threshold: float = 0.0) -> dict[int, torch.Tensor]:
     """TCESS per MoE layer over a query's tokens ``ids [n, len]`` (one forward pass)."""
-    from .plugins import host
+    from moebench.plugins import host
 
     stat = host().statistic("router_logits")(model)
     handles = stat.attach()
@@ -541,8 +541,8 @@ def load_for_query(
     """
     if storage not in ("dense", "nf4"):
         raise MoebenchError(f"storage {storage!r}: expected 'dense' or 'nf4'")
-    from . import checkpoint
-    from .plugins import host
+    from moebench import checkpoint
+    from moebench.plugins import host
 
     stream = checkpoint.LayerStream(path, dtype=dtype, device=device)
     ModelSignature.of(stream.model, stream.router_weight).check(index.signature, f"PreMoe index for {path}")
@@ -561,7 +561,7 @@ def load_for_query(
     model, report = checkpoint.load(path, keep=index.keep(matches[0][0], keep), dtype=dtype, device=device)
     report.bytes_read += read_for_query
     if storage == "nf4":
-        from .method import Context
+        from moebench.method import Context
 
         method = host().method("bnb_4bit")()
         method.apply(model, method.Params(), Context(device=device))

@@ -12,7 +12,7 @@
   (``mix:embedded:prose,embedded:code``): task-agnostic calibration text.
 
 The model is pruned in memory here (what a suite measures); reading only the kept
-experts from a checkpoint is :func:`moebench.premoe.load_for_query` /
+experts from a checkpoint is :func:`moebench_plugins.premoe.index.load_for_query` /
 :func:`moebench.checkpoint.load`.
 """
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from moebench import premoe
+from moebench_plugins.premoe import index as premoe
 from moebench.adapter import MoEModel
 from moebench.calibration import CalibrationSpec
 from moebench.data import SPLITS, DataSpec, encode, load_text, random_windows, windows
@@ -221,3 +221,9 @@ def register_metrics():
 def register_data_sources():
     return [MixSource]
 
+
+@hookimpl
+def register_commands(cli):
+    from . import cli as commands
+
+    commands.register(cli)

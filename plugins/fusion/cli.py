@@ -16,8 +16,8 @@ from pathlib import Path
 
 import typer
 
-from .cli import app, err, out
-from .errors import MoebenchError
+from moebench.cli import err, out
+from moebench.errors import MoebenchError
 
 TITLES = {
     "coactivation": "co-activation (Jaccard of the experts' token sets)",
@@ -26,7 +26,6 @@ TITLES = {
 }
 
 
-@app.command()
 def analyze(
     suite: Path = typer.Argument(..., help="suite TOML file (its [model] and [calibration] are used)"),
     out_dir: Path | None = typer.Option(None, "--out", help="folder for heatmaps and matrices (default reports/<suite>/analysis)"),
@@ -36,9 +35,9 @@ def analyze(
     import torch
 
     from .analysis import analyze_model, plot_heatmaps
-    from .calibration import Calibration
-    from .runner import load_model
-    from .suite import load_suite
+    from moebench.calibration import Calibration
+    from moebench.runner import load_model
+    from moebench.suite import load_suite
 
     s = load_suite(suite)
     if s.calibration is None:
@@ -90,3 +89,8 @@ def _page(summary: dict, images: dict) -> str:
     for kind, path in images.items():
         parts.append(f"<h2>{html.escape(TITLES[kind])}</h2><img src='{html.escape(Path(path).name)}' alt='{kind}'>")
     return "\n".join(parts)
+
+
+def register(cli) -> None:
+    """Add ``moebench analyze`` to the CLI (called from the ``register_commands`` hook)."""
+    cli.command()(analyze)

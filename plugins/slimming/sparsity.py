@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quant import inverse_cholesky
+from moebench.sequential import inverse_cholesky
 
 
 @dataclass(frozen=True)

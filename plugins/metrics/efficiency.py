@@ -338,7 +338,7 @@ def fresh_process_peak(folder: Path, ids: torch.Tensor, decode: int, dtype: str,
     """
     torch.save(ids.cpu(), Path(folder) / "moebench-prompt.pt")
     spec = json.dumps({"folder": str(folder), "decode": decode, "dtype": dtype, "device": device})
-    proc = subprocess.run([sys.executable, "-m", "moebench_plugins.efficiency", spec], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "moebench_plugins.metrics.efficiency", spec], capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"fresh-process measurement failed: {tail}")

@@ -1,0 +1,294 @@
+"""The fusion experts modules and :class:`FusedMoE`, the wrapper the fusion variants install in a layer."""
+
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+from moebench.adapter import MoEBlock, MoEModel
+from torch import nn
+
+CLASS_PATH = "moebench_plugins.fusion:FusedMoE"
+
+CLASS_PATH = "moebench_plugins.fusion:FusedMoE"
+
+
+# == fusion experts modules ===============================================================
+class _PackedExperts(nn.Module):
+    """``M`` SwiGLU experts stored packed like transformers 5 (``gate_up_proj [M, 2I, H]``, ``down_proj [M, H, I]``)."""
+
+    def __init__(self, num_merged: int, hidden_size: int, intermediate_size: int, hidden_act: str):
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        self.num_experts = num_merged
+        self.hidden_dim = hidden_size
+        self.intermediate_dim = intermediate_size
+        self.hidden_act = hidden_act
+        self.act_fn = ACT2FN[hidden_act]
+        self.gate_up_proj = nn.Parameter(torch.zeros(num_merged, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.zeros(num_merged, hidden_size, intermediate_size))
+
+    def merged_parameters(self) -> list[nn.Parameter]:
+        return [self.gate_up_proj, self.down_proj]
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def per_merged(self) -> list[nn.Parameter]:
+        """Tensors with one slice per merged expert (a token uses the slices of the experts it runs)."""
+        return self.merged_parameters()
+
+    def per_source(self) -> list[nn.Parameter]:
+        """Tensors with one slice per original expert (a token uses those of its top-k)."""
+        return []
+
+    def unused_numel(self, top_k: int) -> int:
+        """Parameters a token leaves unused when its router picks ``top_k`` original experts."""
+        return _unused(self.per_merged(), self.num_experts, top_k) + _unused(self.per_source(), getattr(self, "num_source", 0), top_k)
+
+
+def _unused(params: list[nn.Parameter], n: int, top_k: int) -> int:
+    """Of tensors sliced ``n`` ways along dim 0, the numel of the ``n - top_k`` slices a token does not touch."""
+    return sum(p.numel() for p in params) // n * (n - min(top_k, n)) if n else 0
+
+
+class GroupedExperts(_PackedExperts):
+    """Merged experts behind the original router: ``assign[e]`` is the merged expert of original expert ``e``.
+
+    A merged expert runs for a token when any of its members is in the token's top-k; its
+    routing weight is the sum of those members' weights. Subclasses add what the merged
+    expert computes from the members' share of that weight (``group_forward``).
+    """
+
+    kind = "grouped"
+
+    def __init__(self, num_experts: int, assign: list[int], hidden_size: int, intermediate_size: int, hidden_act: str):
+        super().__init__(max(assign) + 1, hidden_size, intermediate_size, hidden_act)
+        if len(assign) != num_experts:
+            raise ValueError(f"assign must name a merged expert for each of the {num_experts} original experts")
+        self.num_source = num_experts
+        self.register_buffer("assign", torch.tensor(assign, dtype=torch.long), persistent=False)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        group = self.assign[top_k_index]
+        for m in torch.unique(group).tolist():
+            sel = group == m
+            tok = sel.any(dim=1).nonzero().squeeze(1)
+            w = torch.where(sel[tok], top_k_weights[tok], torch.zeros_like(top_k_weights[tok]))
+            total = w.sum(dim=1, keepdim=True)
+            share = w / total.clamp_min(1e-20)
+            y = self.group_forward(m, hidden_states[tok], share, top_k_index[tok], top_k_weights[tok])
+            out.index_add_(0, tok, (y * total).to(out.dtype))
+        return out
+
+    def expert(self, m: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_proj[m]).chunk(2, dim=-1)
+        return F.linear(self.act_fn(gate) * up, self.down_proj[m])
+
+    def group_forward(self, m, x, share, index, weights) -> torch.Tensor:
+        return self.expert(m, x)
+
+
+class MultiplexExperts(GroupedExperts):
+    """Grouped experts whose input gets ``Σ_e share_e · mux[e]``: the members' routing share, projected to the hidden size."""
+
+    kind = "multiplexage"
+
+    def __init__(self, num_experts: int, assign: list[int], hidden_size: int, intermediate_size: int, hidden_act: str):
+        super().__init__(num_experts, assign, hidden_size, intermediate_size, hidden_act)
+        self.mux = nn.Parameter(torch.zeros(num_experts, hidden_size))
+
+    def group_forward(self, m, x, share, index, weights):
+        bias = torch.einsum("nk,nkh->nh", share.to(x.dtype), self.mux[index])
+        return self.expert(m, x + bias)
+
+    def adapter_parameters(self):
+        return [self.mux]
+
+    def per_source(self):
+        return [self.mux]
+
+
+class FusedLoRAExperts(GroupedExperts):
+    """Grouped experts plus LoRA terms; the gate/up LoRA reads ``[x ; z]``, ``z`` a latent projection of the routing weights."""
+
+    kind = "fused_lora"
+
+    def __init__(self, num_experts: int, assign: list[int], hidden_size: int, intermediate_size: int, hidden_act: str, rank: int, latent: int):
+        super().__init__(num_experts, assign, hidden_size, intermediate_size, hidden_act)
+        m = self.num_experts
+        self.rank, self.latent_dim = rank, latent
+        self.latent = nn.Parameter(torch.zeros(num_experts, latent))
+        self.lora_gate_up_a = nn.Parameter(torch.zeros(m, rank, hidden_size + latent))
+        self.lora_gate_up_b = nn.Parameter(torch.zeros(m, 2 * intermediate_size, rank))
+        self.lora_down_a = nn.Parameter(torch.zeros(m, rank, intermediate_size))
+        self.lora_down_b = nn.Parameter(torch.zeros(m, hidden_size, rank))
+
+    def reset_adapters(self, generator: torch.Generator) -> None:
+        """LoRA init: A (and the latent projection) random, B zero, so the layer starts as the plain merge."""
+        with torch.no_grad():
+            for p in (self.latent, self.lora_gate_up_a, self.lora_down_a):
+                fan_in = p.shape[-1] if p is not self.latent else self.num_source
+                p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(fan_in))
+            self.lora_gate_up_b.zero_()
+            self.lora_down_b.zero_()
+
+    def group_forward(self, m, x, share, index, weights):
+        z = torch.einsum("nk,nkd->nd", weights.to(x.dtype), self.latent[index])
+        u = torch.cat([x, z], dim=-1)
+        gate_up = F.linear(x, self.gate_up_proj[m]) + F.linear(F.linear(u, self.lora_gate_up_a[m]), self.lora_gate_up_b[m])
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = self.act_fn(gate) * up
+        return F.linear(h, self.down_proj[m]) + F.linear(F.linear(h, self.lora_down_a[m]), self.lora_down_b[m])
+
+    def adapter_parameters(self):
+        return [self.latent, self.lora_gate_up_a, self.lora_gate_up_b, self.lora_down_a, self.lora_down_b]
+
+    def per_merged(self):
+        return self.merged_parameters() + [self.lora_gate_up_a, self.lora_gate_up_b, self.lora_down_a, self.lora_down_b]
+
+    def per_source(self):
+        return [self.latent]
+
+
+class MixtureOfLoRAExperts(nn.Module):
+    """Each original expert ``e`` as its group's core plus low-rank residuals, routed by the original router.
+
+    ``gate_e = core_gate[g] + B_gate,e A_gate,e`` (likewise up and down), ``g = assign[e]``.
+    Factors are stored packed: ``gate_up_a [E, 2r, H]`` (gate rows, then up rows),
+    ``gate_up_b [E, 2I, r]``, ``down_a [E, r, I]``, ``down_b [E, H, r]``.
+    """
+
+    kind = "mixture_of_lora"
+
+    def __init__(self, num_experts: int, assign: list[int], hidden_size: int, intermediate_size: int, hidden_act: str, rank: int):
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        if len(assign) != num_experts:
+            raise ValueError(f"assign must name a core for each of the {num_experts} experts")
+        cores = max(assign) + 1
+        self.num_experts, self.num_cores, self.rank = num_experts, cores, rank
+        self.hidden_dim, self.intermediate_dim, self.hidden_act = hidden_size, intermediate_size, hidden_act
+        self.act_fn = ACT2FN[hidden_act]
+        self.register_buffer("assign", torch.tensor(assign, dtype=torch.long), persistent=False)
+        self.core_gate_up = nn.Parameter(torch.zeros(cores, 2 * intermediate_size, hidden_size))
+        self.core_down = nn.Parameter(torch.zeros(cores, hidden_size, intermediate_size))
+        self.gate_up_a = nn.Parameter(torch.zeros(num_experts, 2 * rank, hidden_size))
+        self.gate_up_b = nn.Parameter(torch.zeros(num_experts, 2 * intermediate_size, rank))
+        self.down_a = nn.Parameter(torch.zeros(num_experts, rank, intermediate_size))
+        self.down_b = nn.Parameter(torch.zeros(num_experts, hidden_size, rank))
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        inter, r = self.intermediate_dim, self.rank
+        for e in torch.unique(top_k_index).tolist():
+            if not 0 <= e < self.num_experts:
+                continue
+            tok, pos = torch.where(top_k_index == e)
+            x = hidden_states[tok]
+            g = int(self.assign[e])
+            t = F.linear(x, self.gate_up_a[e])
+            core = F.linear(x, self.core_gate_up[g])
+            gate = core[:, :inter] + F.linear(t[:, :r], self.gate_up_b[e, :inter])
+            up = core[:, inter:] + F.linear(t[:, r:], self.gate_up_b[e, inter:])
+            h = self.act_fn(gate) * up
+            y = F.linear(h, self.core_down[g]) + F.linear(F.linear(h, self.down_a[e]), self.down_b[e])
+            out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
+        return out
+
+    def merged_parameters(self):
+        return [self.core_gate_up, self.core_down]
+
+    def adapter_parameters(self):
+        return [self.gate_up_a, self.gate_up_b, self.down_a, self.down_b]
+
+    def unused_numel(self, top_k: int) -> int:
+        """A token runs at most ``top_k`` cores and exactly ``top_k`` experts' residuals."""
+        return _unused(self.merged_parameters(), self.num_cores, top_k) + _unused(self.adapter_parameters(), self.num_experts, top_k)
+
+
+EXPERTS_CLASSES = {c.__name__: c for c in (GroupedExperts, MultiplexExperts, FusedLoRAExperts, MixtureOfLoRAExperts)}
+
+
+class FusedMoE(nn.Module):
+    """An architecture's own MoE block (router, shared experts) whose routed experts are a fusion module.
+
+    Built from ``init`` alone when a saved model reloads: ``block`` (the block class),
+    ``config`` (the model config as JSON, with this layer's expert count and top-k),
+    ``router`` (router attributes to restore), ``experts`` (a class of this module) and
+    ``experts_init``. The block sits under ``fused``, not ``experts``/``gate``, so the
+    MoEModel view treats the layer as opaque.
+    """
+
+    def __init__(self, block: str, config: str, router: str, experts: str, experts_init: dict, _inner: nn.Module | None = None, _experts: nn.Module | None = None):
+        super().__init__()
+        inner = _inner if _inner is not None else _build_block(block, config, router)
+        inner.experts = _experts if _experts is not None else EXPERTS_CLASSES[experts](**experts_init)
+        self.fused = inner
+        self.kind = experts
+
+    @property
+    def fusion(self) -> nn.Module:
+        """The fusion experts module."""
+        return self.fused.experts
+
+    @property
+    def top_k(self) -> int:
+        """Original experts the block's router picks per token."""
+        for module in self.fused.modules():
+            if module is not self.fusion and isinstance(getattr(module, "top_k", None), int):
+                return module.top_k
+        raise AttributeError(f"no router with a top_k in {type(self.fused).__name__}")
+
+    @property
+    def routed_experts(self) -> int:
+        """Routed experts this layer holds (merged experts; mixture of LoRA: the original experts it rebuilds)."""
+        return self.fusion.num_experts
+
+    def inactive_numel(self) -> int:
+        """Parameters a token does not use (for ``params.active``): the block is opaque to the MoE view."""
+        return self.fusion.unused_numel(self.top_k)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.fused(hidden_states)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}"
+
+
+_CONFIG_SKIP = {"moebench", "architectures", "transformers_version", "_name_or_path", "auto_map", "dtype", "torch_dtype"}
+_ROUTER_ATTRS = ("top_k", "num_experts", "topk_method", "num_group", "topk_group", "norm_topk_prob", "routed_scaling_factor")
+
+
+def block_spec(model: MoEModel, block: MoEBlock) -> dict[str, str]:
+    """What rebuilds ``block``'s class at its current shape: class path, config JSON, router attributes."""
+    cls = type(block.module)
+    config = {k: v for k, v in model.config.to_diff_dict().items() if k not in _CONFIG_SKIP}
+    config["model_type"] = model.config.model_type
+    config[model.adapter.num_experts_attr] = block.num_experts
+    config[model.adapter.top_k_attr] = block.top_k
+    router = {k: getattr(block.router, k) for k in _ROUTER_ATTRS if isinstance(getattr(block.router, k, None), (int, float, str, bool))}
+    return {"block": f"{cls.__module__}:{cls.__qualname__}", "config": json.dumps(config, sort_keys=True), "router": json.dumps(router, sort_keys=True)}
+
+
+def _build_block(block: str, config: str, router: str) -> nn.Module:
+    from moebench.plugins import host
+    from transformers import AutoConfig
+
+    fields = json.loads(config)
+    cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    module_name, _, cls_name = block.partition(":")
+    module = getattr(importlib.import_module(module_name), cls_name)(cfg)
+    gate = host().adapter_for(cfg).router(module)
+    for key, value in json.loads(router).items():
+        setattr(gate, key, value)
+    if hasattr(module, "top_k") and "top_k" in json.loads(router):
+        module.top_k = json.loads(router)["top_k"]
+    return module

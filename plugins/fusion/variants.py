@@ -1,0 +1,188 @@
+"""The variants that keep the original router and wrap the block in :class:`FusedMoE`: multiplexage, fused LoRA, mixture of LoRA."""
+
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+from moebench.adapter import MoEBlock, MoEModel
+from moebench.method import Context, Method
+from torch import nn
+
+from .grouping import Groups
+from .healing import enabled, heal, resolved
+from .merge import (
+    FusedLoRAParams,
+    MixtureOfLoRAParams,
+    VariantParams,
+    digest,
+    fusion_summary,
+    group_layer,
+    layer_budgets,
+    merged_experts,
+    module_path,
+    params_summary,
+    stats_needed,
+)
+from .modules import (
+    CLASS_PATH,
+    FusedLoRAExperts,
+    FusedMoE,
+    MixtureOfLoRAExperts,
+    MultiplexExperts,
+    block_spec,
+)
+
+
+class _Variant(Method):
+    """Shared flow of the variants that keep the original router and wrap the block in :class:`FusedMoE`."""
+
+    Params = VariantParams
+    stats = ("routing_counts", "output_similarity")  # for the defaults; needs() follows the params
+    #: how tokens reach the fused experts (for the record)
+    routing = "original router top-k over the original experts; a merged expert runs with the summed weight of its selected members"
+
+    def needs(self, params) -> tuple[str, ...]:
+        return stats_needed(params)
+
+    def build(self, model: MoEModel, block: MoEBlock, groups: Groups, freq: torch.Tensor, params, ctx: Context) -> tuple[nn.Module, dict, dict]:
+        """The experts module for one layer, its init kwargs, and per-layer facts for the record."""
+        raise NotImplementedError
+
+    def apply(self, model: MoEModel, params, ctx: Context) -> dict:
+        blocks = list(model.blocks())
+        stats = ctx.stats(model, *self.needs(params))
+        budgets = layer_budgets(model, blocks, params, stats)
+        before = {b.layer: b.num_experts for b in blocks}
+        groups, facts = {}, {}
+        fused: list[FusedMoE] = []
+        for b in blocks:
+            groups[b.layer] = g = group_layer(b, budgets[b.layer], params, stats)
+            experts, init, facts[b.layer] = self.build(model, b, g, stats["routing_counts"][b.layer], params, ctx)
+            ref = b.gate_up_proj
+            experts = experts.to(device=ref.device, dtype=ref.dtype)
+            spec = {**block_spec(model, b), "experts": type(experts).__name__, "experts_init": init}
+            path = module_path(model, b.module)
+            wrapper = FusedMoE(**spec, _inner=b.module, _experts=experts)
+            model.replace_module(path, wrapper, {"class": CLASS_PATH, "init": spec})
+            fused.append(wrapper)
+        model.lineage.append(f"{self.name}({digest([params_summary(params), {k: g.members for k, g in groups.items()}])})")
+        ctx.note(f"{self.name}: fused layers are opaque to the MoEModel view (later steps and the experts count skip them; params.active counts all their weights)")
+        changes = fusion_summary(model, before, groups, params, after={layer: g.num_groups for layer, g in groups.items()})
+        changes["routing"] = self.routing
+        changes["layers"] = facts
+        changes["top_k"] = {layer: f["top_k"] for layer, f in facts.items()}
+        if enabled(params.heal):
+            train = params.heal.train
+            trains = "adapters" if train == "auto" and any(w.fusion.adapter_parameters() for w in fused) else train
+            trains = "experts" if trains == "auto" else trains
+            spec = resolved(replace(params.heal, train=trains), trains)
+            changes["healing"] = heal(model, _variant_parameters(fused, trains), spec, ctx)
+        changes["reload"] = "moebench"
+        changes["module_class"] = CLASS_PATH
+        return changes
+
+
+def _variant_parameters(fused: list[FusedMoE], train: str) -> list[nn.Parameter]:
+    """What healing trains in the fused layers: ``adapters``, ``experts`` (merged weights or cores) or ``all``."""
+    out = []
+    for w in fused:
+        if train in ("adapters", "all"):
+            out += w.fusion.adapter_parameters()
+        if train in ("experts", "all"):
+            out += w.fusion.merged_parameters()
+    return out
+
+
+class Multiplexage(_Variant):
+    """Merged experts behind the original router, with a learned bias from the members' routing share (moe-pruner's multiplexage)."""
+
+    name = "multiplexage"
+    Params = VariantParams
+
+    def build(self, model, block, groups, freq, params, ctx):
+        gate_up, down = merged_experts(block, groups, freq, params.operator, params.operator_args)
+        init = experts_init(model, block, groups)
+        experts = MultiplexExperts(**init)
+        with torch.no_grad():
+            experts.gate_up_proj.copy_(gate_up)
+            experts.down_proj.copy_(down)
+        return experts, init, {"merged": groups.num_groups, "top_k": block.top_k}
+
+
+class FusedLoRA(_Variant):
+    """Merged experts plus a LoRA per merged expert whose input includes a latent projection of the original routing weights."""
+
+    name = "fused_lora"
+    Params = FusedLoRAParams
+
+    def build(self, model, block, groups, freq, params, ctx):
+        gate_up, down = merged_experts(block, groups, freq, params.operator, params.operator_args)
+        init = {**experts_init(model, block, groups), "rank": params.rank, "latent": params.latent}
+        experts = FusedLoRAExperts(**init)
+        with torch.no_grad():
+            experts.gate_up_proj.copy_(gate_up)
+            experts.down_proj.copy_(down)
+        experts.reset_adapters(torch.Generator().manual_seed(ctx.seed * 1000 + block.layer))
+        return experts, init, {"merged": groups.num_groups, "top_k": block.top_k, "rank": params.rank, "latent": params.latent}
+
+
+class MixtureOfLoRA(_Variant):
+    """Each expert as a shared core plus a truncated-SVD low-rank residual, gated by the original router (exact at full rank)."""
+
+    name = "mixture_of_lora"
+    Params = MixtureOfLoRAParams
+    routing = "original router and top-k unchanged; each selected expert is its core plus its low-rank residual"
+
+    def build(self, model, block, groups, freq, params, ctx):
+        cores_gu, cores_d = merged_experts(block, groups, freq, params.operator, params.operator_args)
+        inter, hidden = block.intermediate_size, block.gate_up_proj.shape[-1]
+        rank = min(params.rank, inter, hidden)
+        init = {**experts_init(model, block, groups), "rank": rank}
+        experts = MixtureOfLoRAExperts(**init)
+        assign = groups.assign
+        kept, total = 0.0, 0.0
+        with torch.no_grad():
+            experts.core_gate_up.copy_(cores_gu)
+            experts.core_down.copy_(cores_d)
+            for e in range(block.num_experts):
+                gate, up, down = block.expert(e)
+                core_gate, core_up = cores_gu[assign[e], :inter], cores_gu[assign[e], inter:]
+                b_g, a_g = low_rank(gate - core_gate, rank)
+                b_u, a_u = low_rank(up - core_up, rank)
+                b_d, a_d = low_rank(down - cores_d[assign[e]], rank)
+                experts.gate_up_a[e].copy_(torch.cat([a_g, a_u]))
+                experts.gate_up_b[e, :inter].copy_(b_g)
+                experts.gate_up_b[e, inter:].copy_(b_u)
+                experts.down_a[e].copy_(a_d)
+                experts.down_b[e].copy_(b_d)
+                for w, approx in ((gate, core_gate + b_g @ a_g), (up, core_up + b_u @ a_u), (down, cores_d[assign[e]] + b_d @ a_d)):
+                    kept += (w.float() - approx.float()).pow(2).sum().item()
+                    total += w.float().pow(2).sum().item()
+        full = rank >= min(inter, hidden)
+        return experts, init, {"cores": groups.num_groups, "top_k": block.top_k, "rank": rank, "full_rank": full, "weight_rel_error": math.sqrt(kept / max(total, 1e-30))}
+
+
+def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B [a, r], A [r, b])`` with ``B @ A`` the best rank-``r`` approximation of ``delta [a, b]`` (truncated SVD, balanced split)."""
+    work = delta.double() if delta.numel() <= (1 << 22) else delta.float()
+    u, s, vh = torch.linalg.svd(work, full_matrices=False)
+    r = min(rank, s.numel())
+    root = s[:r].sqrt()
+    b = torch.zeros(delta.shape[0], rank, dtype=work.dtype, device=delta.device)
+    a = torch.zeros(rank, delta.shape[1], dtype=work.dtype, device=delta.device)
+    b[:, :r] = u[:, :r] * root
+    a[:r] = root[:, None] * vh[:r]
+    return b.to(delta.dtype), a.to(delta.dtype)
+
+
+def experts_init(model: MoEModel, block: MoEBlock, groups: Groups) -> dict:
+    return {
+        "num_experts": block.num_experts,
+        "assign": groups.assign,
+        "hidden_size": block.gate_up_proj.shape[-1],
+        "intermediate_size": block.intermediate_size,
+        "hidden_act": model.config.hidden_act,
+    }
