@@ -14,7 +14,7 @@ from moebench.method import Context
 from moebench.models import load_pretrained
 from moebench.params import ParamError, parse
 from moebench.plugins import host
-from moebench_plugins.fusion import FusedMoE, MixtureOfLoRAExperts
+from moebench_plugins.fusion.modules import FusedMoE, MixtureOfLoRAExperts
 from transformers import AutoModelForCausalLM
 
 VARIANTS = ["multiplexage", "fused_lora", "mixture_of_lora"]

@@ -8,7 +8,8 @@ import textwrap
 import pytest
 import torch
 from moebench import checkpoint as ck
-from moebench import models, premoe
+from moebench import models
+from moebench_plugins.premoe import index as premoe
 from moebench.calibration import Calibration, CalibrationSpec
 from moebench.data import load_text
 from moebench.errors import MoebenchError, SuiteError
