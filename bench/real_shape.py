@@ -147,7 +147,7 @@ def main() -> None:
 
     from moebench.models import resolve
 
-    resolve(args.model, args.dtype)  # build the twin once, outside the timed children
+    resolve(args.model, dtype=args.dtype)  # build the twin once, outside the timed children
     print(f"{args.model} ({args.dtype}), {args.samples} x {args.seqlen} calibration tokens, CPU, 1 thread")
     print("| method | s / MoE layer | x layer forward | memory added (x expert bytes) | budget (x fwd / mem) | meets |")
     print("|---|---|---|---|---|---|")
