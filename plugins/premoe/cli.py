@@ -56,7 +56,7 @@ def index_cmd(
     spec = s.calibration or CalibrationSpec(seed=s.seed)
     t0 = time.perf_counter()
     if stream:
-        index = premoe.build_streaming(resolve(s.model.source, s.hardware.threads), tasks, spec, settings, dtype=s.model.dtype, device=s.model.device)
+        index = premoe.build_streaming(resolve(s.model.source, s.hardware.threads, s.model.dtype), tasks, spec, settings, dtype=s.model.dtype, device=s.model.device)
     else:
         from moebench.runner import load_model
 
