@@ -1,4 +1,5 @@
-"""Expert trimming: expert drop, layer drop, block drop (He, Dong et al., arXiv 2406.02500).
+"""Expert trimming: expert drop, layer drop, block drop (He, Dong et al., arXiv 2406.02500),
+and REAP (:mod:`.reap`).
 
 All three read calibration statistics from the shared service and edit the model only
 through :class:`moebench.adapter.MoEModel`, so they work on every adapted architecture
@@ -230,4 +231,13 @@ class BlockDrop(Method):
 
 @hookimpl
 def register_methods():
-    return [ExpertDrop, LayerDrop, BlockDrop]
+    from .reap import Reap
+
+    return [ExpertDrop, LayerDrop, BlockDrop, Reap]
+
+
+@hookimpl
+def register_statistics():
+    from .reap import ReapSaliency
+
+    return [ReapSaliency]
