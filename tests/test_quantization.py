@@ -318,12 +318,11 @@ def test_awq_block_scale_minimises_the_block_output_error_over_the_grid():
 
 
 def test_awq_block_objective_shares_the_gate_up_scale_and_folds_down_into_up():
-    moe, matrix = tiny(layers=2), tiny(layers=2)
+    moe = tiny(layers=2)
     changes = apply(moe, "awq", bits=4, group_size=32, storage="int4")
     assert changes["variant"].startswith("block")
     stored = moe.block(moe.moe_layers[0]).experts
     scales = stored.gate_up_input_scale.view(torch.float16)
     assert (scales == scales[0]).all() and not (scales == 1).all()  # one gate/up scale for the whole block
     assert (stored.down_input_scale.view(torch.float16) == 1).all()  # down's scale lives in the up rows
-    other = apply(matrix, "awq", bits=4, group_size=32, objective="matrix", router_weighted=True)
-    assert other["variant"].startswith("matrix") and other["awq_error_vs_rtn"]["experts"]["max"] <= 1
+    assert changes["awq_error_vs_rtn"]["experts"]["max"] <= 1  # the grid holds RTN (alpha = 0)
