@@ -1,4 +1,5 @@
-"""Expert trimming: expert drop, layer drop, block drop (He, Dong et al., arXiv 2406.02500).
+"""Expert trimming: expert drop, layer drop, block drop (He, Dong et al., arXiv 2406.02500),
+and REAP (:mod:`.reap`).
 
 Reference code: the Unified-MoE-Compression repository (DaizeDong/Unified-MoE-Compression,
 ``compression/prune/{expert_drop,block_drop}.py``). Defaults follow it; moebench's own
@@ -300,4 +301,13 @@ class BlockDrop(Method):
 
 @hookimpl
 def register_methods():
-    return [ExpertDrop, LayerDrop, BlockDrop]
+    from .reap import Reap
+
+    return [ExpertDrop, LayerDrop, BlockDrop, Reap]
+
+
+@hookimpl
+def register_statistics():
+    from .reap import ReapSaliency
+
+    return [ReapSaliency]
