@@ -294,6 +294,16 @@ class MoEModel:
         self._record(f"keep_experts({layer},{list(keep)})")
         return notes
 
+    def zero_experts(self, layer: int, experts: Sequence[int]) -> None:
+        """Zero the weights of ``experts`` in ``layer``, router untouched: a token routed to one
+        loses that expert's contribution (a gated MLP of zero weights outputs exactly zero)."""
+        block = self._moe(layer)
+        index = torch.as_tensor(list(experts), dtype=torch.long, device=block.gate_up_proj.device)
+        with torch.no_grad():
+            block.experts.gate_up_proj.index_fill_(0, index, 0)
+            block.experts.down_proj.index_fill_(0, index, 0)
+        self._record(f"zero_experts({layer},{list(experts)})")
+
     def replace_experts(
         self,
         layer: int,
