@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .adapter import MoEModel, PassThrough
+from .adapter import MoEModel, PassThrough, install_routing
 from .errors import MoebenchError
 from .plugins import host
 
@@ -160,6 +160,7 @@ def apply_structure(model, structure: dict) -> None:
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         setattr(parent, attr, cls(**spec.get("init", {})))
+    install_routing(model, moe.adapter)  # routing rules rebuilt above act on their routers again
 
 
 def fingerprint(path) -> str:
