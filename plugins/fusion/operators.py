@@ -8,7 +8,7 @@ matrix. Fusion methods apply it to each projection of the packed experts separat
 Built in: ``average`` (uniform mean), ``frequency_average`` (mean weighted by how often
 each member was routed to), ``slerp`` (spherical barycentre of the members' directions,
 norms averaged; exact SLERP for two members) and ``sce`` (FuseChat's select, calculate,
-erase, on task vectors taken against the most-used member).
+erase, on task vectors taken against the most-used member, as mergekit runs it).
 
 Plugins add operators with the ``register_merge_operators`` hook, returning
 ``{name: fn(stack, weights, **options) -> tensor}``; methods look them up by name through
@@ -173,18 +173,48 @@ def _karcher_mean(cosines: torch.Tensor, w: torch.Tensor, iterations: int) -> to
 
 
 @builtin("sce")
-def sce(stack: torch.Tensor, weights: torch.Tensor, select: float = 0.1) -> torch.Tensor:
-    """FuseChat's SCE on task vectors against the pivot (the most-used member).
+def sce(stack: torch.Tensor, weights: torch.Tensor, select: float = 0.2, variant: str = "reference") -> torch.Tensor:
+    """FuseChat's SCE (Wan et al., arXiv 2408.07990) on task vectors against a pivot, the most-used member.
 
-    Select: keep the ``select`` fraction of elements whose task vectors vary most across
-    members. Calculate: weight each member by its task vector's squared norm. Erase:
-    per element, drop members whose sign disagrees with the weighted sum, then average
-    the rest with their weights. The pivot plus that merged task vector is the result.
+    As mergekit's ``sce`` (which moe-pruner calls): the pivot is the base and is left out of
+    every step. Select: keep the ``select`` fraction (of the elements whose variance is not
+    zero) with the largest variance of the other members' task vectors. Calculate: weight
+    each member by its task vector's mean square. Erase: per element, keep members whose
+    sign agrees with the sign of the plain sum of task vectors, then average those with
+    their weights. The pivot plus that merged task vector is the result. The default
+    ``select = 0.2`` sits in the 0.15-0.3 range moe-pruner uses (mergekit's default is 1).
+    ``variant = "moebench"`` is moebench's earlier rule: the pivot's zero task vector takes
+    part in the variance and the weights, and the sign vote is weighted.
     """
     if not 0 < select <= 1:
         raise ValueError(f"sce select must be in (0, 1], got {select}")
-    pivot = stack[int(weights.argmax())]
-    tau = stack - pivot
+    if variant not in ("reference", "moebench"):
+        raise ValueError(f"sce variant must be 'reference' or 'moebench', got {variant!r}")
+    p = int(weights.argmax())
+    pivot = stack[p]
+    if variant == "moebench":
+        return _sce_moebench(stack - pivot, pivot, select)
+    tau = torch.cat([stack[:p], stack[p + 1 :]]) - pivot
+    if tau.shape[0] == 0:
+        return pivot.clone()
+    if select < 1:
+        var = tau.var(dim=0, unbiased=False).reshape(-1)
+        k = int(int(torch.count_nonzero(var)) * select)
+        keep = torch.zeros_like(var, dtype=torch.bool)
+        if k > 0:
+            keep[var.topk(k).indices] = True
+        tau = tau * keep.reshape(tau.shape[1:]).to(tau.dtype)
+    energy = tau.reshape(tau.shape[0], -1).pow(2).mean(1)
+    coef = energy / energy.sum() if energy.sum().abs() >= 1e-6 else torch.full_like(energy, 1.0 / energy.numel())
+    coef = coef.to(tau.dtype).reshape(-1, *([1] * (tau.dim() - 1)))
+    sign = torch.where(tau.sum(0) >= 0, 1.0, -1.0).to(tau.dtype)
+    agree = (tau.sign() == sign.unsqueeze(0)).to(tau.dtype)
+    erased = coef * agree
+    return pivot + (tau * erased).sum(0) / erased.sum(0).clamp_min(1e-6)
+
+
+def _sce_moebench(tau: torch.Tensor, pivot: torch.Tensor, select: float) -> torch.Tensor:
+    """moebench's earlier SCE: the pivot's zero task vector in the variance and weights, a weighted sign vote."""
     if select < 1:
         var = tau.var(dim=0, unbiased=False).reshape(-1)
         k = max(1, round(select * var.numel()))
