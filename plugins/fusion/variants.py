@@ -107,7 +107,7 @@ class Multiplexage(_Variant):
     Params = VariantParams
 
     def build(self, model, block, groups, freq, params, ctx):
-        gate_up, down = merged_experts(block, groups, freq, params.operator, params.operator_args)
+        gate_up, down = merged_experts(block, groups, freq, params.operator, params.operator_args, params.align)
         init = experts_init(model, block, groups)
         experts = MultiplexExperts(**init)
         with torch.no_grad():
@@ -123,7 +123,7 @@ class FusedLoRA(_Variant):
     Params = FusedLoRAParams
 
     def build(self, model, block, groups, freq, params, ctx):
-        gate_up, down = merged_experts(block, groups, freq, params.operator, params.operator_args)
+        gate_up, down = merged_experts(block, groups, freq, params.operator, params.operator_args, params.align)
         init = {**experts_init(model, block, groups), "rank": params.rank, "latent": params.latent}
         experts = FusedLoRAExperts(**init)
         with torch.no_grad():
