@@ -106,8 +106,14 @@ class VariantParams(GroupParams):
 
 @dataclass
 class FusedLoRAParams(VariantParams):
-    rank: int = param(8, help="LoRA rank per merged expert")
-    latent: int = param(8, help="size of the latent projection of the original routing weights fed to the LoRA")
+    adapters: Literal["members", "latent"] = param(
+        "members",
+        help="members: one SVD-initialised adapter per original expert, mixed by routing weight, with an input bias "
+        "from the members' weights (moe-pruner's FusedLinear); latent: one LoRA per merged expert reading [x ; z], "
+        "z a latent projection of the routing weights (moebench's variant)",
+    )
+    rank: int = param(8, help="adapter rank")
+    latent: int = param(8, help="adapters = 'latent': size of the latent projection of the routing weights")
 
     def check(self):
         super().check()
