@@ -50,7 +50,7 @@ def parse_max_memory(table: dict[str, Any] | None) -> dict[int | str, int | str]
         except (ValueError, TypeError):
             size = -1
         if isinstance(value, bool) or size < 0:
-            raise ValueError(f"max_memory.{name} = {value!r}: expected a size such as \"20GiB\" or \"500MB\", or a number of bytes")
+            raise ValueError(f"max_memory {name} = {value!r}: expected a size such as \"20GiB\" or \"500MB\", or a number of bytes")
         out[int(name) if name.isdigit() else name] = value
     return out
 
