@@ -77,6 +77,33 @@ def by_frequency(frequency: torch.Tensor, similarity: torch.Tensor, n: int) -> G
     return Groups([sorted(m, key=lambda i: order.index(i)) for m in members])
 
 
+def hierarchical(features: torch.Tensor, n: int, linkage: str = "average", metric: str = "euclidean",
+                 priority: torch.Tensor | None = None) -> Groups:
+    """``n`` groups by agglomerative clustering of the rows of ``features [E, D]`` (scipy's ``linkage``,
+    cut into exactly ``n`` clusters with ``cut_tree``); groups ordered by their busiest member."""
+    import numpy as np
+    from scipy.cluster.hierarchy import cut_tree
+    from scipy.cluster.hierarchy import linkage as scipy_linkage
+
+    e = features.shape[0]
+    _check_n(n, e)
+    if n == e:
+        labels = list(range(e))
+    else:
+        tree = scipy_linkage(features.double().cpu().numpy(), method=linkage, metric=metric)
+        labels = np.asarray(cut_tree(tree, n_clusters=n)).reshape(-1).tolist()
+    return _from_labels(labels, priority if priority is not None else torch.zeros(e))
+
+
+def _from_labels(labels: list[int], prio: torch.Tensor) -> Groups:
+    """Groups from per-expert cluster labels, members and groups ordered by descending priority."""
+    order = _order(prio.double().cpu())
+    by_label: dict[int, list[int]] = {}
+    for e in order:
+        by_label.setdefault(int(labels[e]), []).append(e)
+    return Groups(list(by_label.values()))
+
+
 def _balanced(a: torch.Tensor, n: int, prio: torch.Tensor) -> Groups:
     """Greedy: the busiest unassigned expert seeds a group, which then takes the unassigned
     experts with the highest mean affinity to its members until it has its share."""

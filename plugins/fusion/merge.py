@@ -40,7 +40,7 @@ class GroupParams:
     balanced: bool = param(True, help="clusters of equal size (busiest experts seed them); false: average-linkage clusters of any size")
     similarity: Literal["output", "weight"] = param("output", help="what the frequency grouping measures closeness by")
     operator: str = param("slerp", help="merge operator: average | frequency_average | slerp | sce | any a plugin registers")
-    operator_args: dict = param(default_factory=dict, help="options passed to the operator, e.g. {select = 0.1} for sce")
+    operator_args: dict = param(default_factory=dict, help="options passed to the operator, e.g. {select = 0.2} for sce")
     scope: Literal["layer", "global"] = param(
         "layer", help="layer: same count per layer; global: one budget spread by routing frequency (each layer keeps at least its top-k)"
     )

@@ -47,6 +47,10 @@ class _Variant(Method):
     def needs(self, params) -> tuple[str, ...]:
         return stats_needed(params)
 
+    def group(self, block: MoEBlock, n: int, params, stats: dict) -> Groups:
+        """How one layer's experts are grouped into ``n`` (the shared grouping by default)."""
+        return group_layer(block, n, params, stats)
+
     def build(self, model: MoEModel, block: MoEBlock, groups: Groups, freq: torch.Tensor, params, ctx: Context) -> tuple[nn.Module, dict, dict]:
         """The experts module for one layer, its init kwargs, and per-layer facts for the record."""
         raise NotImplementedError
@@ -59,7 +63,7 @@ class _Variant(Method):
         groups, facts = {}, {}
         fused: list[FusedMoE] = []
         for b in blocks:
-            groups[b.layer] = g = group_layer(b, budgets[b.layer], params, stats)
+            groups[b.layer] = g = self.group(b, budgets[b.layer], params, stats)
             experts, init, facts[b.layer] = self.build(model, b, g, stats["routing_counts"][b.layer], params, ctx)
             ref = b.gate_up_proj
             experts = experts.to(device=ref.device, dtype=ref.dtype)
