@@ -26,7 +26,7 @@ def run(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="results directory (default reports/<suite>/<timestamp>)"),
     resume: bool = typer.Option(False, "--resume", help="skip runs already recorded ok (in --out, else the latest run directory)"),
     save_models: Optional[Path] = typer.Option(None, "--save-models", help="save each compressed model under this folder"),
-    shard: Optional[str] = typer.Option(None, "--shard", help="run shard K of N (K/N, e.g. 1/2): a deterministic subset of the runs; join with moebench merge. 'slurm' takes K/N from a SLURM job array (the default inside one)"),
+    shard: Optional[str] = typer.Option(None, "--shard", help="run shard K of N (K/N, e.g. 1/2): a deterministic subset of the runs; join with moebench merge. 'slurm' takes K/N from the SLURM job array this runs in"),
     executor: str = typer.Option("serial", "--executor", help="where runs execute: serial (here, one after another) or ray (one Ray task per run; pip install 'moebench[ray]')"),
     address: Optional[str] = typer.Option(None, "--address", help="with --executor ray: the running cluster to use (e.g. 10.0.0.1:6379 or auto); default: start a local one"),
     retries: int = typer.Option(1, "--retries", help="with --executor ray: times a run whose worker died is tried again before it is recorded as failed"),

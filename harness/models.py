@@ -83,8 +83,12 @@ def load(
 
 
 def reproducible_experts(model, device: str) -> None:
-    """On the CPU, run experts with the per-expert loop: bit-reproducible, where grouped_mm is not."""
-    if device == "cpu" and hasattr(model, "set_experts_implementation"):
+    """On the CPU, run experts with the per-expert loop: bit-reproducible, where grouped_mm is not.
+
+    ``auto`` without a GPU is the CPU too (spread over CPU memory and disk).
+    """
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if on_cpu and hasattr(model, "set_experts_implementation"):
         try:
             model.set_experts_implementation("eager")
         except (ValueError, NotImplementedError):
