@@ -85,7 +85,7 @@ class Killer(threading.Thread):
 
 def comparable(record: dict) -> dict:
     """What must not depend on the executor: identity, status, changes and metrics less timings and process memory."""
-    metrics = {k: v for k, v in record["metrics"].items() if "seconds" not in k and k not in ("memory", "peak_rss_bytes")}
+    metrics = {k: v for k, v in record["metrics"].items() if "seconds" not in k and k not in ("memory", "peak_memory_bytes", "speed")}
     return {k: record[k] for k in ("run_id", "name", "status", "pipeline", "changes", "notes")} | {"metrics": metrics}
 
 
