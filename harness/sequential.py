@@ -241,6 +241,7 @@ class Sequential:
         batch_size: int = 8,
         router_weighted: bool = True,
         max_samples: int = 2048,
+        weight_power: float = 1.0,
     ):
         self.model = model
         self.windows = windows
@@ -252,6 +253,8 @@ class Sequential:
         check_targets(self.targets)
         self.batch_size = max(1, batch_size)
         self.router_weighted = router_weighted
+        #: a routed token's input is scaled by ``weight ** weight_power`` (0.5: Hessians weighted by the weight itself, MoEQuant)
+        self.weight_power = weight_power
         self.max_samples = max_samples
         self.device = model.device
         self._hidden: list[torch.Tensor] = []
@@ -370,7 +373,7 @@ class Sequential:
                 if tok.numel() == 0:
                     continue
                 x = hidden[tok].float()
-                scale = weights[tok, pos].detach().float()[:, None] if weighted else None
+                scale = weights[tok, pos].detach().float()[:, None] ** self.weight_power if weighted else None
                 if "gate_up_proj" in by_attr:
                     by_attr["gate_up_proj"].stats.add(e, x * scale if weighted else x, cap)
                 if "down_proj" in by_attr:
@@ -429,10 +432,12 @@ def peak_rss_bytes() -> int:
 
 
 def from_context(model: MoEModel, ctx, method: str, **kwargs) -> Sequential:
-    """A :class:`Sequential` pass over the suite's calibration windows (``ctx.calibration``)."""
+    """A :class:`Sequential` pass over the suite's calibration windows (``ctx.calibration``), or ``windows=`` given."""
     if ctx.calibration is None:
         raise MoebenchError(f"{method} needs calibration data; add a [calibration] table to the suite")
-    windows = ctx.calibration.windows(model.tokenizer)
+    windows = kwargs.pop("windows", None)
+    if windows is None:
+        windows = ctx.calibration.windows(model.tokenizer)
     return Sequential(model, windows, batch_size=ctx.calibration.spec.batch_size, **kwargs)
 
 

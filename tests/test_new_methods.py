@@ -162,3 +162,35 @@ def test_hc_smoe_clusters_are_scipys_hierarchical_clustering_of_mean_outputs(che
     for m, members in enumerate(groups):
         w = freq[members] / freq[members].sum()
         torch.testing.assert_close(fused.gate_up_proj[m].double(), torch.einsum("n,nij->ij", w, original[members].double()), rtol=1e-5, atol=1e-6)
+
+
+def test_moequant_hessians_are_the_affinity_weighted_sum(checkpoint):
+    from moebench.sequential import Sequential
+
+    model = load(str(checkpoint("deepseek_v2")))
+    ctx = _ctx()
+    windows = ctx.calibration.windows(model.tokenizer)
+    block = next(model.blocks())
+    x = _block_inputs(model, windows)[block.layer]
+    with torch.no_grad():
+        _, weights, indices = model.adapter.route(block.router.forward(x))
+    affinity = torch.zeros(x.shape[0], block.num_experts, dtype=torch.float64)
+    affinity.scatter_add_(1, indices, weights.double())  # c[t, e]: the routing weight, 0 where e is not selected
+    expected = torch.einsum("te,ti,tj->eij", affinity, x.double(), x.double())
+    run = Sequential(model, windows, targets=["experts"], collect=["hessian"], batch_size=2, router_weighted=True, weight_power=0.5)
+    for step in run:
+        if step.index == block.layer:
+            gate_up = next(g for g in step.groups if g.attr == "gate_up_proj")
+            torch.testing.assert_close(gate_up.stats.hessian.double(), expected, rtol=1e-4, atol=1e-5)
+            break
+    else:
+        raise AssertionError("the MoE layer was not visited")
+
+
+def test_moequant_runs_on_balanced_self_samples(checkpoint):
+    model = load(str(checkpoint("deepseek_v2")))
+    changes = _apply(model, "moequant", _ctx(samples=2, seqlen=16), bits=4, group_size=32, candidates=2)
+    assert changes["variant"]["hessian"].startswith("affinity-weighted")
+    ebss = changes["ebss"]
+    assert ebss["sampled"] == 4 and ebss["kept"] == 2 and ebss["imbalance_kept"] <= ebss["imbalance_all"]
+    assert torch.isfinite(_logits(model.model)).all()

@@ -425,7 +425,8 @@ class _Quantizer(Method):
     def apply(self, model: MoEModel, params: QuantParams, ctx: Context) -> dict:
         if self.collect:
             run = from_context(model, ctx, self.name, targets=params.targets, collect=self.collect_for(params),
-                               router_weighted=params.router_weighted, **self.run_options(params))
+                               router_weighted=params.router_weighted, windows=self.calibration_windows(model, params, ctx),
+                               **self.run_options(params))
             steps = run
         else:
             run, steps = None, static_steps(model, params.targets)
@@ -461,6 +462,10 @@ class _Quantizer(Method):
 
     def run_options(self, params) -> dict:
         return {}
+
+    def calibration_windows(self, model: MoEModel, params, ctx: Context) -> torch.Tensor | None:
+        """The token windows the layer-sequential pass runs (None: the suite's calibration windows)."""
+        return None
 
     def collect_for(self, params) -> tuple[str, ...]:
         """The statistics the calibration pass gathers for ``params``."""
@@ -737,4 +742,6 @@ class Tally:
 
 @hookimpl
 def register_methods():
-    return [RTN, GPTQ, AWQ, Bnb4bit]
+    from .moequant import MoEQuant
+
+    return [RTN, GPTQ, AWQ, Bnb4bit, MoEQuant]
