@@ -30,6 +30,7 @@ from .adapter import MoEModel
 from .calibration import Calibration
 from .method import Context
 from .models import LOADER, load
+from .params import to_dict
 from .plugins import host
 from .store import ResultStore
 from .suite import RunSpec, Suite
@@ -146,6 +147,7 @@ def execute(suite: Suite, spec: RunSpec, ctx: Context, options: RunOptions) -> d
         "status": "ok",
         "pipeline": [s.to_dict() for s in spec.pipeline],
         "model": {"source": suite.model.source, "dtype": suite.model.dtype},
+        "evals": {name: to_dict(params) for name, params in suite.evals.items()},
         "metrics": {},
         "changes": {},
         "notes": ctx.notes,
