@@ -92,5 +92,5 @@ def test_every_built_in_method_saves_a_model_plain_transformers_loads_right_or_r
     refused = {k for k, v in verdicts.items() if v == "refused"}
     assert refused == {
         "expert_drop_global", "layer_drop", "gptq_int4", "awq_int4", "rtn_int4", "bnb_4bit",
-        "multiplexage", "fused_lora", "mixture_of_lora",
+        "multiplexage", "fused_lora", "mixture_of_lora", "dynamic_topk", "expert_skip",
     }, verdicts
