@@ -34,8 +34,10 @@ CASES = {
     "awq_int4": ("awq", {"storage": "int4", "grid": 4}),
     "rtn_int4": ("rtn", {"storage": "int4", "targets": ["experts", "attention"]}),
     "bnb_4bit": ("bnb_4bit", {}),
+    "moequant": ("moequant", {}),
     "merge": ("merge", {"keep_ratio": 0.5}),
     "progressive_merge": ("progressive_merge", {"keep_ratio": 0.5}),
+    "hc_smoe": ("hc_smoe", {"keep_ratio": 0.5}),
     "multiplexage": ("multiplexage", {"keep_ratio": 0.5}),
     "fused_lora": ("fused_lora", {"keep_ratio": 0.5, "rank": 4}),
     "mixture_of_lora": ("mixture_of_lora", {"rank": 8}),
@@ -92,5 +94,5 @@ def test_every_built_in_method_saves_a_model_plain_transformers_loads_right_or_r
     refused = {k for k, v in verdicts.items() if v == "refused"}
     assert refused == {
         "expert_drop_global", "layer_drop", "gptq_int4", "awq_int4", "rtn_int4", "bnb_4bit",
-        "multiplexage", "fused_lora", "mixture_of_lora", "dynamic_topk", "expert_skip",
+        "multiplexage", "fused_lora", "mixture_of_lora", "dynamic_topk", "expert_skip", "hc_smoe",
     }, verdicts
