@@ -25,12 +25,13 @@ from typing import Any, Callable
 
 import torch
 
-from . import __version__, placement
+from . import __version__, model_card, placement
 from .adapter import MoEModel
 from .calibration import Calibration
 from .executor import SerialExecutor
 from .method import Context
-from .models import load
+from .models import LOADER, load
+from .params import to_dict
 from .plugins import host
 from .store import ResultStore
 from .suite import RunSpec, Suite
@@ -43,7 +44,7 @@ class RunOptions:
     #: keep only these runs (e.g. a shard); the baseline is always kept when anything runs
     select: Callable[[list[RunSpec]], list[RunSpec]] | None = None
     log: Callable[[str], None] = print
-    #: write each compressed model here (one folder per run id) when set
+    #: write each compressed model here (one folder per run: ``<name>-<run id>`` with a README model card) when set
     save_models: Path | None = None
     #: where the runs execute (:mod:`moebench.executor`); None runs them here, one after another
     executor: Any = None
@@ -189,12 +190,11 @@ def execute(suite: Suite, spec: RunSpec, ctx: Context, save_models: Path | None 
         if len(steps) > 1:
             record["metrics"]["compress_seconds_by_step"] = steps
         if save_models is not None and spec.pipeline:
-            folder = save_models / spec.run_id
+            folder = save_models / model_card.folder_name(spec.name, spec.run_id)
             model.save(folder)
-            record["saved_model"] = {
-                "path": str(folder),
-                "loader": "moebench.models.load_pretrained" if model.needs_moebench_loader() else "transformers",
-            }
+            loader = LOADER if model.needs_moebench_loader() else model_card.TRANSFORMERS
+            record["saved_model"] = {"path": str(folder), "loader": loader}
+            ctx.log(f"  saved to {folder}; load it with:\n    " + model_card.how_to_load(folder, loader).replace("\n", "\n    "))
         record["metrics"].update(measure(model, suite, ctx))
     except KeyboardInterrupt:
         raise
@@ -207,6 +207,8 @@ def execute(suite: Suite, spec: RunSpec, ctx: Context, save_models: Path | None 
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    if record.get("saved_model"):
+        model_card.write(record["saved_model"]["path"], record)
     if ctx.calibration is not None and spec.pipeline:
         record["calibration"] = {**ctx.calibration.spec.key(), **ctx.calibration.summary()}
     record["started"] = started
@@ -225,6 +227,7 @@ def _new_record(suite: Suite, spec: RunSpec, notes: list[str]) -> dict[str, Any]
         "status": "ok",
         "pipeline": [s.to_dict() for s in spec.pipeline],
         "model": {"source": suite.model.source, "dtype": suite.model.dtype},
+        "evals": {name: to_dict(params) for name, params in suite.evals.items()},
         "metrics": {},
         "changes": {},
         "notes": notes,
