@@ -13,7 +13,7 @@ The ``[compare]`` table of a suite::
 
     [compare]
     missing = "fail"                  # fail | warn: a baseline run or metric absent from the new results
-    defaults = true                   # also apply the built-in tolerances (DEFAULT_TOLERANCES)
+    defaults = true                   # also apply the tolerances the metrics declare (default_tolerances)
 
     [compare.tolerances]              # metric name or glob -> tolerance; first match wins
     perplexity = { rel = 0.02 }       # relative: |new - base| <= 0.02 * |base|
@@ -46,7 +46,7 @@ class Tolerance:
     pattern: str
     rel: float | None = None
     abs: float | None = None
-    better: str | None = None  # "lower" | "higher"; default from moebench.report.better
+    better: str | None = None  # "lower" | "higher"; default: the metric's declared direction
     ignore: bool = False
     source: str = "default"  # where it came from: command line | suite | default
 
@@ -68,24 +68,20 @@ class Tolerance:
         return " or ".join(parts) or "exact"
 
 
-#: tolerances applied unless a suite sets ``defaults = false``: quality within noise of a
-#: CPU rerun, sizes exact (they are deterministic); timings and memory are not gated
-DEFAULT_TOLERANCES = [
-    Tolerance("perplexity", rel=0.01),
-    Tolerance("lm_eval.*", abs=0.02),
-    Tolerance("params.*", rel=0.0),
-    Tolerance("weight_bytes", rel=0.0),
-    Tolerance("experts", rel=0.0),
-    Tolerance("blocks", rel=0.0),
-    Tolerance("flops_per_token", rel=0.001),
-]
+def default_tolerances() -> list[Tolerance]:
+    """Tolerances applied unless a suite sets ``defaults = false``: each metric declares its
+    own (``Column.tolerance``): quality within noise of a CPU rerun, sizes exact (they are
+    deterministic); timings and memory are not gated."""
+    from .columns import default_tolerances as declared
+
+    return [Tolerance(pattern, **tol) for pattern, tol in declared()]
 
 
 @dataclass
 class CompareSpec:
     """Tolerances in precedence order, and what a missing run or metric means."""
 
-    tolerances: list[Tolerance] = field(default_factory=lambda: list(DEFAULT_TOLERANCES))
+    tolerances: list[Tolerance] = field(default_factory=default_tolerances)
     missing: str = "fail"
 
     def tolerance_for(self, metric: str) -> Tolerance | None:
@@ -154,7 +150,7 @@ def parse_compare(table: Any, path: str = "<suite>") -> CompareSpec:
         parsed = [parse_tolerance(p, t) for p, t in tolerances.items()]
     except _FieldError as exc:
         raise SuiteError(path, exc.field, exc.message) from None
-    return CompareSpec(parsed + (list(DEFAULT_TOLERANCES) if defaults else []), missing)
+    return CompareSpec(parsed + (default_tolerances() if defaults else []), missing)
 
 
 def check_compare(table: Any, path: str = "<suite>") -> None:
@@ -164,7 +160,7 @@ def check_compare(table: Any, path: str = "<suite>") -> None:
 
 def compare_spec_from_suite(path: str | os.PathLike) -> CompareSpec:
     """The ``[compare]`` table of a suite file (only that table is validated)."""
-    from .suite import read_toml
+    from .toml_file import read_toml
 
     return parse_compare(read_toml(path).get("compare"), str(path))
 

@@ -21,7 +21,8 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from .report import DELTA_COLUMNS, LABELS, better, fmt, frame, with_deltas
+from . import columns as _columns
+from .report import better, fmt, frame, with_deltas
 
 ID_COLUMNS = ("suite", "origin", "name", "run_id", "status")
 
@@ -109,33 +110,27 @@ def record_of(table: SuiteTable, row: pd.Series) -> dict[str, Any]:
 # --------------------------------------------------------------------------- cells
 
 
-#: bookkeeping columns left out of the Markdown and HTML tables (they stay in the CSV)
-HIDDEN = ("*stderr*", "lm_eval_info.*", "*_spread", "*.how")
-
-
 def display_columns(table: SuiteTable, columns: list[str] | None = None) -> list[str]:
     """Columns a person reads: name, status, then the metrics matching ``columns`` (globs, in
-    their order), or every metric but the bookkeeping ones in :data:`HIDDEN`."""
+    their order), or every metric but the bookkeeping ones (``hidden`` in their column description)."""
     ids = ["origin"] if "origin" in table.df.columns else []
     if columns:
         chosen = [m for pattern in columns for m in table.metrics if fnmatch.fnmatchcase(m, pattern)]
     else:
-        chosen = [m for m in table.metrics if not any(fnmatch.fnmatchcase(m, h) for h in HIDDEN)]
+        chosen = [m for m in table.metrics if not (_columns.column(m).hidden or "stderr" in m)]
     return ["name", *ids, "status", *dict.fromkeys(chosen)]
 
 
 def label(column: str) -> str:
-    """A column's short header: ``ppl``, ``weights``; ``pydoc_mc acc`` for ``lm_eval.pydoc_mc.acc``."""
-    if column.startswith("lm_eval."):
-        return column[len("lm_eval.") :].replace(".", " ")
-    return LABELS.get(column, column)
+    """A column's short header (``ppl``, ``weights``, ``pydoc_mc acc``), as its metric declares it."""
+    return _columns.label(column)
 
 
 def cell(row: pd.Series, column: str) -> str:
     """A formatted value, with its change against the baseline for the headline columns."""
     text = fmt(row.get(column), column)
     delta = row.get(f"Δ{column}")
-    if (column in DELTA_COLUMNS or column.startswith("lm_eval.")) and row.get("name") != "baseline" and _num(delta):
+    if _columns.column(column).delta and row.get("name") != "baseline" and _num(delta):
         text += f" ({delta:+.1%})"
     return text
 

@@ -86,7 +86,7 @@ def run_suite(suite: Suite, options: RunOptions) -> SuiteResult:
         _precalibrate(suite, todo, calibration, options.log)
 
     baseline: dict[str, Any] | None = None
-    needs_relative = [name for name in suite.evals if getattr(host().metric(name), "relative", False)]
+    needs_relative = [name for name in suite.evals if host().metric(name).relative]
     if todo and needs_relative and runs and runs[0].is_baseline and runs[0] not in todo:
         options.log("re-measuring the baseline in this process for relative metrics: " + ", ".join(needs_relative))
         baseline = _measure_only(suite, runs[0], needs_relative, calibration)
@@ -200,7 +200,7 @@ def apply_pipeline(model: MoEModel, spec: RunSpec, ctx: Context, seconds: dict[s
     ``seconds``, when given, receives each step's wall time under the same key (device
     work included: CUDA is synchronised before the clock stops).
     """
-    changes: dict[str, Any] = {}
+    changes: dict[str, Any] = ctx.changes  # the run's metrics and later steps read it
     for step in spec.pipeline:
         method = host().method(step.method)()
         key = step.method

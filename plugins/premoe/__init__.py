@@ -24,10 +24,12 @@ from typing import ClassVar, Literal
 from moebench_plugins.premoe import index as premoe
 from moebench.adapter import MoEModel
 from moebench.calibration import CalibrationSpec
+from moebench.columns import Column
 from moebench.data import SPLITS, DataSpec, encode, load_text, random_windows, windows
 from moebench.errors import MoebenchError
 from moebench.hookspecs import hookimpl
 from moebench.method import Context, Method, Metric
+from moebench.suite import SuiteTable
 from moebench.params import param
 from moebench_plugins.metrics import WindowParams, perplexity
 
@@ -73,7 +75,7 @@ class PreMoe(Method):
     stats = ()
 
     def apply(self, model: MoEModel, params: PreMoeParams, ctx: Context) -> dict:
-        tasks = premoe.parse_tasks(getattr(ctx.suite, "tasks", None) or {})
+        tasks = _tasks(ctx)
         settings = premoe.IndexSettings(params.threshold, params.key_layer, params.metric)
         if params.index:
             index = premoe.TaskIndex.load(params.index, model)
@@ -107,7 +109,6 @@ class PreMoe(Method):
         for layer, experts in kept.items():
             for note in model.keep_experts(layer, experts):
                 ctx.note(f"layer {layer}: {note}")
-        ctx.extras["premoe_task"] = expected or chosen
         active = max(model.block(layer).top_k for layer in kept)
         changes = {
             "notation": f"{active}/{n}",
@@ -141,6 +142,21 @@ class PreMoe(Method):
         return params.query, None
 
 
+def _tasks(ctx: Context) -> dict:
+    """The suite's ``[tasks]`` table, parsed (none without a suite)."""
+    return ctx.suite.tables.get("tasks", {}) if ctx.suite is not None else {}
+
+
+def _own_task(changes: dict) -> str | None:
+    """The task a premoe step of this run kept experts for: the query's own task when the
+    query named one, else the task chosen (None when no premoe step ran)."""
+    own = None
+    for key, change in changes.items():
+        if key.split("#")[0] == PreMoe.name and isinstance(change, dict):
+            own = (change.get("retrieval") or {}).get("expected") or change.get("task")
+    return own
+
+
 def _count(num_experts: int, p: PreMoeParams) -> int:
     n = p.keep if p.keep is not None else round(p.keep_ratio * num_experts)
     return max(1, min(num_experts, n))
@@ -154,14 +170,14 @@ class TaskPerplexity(Metric):
     Params = WindowParams  # each task's own data, so no data field
 
     def measure(self, model: MoEModel, params: WindowParams, ctx: Context) -> dict:
-        tasks = premoe.parse_tasks(getattr(ctx.suite, "tasks", None) or {})
+        tasks = _tasks(ctx)
         if not tasks:
             raise MoebenchError("[eval.task_perplexity] needs a [tasks] table: [tasks.NAME] data = 'embedded:prose'")
         values = {}
         for name, task in tasks.items():
             ids = windows(encode(model.tokenizer, load_text(task.data, params.split)), params.seqlen, params.max_samples)
             values[name] = perplexity(model.model, ids, params.batch_size)
-        own = ctx.extras.get("premoe_task")
+        own = _own_task(ctx.changes)
         if own in values:
             values["own"] = values[own]
         blocks = list(model.blocks())
@@ -215,6 +231,23 @@ def register_methods():
 @hookimpl
 def register_metrics():
     return [TaskPerplexity]
+
+
+@hookimpl
+def register_suite_tables():
+    return [SuiteTable("tasks", premoe.parse_tasks, help="[tasks.NAME] data = 'SCHEME:ARG' (query optional): PreMoe's tasks")]
+
+
+def _active_kept(row: dict):
+    """PreMoe's ``active/kept`` notation (e.g. ``8/128``: top-k of the routed experts kept) as one
+    text column, in place of the numeric ``routed.active`` and ``routed.kept`` columns."""
+    active, kept = row.get("routed.active"), row.get("routed.kept")
+    return f"{int(active)}/{int(kept)}" if active is not None and kept is not None else None
+
+
+@hookimpl
+def register_report_columns():
+    return [Column("active/kept", order=50, derive=_active_kept, consumes=("routed.active", "routed.kept"))]
 
 
 @hookimpl

@@ -43,7 +43,7 @@ def index_cmd(
     from moebench.suite import load_suite
 
     s = load_suite(suite)
-    tasks = premoe.parse_tasks(s.tasks or {})
+    tasks = s.tables.get("tasks") or {}
     if not tasks:
         raise MoebenchError(f"{suite}: tasks: no [tasks.NAME] tables; the index needs at least one task")
     if metric not in ("l2", "cosine"):
