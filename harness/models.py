@@ -22,13 +22,16 @@ from .plugins import host
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve(source: str) -> str:
-    """A model source as a local folder or hub id; ``zoo:NAME`` builds (or finds) the zoo checkpoint."""
+def resolve(source: str, threads: int | None = None) -> str:
+    """A model source as a local folder or hub id; ``zoo:NAME`` builds (or finds) the zoo checkpoint.
+
+    ``threads``: the suite's ``[hardware] threads``, which a zoo build trains on too.
+    """
     if source.startswith("zoo:"):
         from . import zoo
 
         name, options = zoo.parse_source(source[4:])
-        return str(zoo.path(name, **options))
+        return str(zoo.path(name, threads=threads, **options))
     return source
 
 
@@ -39,11 +42,15 @@ def load(
     device: str = "cpu",
     trust_remote_code: bool = False,
     max_memory: dict | None = None,
+    threads: int | None = None,
 ) -> MoEModel:
-    """Load a causal LM from a zoo name, local folder or hub id, and attach its adapter."""
+    """Load a causal LM from a zoo name, local folder or hub id, and attach its adapter.
+
+    ``threads`` (a suite's ``[hardware] threads``) is what a zoo build, if one is needed, trains on.
+    """
     if dtype not in DTYPES:
         raise MoebenchError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    path = resolve(source)
+    path = resolve(source, threads)
     from transformers import AutoConfig, AutoTokenizer
 
     try:

@@ -191,7 +191,7 @@ def execute(suite: Suite, spec: RunSpec, ctx: Context, options: RunOptions) -> d
 
 def load_model(suite: Suite) -> MoEModel:
     m = suite.model
-    return load(m.source, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code, max_memory=suite.hardware.max_memory)
+    return load(m.source, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code, max_memory=suite.hardware.max_memory, threads=suite.hardware.threads)
 
 
 def apply_pipeline(model: MoEModel, spec: RunSpec, ctx: Context, seconds: dict[str, float] | None = None) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import json
 import math
 import resource
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -176,11 +176,39 @@ class _Stop(Exception):
 
 @dataclass
 class LayerStep:
-    """One decoder layer during the pass: its index, module, and the groups to compress."""
+    """One decoder layer during the pass: its index, module, and the groups to compress.
+
+    ``stage[name]`` keys the groups that read the same input tensor (q/k/v; an expert
+    block's ``gate_up``); a group's statistics go stale when a group of another stage
+    before it is rewritten. :meth:`refresh` gathers them again from the layer as it is
+    now, which is what GPTQ's "true sequential" order needs.
+    """
 
     index: int
     layer: nn.Module
     groups: list[Group] = field(default_factory=list)
+    stage: dict[str, tuple] = field(default_factory=dict)
+    gather: Callable[[list[Group]], None] | None = None
+
+    def refresh(self, groups: list[Group]) -> None:
+        """Re-collect the statistics of ``groups`` by running the layer again on its held inputs."""
+        if groups and self.gather is not None:
+            self.gather(groups)
+
+    def sequential(self) -> Iterator[Group]:
+        """The groups in order, each with statistics gathered after every earlier stage was written.
+
+        The reference's "true sequential" order (GPTQ's ``--true-sequential``; AutoGPTQ's
+        ``inside_layer_modules``): q/k/v, then o on the quantized q/k/v, then gate/up, then
+        down on the quantized gate/up. One extra layer run per stage after the first.
+        """
+        current = None
+        for i, group in enumerate(self.groups):
+            stage = self.stage.get(group.name, i)
+            if current is not None and stage != current:
+                self.refresh(self.groups[i:])
+            current = stage
+            yield group
 
 
 class Sequential:
@@ -271,22 +299,31 @@ class Sequential:
         return out[0] if isinstance(out, (tuple, list)) else out
 
     @torch.no_grad()
-    def _gather(self, step: LayerStep) -> None:
-        """Run layer ``step.index`` over the held inputs with hooks filling each group's statistics."""
+    def _gather(self, step: LayerStep, groups: list[Group] | None = None) -> None:
+        """Run layer ``step.index`` over the held inputs with hooks filling the statistics of ``groups`` (all by default)."""
+        groups = step.groups if groups is None else groups
         handles = []
         cap = math.ceil(self.max_samples / max(1, len(self._hidden)))
         experts_groups: dict[int, list[Group]] = {}
-        for g in step.groups:
+        inputs: list[torch.Tensor] = []  # the first batch's Linear inputs, kept alive so their ids stay unique
+        for g in groups:
             w = g.weight
             g.stats = Stats.empty(w.shape[0], w.shape[-1], self.collect, w.device)
             if g.attr == "weight":
                 def pre(module, args, g=g):
+                    if g.name not in step.stage:  # first batch: Linears called on one tensor share a stage
+                        k = next((i for i, t in enumerate(inputs) if t is args[0]), None)
+                        if k is None:
+                            inputs.append(args[0])
+                            k = len(inputs) - 1
+                        step.stage[g.name] = ("input", k)
                     x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
                     g.stats.add(0, x, cap)
 
                 handles.append(g.module.register_forward_pre_hook(pre))
             else:
                 experts_groups.setdefault(id(g.module), []).append(g)
+                step.stage.setdefault(g.name, ("experts", id(g.module), g.attr))
         for gs in experts_groups.values():
             handles.append(gs[0].module.register_forward_pre_hook(self._experts_hook(gs, cap), with_kwargs=True))
         try:
@@ -295,7 +332,8 @@ class Sequential:
         finally:
             for h in handles:
                 h.remove()
-        stats_bytes = sum(g.stats.nbytes() for g in step.groups)
+            inputs.clear()
+        stats_bytes = sum(g.stats.nbytes() for g in step.groups if g.stats is not None)
         batch_bytes = max(h.numel() * h.element_size() for h in self._hidden)
         self.memory["peak_stats_bytes"] = max(self.memory["peak_stats_bytes"], stats_bytes)
         tracked = sum(h.numel() * h.element_size() for h in self._hidden) + stats_bytes + batch_bytes
@@ -340,6 +378,7 @@ class Sequential:
                 groups = find_groups(self.model, i, self.targets)
                 if groups:
                     step = LayerStep(i, layer, groups)
+                    step.gather = lambda gs, step=step: self._gather(step, gs)
                     self._gather(step)
                     self.experts_without_tokens += sum(int((g.stats.tokens == 0).sum()) for g in groups if g.attr == "gate_up_proj")
                     yield step

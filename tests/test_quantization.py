@@ -101,6 +101,17 @@ def test_gptq_is_rtn_without_correlations_and_beats_it_with_them(act_order):
         assert err(gptq(w, h, bits, 16, act_order=act_order).dequantize()) < 0.8 * err(rtn(w, bits, 16).dequantize())
 
 
+def test_gptq_true_sequential_changes_only_what_follows_the_first_stage():
+    moe, parallel = tiny(layers=2), tiny(layers=2)
+    changes = apply(moe, "gptq", bits=3, group_size=32)
+    assert changes["variant"] == {"order": "true sequential: each Hessian from the already-quantized earlier stages (reference)",
+                                  "hessian": "unweighted X^T X (reference)"}
+    apply(parallel, "gptq", bits=3, group_size=32, true_sequential=False)
+    first = moe.moe_layers[0]
+    torch.testing.assert_close(moe.block(first).experts.gate_up_proj, parallel.block(first).experts.gate_up_proj)
+    assert not torch.equal(moe.block(first).experts.down_proj, parallel.block(first).experts.down_proj)
+
+
 def test_awq_search_never_loses_to_rtn_on_its_sample():
     torch.manual_seed(0)
     w = torch.randn(24, 64)

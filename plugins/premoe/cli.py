@@ -43,6 +43,10 @@ def index_cmd(
     from moebench.suite import load_suite
 
     s = load_suite(suite)
+    if s.hardware.threads:
+        import torch
+
+        torch.set_num_threads(s.hardware.threads)
     tasks = s.tables.get("tasks") or {}
     if not tasks:
         raise MoebenchError(f"{suite}: tasks: no [tasks.NAME] tables; the index needs at least one task")
@@ -52,7 +56,7 @@ def index_cmd(
     spec = s.calibration or CalibrationSpec(seed=s.seed)
     t0 = time.perf_counter()
     if stream:
-        index = premoe.build_streaming(resolve(s.model.source), tasks, spec, settings, dtype=s.model.dtype, device=s.model.device)
+        index = premoe.build_streaming(resolve(s.model.source, s.hardware.threads), tasks, spec, settings, dtype=s.model.dtype, device=s.model.device)
     else:
         from moebench.runner import load_model
 

@@ -375,7 +375,13 @@ class GPTQParams(QuantParams):
     act_order: bool = param(False, help="quantize columns by decreasing Hessian diagonal (group scales fixed up front)")
     damp: float = param(0.01, help="dampening added to the Hessian diagonal, as a fraction of its mean")
     block_size: int = param(128, help="columns per lazy-update block")
-    router_weighted: bool = param(True, help="weight each routed token's input by its routing weight in the expert Hessians")
+    router_weighted: bool = param(
+        False, help="weight each routed token's input by its routing weight in the expert Hessians (false: plain X^T X, as AutoGPTQ/GPTQModel)"
+    )
+    true_sequential: bool = param(
+        True, help="true: down_proj (and o_proj) Hessians come from the already-quantized gate/up (q/k/v), as the reference; "
+        "false: every Hessian of a layer from its unquantized weights (moebench's earlier variant)"
+    )
 
     def check(self):
         super().check()
@@ -418,7 +424,7 @@ class _Quantizer(Method):
         extra: dict = {}
         for step in steps:
             packed: dict[str, dict] = {}
-            for group in step.groups:
+            for group in step.sequential() if getattr(params, "true_sequential", False) else step.groups:
                 dtype = group.weight.dtype
                 q, in_scale = self.quantize(group, params, extra)
                 w = q.dequantize()
@@ -431,6 +437,7 @@ class _Quantizer(Method):
             for path, parts in packed.items():
                 tally.stored(self._store(model, path, parts, params), next(iter(parts.values()))[0].kind)
         changes = {"bits": params.bits, "group_size": params.group_size, "storage": params.storage, **tally.summary(params.storage)}
+        changes.update(self.variant(params))
         if params.storage == "fake":
             ctx.note(FAKE.format(method=self.name, dtype=_dtype_name(dtype) if dtype is not None else "the model dtype"))
         if run is not None:
@@ -442,6 +449,10 @@ class _Quantizer(Method):
         return changes
 
     def run_options(self, params) -> dict:
+        return {}
+
+    def variant(self, params) -> dict:
+        """Which variant of the method ran, for the record."""
         return {}
 
     def summarize(self, extra: dict) -> dict:
@@ -475,7 +486,15 @@ class RTN(_Quantizer):
 
 
 class GPTQ(_Quantizer):
-    """GPTQ: column-by-column quantization with inverse-Hessian error feedback, per expert on its routed tokens."""
+    """GPTQ (arXiv 2210.17323; github.com/IST-DASLab/gptq, AutoGPTQ/GPTQModel): column-by-column quantization with
+    inverse-Hessian error feedback, per expert on the tokens routed to it.
+
+    Defaults follow the reference: unweighted Hessians ``X^T X`` and "true sequential"
+    order (down_proj's Hessian from the outputs of the already-quantized gate/up, o_proj's
+    from the quantized q/k/v). ``router_weighted`` and ``true_sequential = false`` keep
+    moebench's earlier variant. Deviation: Hessians are sums, not AutoGPTQ's running
+    ``2/n``-scaled mean (a positive factor, which the damping's relative form absorbs).
+    """
 
     name = "gptq"
     Params = GPTQParams
@@ -490,6 +509,12 @@ class GPTQ(_Quantizer):
             h[unseen] = torch.eye(h.shape[-1], device=h.device)
         q = gptq(group.weight, h, params.bits, params.group_size, params.act_order, params.damp, params.block_size)
         return q, None
+
+    def variant(self, params: GPTQParams) -> dict:
+        order = ("true sequential: each Hessian from the already-quantized earlier stages (reference)" if params.true_sequential
+                 else "parallel: every Hessian from the unquantized layer (moebench variant)")
+        hessian = "routing-weighted (moebench variant)" if params.router_weighted else "unweighted X^T X (reference)"
+        return {"variant": {"order": order, "hessian": hessian}}
 
 
 class AWQ(_Quantizer):
