@@ -39,9 +39,17 @@ class Adapter:
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layers
 
+    def set_layers(self, model: nn.Module, layers: nn.ModuleList) -> None:
+        """Put a new decoder-layer list in place (where :meth:`layers` reads it)."""
+        model.model.layers = layers
+
     def moe_block(self, layer: nn.Module) -> nn.Module | None:
         mlp = getattr(layer, "mlp", None)
         return mlp if mlp is not None and hasattr(mlp, "experts") and hasattr(mlp, "gate") else None
+
+    def set_moe_block(self, layer: nn.Module, module: nn.Module) -> None:
+        """Put ``module`` where the layer's MoE block sits (where :meth:`moe_block` reads it)."""
+        layer.mlp = module
 
     def router(self, block: nn.Module) -> nn.Module:
         return block.gate
@@ -259,7 +267,7 @@ class MoEModel:
     def skip_moe(self, layer: int) -> None:
         """Remove the MoE block of ``layer`` (shared experts included); attention stays."""
         self._moe(layer)
-        self.layers[layer].mlp = PassThrough()
+        self.adapter.set_moe_block(self.layers[layer], PassThrough())
         self._record(f"skip_moe({layer})")
 
     def drop_layers(self, indices: Sequence[int]) -> None:
@@ -276,7 +284,7 @@ class MoEModel:
             for module in layer.modules():
                 if hasattr(module, "layer_idx"):
                     module.layer_idx = new_idx
-        self.model.model.layers = new_layers
+        self.adapter.set_layers(self.model, new_layers)
         self.adapter.after_layers_dropped(self.config, kept, [old_moe[i] for i in kept])
         remap = {old: new for new, old in enumerate(kept)}
         self._write_structure(
@@ -386,6 +394,15 @@ class MoEModel:
 
     def _record(self, edit: str) -> None:
         self.lineage.append(edit)
+
+    def record_step(self, method: str, params) -> None:
+        """Write a method step into the lineage (the runner does it after every step), so
+        statistics cached for the model before an in-place weight edit are not reused."""
+        import json
+
+        from .params import to_dict
+
+        self.lineage.append(f"{method}({json.dumps(to_dict(params), sort_keys=True, default=str)})")
 
 
 # router attributes that some families change when the expert count changes, and the

@@ -38,6 +38,9 @@ class Statistic:
     """
 
     name: ClassVar[str]
+    #: its hooks look at one decoder layer at a time, so a layer-by-layer pass over a streamed
+    #: checkpoint (:class:`moebench.checkpoint.LayerStream`) gives the same result as a full one
+    streamable: ClassVar[bool] = False
 
     def __init__(self, model: "MoEModel", seed: int = 0):
         self.model = model
@@ -47,6 +50,34 @@ class Statistic:
         raise NotImplementedError
 
     def result(self) -> Any:
+        raise NotImplementedError
+
+
+class StopForward(Exception):
+    """Raised from a hook to end a forward pass early (the layers after it are not needed);
+    every pass that captures inputs or stops at a router uses this one exception."""
+
+
+def hidden_in(args, kwargs) -> torch.Tensor:
+    """The hidden states a module's forward pre-hook or hook received (first positional or ``hidden_states``)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class RouterStatistic(Statistic):
+    """Base for statistics read off each MoE router's output: implement ``update(layer, block,
+    logits, weights, indices)`` (the adapter's routing decision, detached) and ``result``."""
+
+    def attach(self) -> list:
+        handles = []
+        for block in self.model.blocks():
+            def hook(module, args, output, layer=block.layer, block=block):
+                logits, weights, indices = self.model.adapter.route(output)
+                self.update(layer, block, logits.detach(), weights.detach(), indices.detach())
+
+            handles.append(block.router.register_forward_hook(hook))
+        return handles
+
+    def update(self, layer: int, block, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> None:
         raise NotImplementedError
 
 

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Optional
 import typer
 from rich.table import Table
 
-from .cli import app, err, out
+from .console import err, out
 from .errors import MoebenchError
 
 
@@ -54,7 +54,6 @@ def _write(text: str, path: Optional[Path]) -> None:
 
 # --------------------------------------------------------------------------- report
 
-@app.command()
 def report(
     results: list[Path] = typer.Argument(..., help="results.jsonl files or run directories (several merge into one report)"),
     format: str = typer.Option("terminal", "--format", "-f", help="terminal | markdown | csv | html (default: from --out's extension, else terminal)"),
@@ -86,7 +85,6 @@ def report(
 # --------------------------------------------------------------------------- compare
 
 
-@app.command()
 def compare(
     new: Path = typer.Argument(..., help="new results (results.jsonl or run directory)"),
     baseline: Path = typer.Argument(..., help="baseline results to hold them to (e.g. reports/baselines/ci.jsonl)"),
@@ -126,7 +124,6 @@ def compare(
 # --------------------------------------------------------------------------- leaderboard
 
 
-@app.command()
 def leaderboard(
     results: list[Path] = typer.Argument(..., help="result files or directories (searched for *.jsonl)"),
     out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="a .md or .html file, or a directory for leaderboard.md and leaderboard.html"),
@@ -153,7 +150,6 @@ def leaderboard(
 # --------------------------------------------------------------------------- merge
 
 
-@app.command()
 def merge(
     results: list[Path] = typer.Argument(..., help="the shards' results.jsonl files or run directories"),
     out_path: Path = typer.Option(..., "--out", "-o", help="merged results file (a directory gets results.jsonl)"),
@@ -213,7 +209,6 @@ def scaffold(name: str, parent: Path) -> Path:
     return root
 
 
-@app.command("new-plugin")
 def new_plugin(
     name: str = typer.Argument(..., help="the method's name (lowercase, e.g. my_prune); the package is moebench-NAME"),
     directory: Path = typer.Option(Path("."), "--dir", help="where to create the package folder"),
@@ -222,3 +217,10 @@ def new_plugin(
     root = scaffold(name, directory)
     typer.echo(f"created {root}")
     typer.echo(f"next: pip install -e {root} && pytest {root / 'tests'} && moebench run {root / 'suite.toml'}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the report commands to the ``moebench`` app (kept apart from :mod:`moebench.cli`, which calls this)."""
+    for fn in (report, compare, leaderboard, merge):
+        app.command()(fn)
+    app.command("new-plugin")(new_plugin)

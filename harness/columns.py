@@ -129,6 +129,18 @@ def derive(row: dict[str, Any]) -> None:
             row[c.pattern] = value
 
 
+def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a nested metrics dict as dotted column names."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = prefix[:-1] if key == "value" and prefix else f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and not column(name).skip:
+            out[name] = float(value)
+    return out
+
+
 def default_tolerances() -> list[tuple[str, dict[str, Any]]]:
     """``(pattern, tolerance)`` for every column that declares a default gate, in registry order."""
     return [(c.pattern, c.tolerance) for c in registry() if c.tolerance is not None]

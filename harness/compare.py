@@ -33,7 +33,7 @@ from typing import Any, Iterable
 
 from .errors import MoebenchError, SuiteError, did_you_mean
 from .report import better as default_better
-from .report import flatten
+from .record import Record, records_of
 
 KEYS = {"rel", "abs", "better", "ignore"}
 TABLE_KEYS = {"tolerances", "missing", "defaults"}
@@ -265,17 +265,17 @@ class Comparison:
         return f"{verdict}: {self.runs} run(s), {self.gated} metric value(s) checked; {text}"
 
 
-def latest_by_run(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+def latest_by_run(records: Iterable[dict[str, Any] | Record]) -> dict[tuple[str, str], Record]:
     """One record per (suite, run name): the last ``ok`` one, else the last one."""
-    out: dict[tuple[str, str], dict[str, Any]] = {}
-    for r in records:
-        key = (r.get("suite"), r.get("name"))
-        if key not in out or r.get("status") == "ok" or out[key].get("status") != "ok":
+    out: dict[tuple[str, str], Record] = {}
+    for r in records_of(records):
+        key = (r.suite, r.name)
+        if key not in out or r.ok or not out[key].ok:
             out[key] = r
     return out
 
 
-def compare(new: Iterable[dict[str, Any]], baseline: Iterable[dict[str, Any]], spec: CompareSpec | None = None) -> Comparison:
+def compare(new: Iterable[dict[str, Any] | Record], baseline: Iterable[dict[str, Any] | Record], spec: CompareSpec | None = None) -> Comparison:
     """Check every baseline run's gated metrics in the new results."""
     spec = spec or CompareSpec()
     fail_missing = spec.missing == "fail"
@@ -289,22 +289,22 @@ def compare(new: Iterable[dict[str, Any]], baseline: Iterable[dict[str, Any]], s
             result.findings.append(Finding("missing_run", suite, name, message="in the baseline but not in the new results", blocking=fail_missing))
             continue
         result.runs += 1
-        b_ok, n_ok = base.get("status") == "ok", rec.get("status") == "ok"
+        b_ok, n_ok = base.ok, rec.ok
         if b_ok and not n_ok:
-            result.findings.append(Finding("failed", suite, name, message=str(rec.get("error")), blocking=True))
+            result.findings.append(Finding("failed", suite, name, message=str(rec.error), blocking=True))
             continue
         if not b_ok:  # nothing to compare against: the baseline run itself failed
             kind = "fixed" if n_ok else "still_failed"
-            result.findings.append(Finding(kind, suite, name, message=f"baseline: {base.get('error')}"))
+            result.findings.append(Finding(kind, suite, name, message=f"baseline: {base.error}"))
             continue
-        if base.get("run_id") != rec.get("run_id"):
+        if base.run_id != rec.run_id:
             result.findings.append(
-                Finding("config_changed", suite, name, message=f"run id {base.get('run_id')} → {rec.get('run_id')}: the suite or method parameters changed; compared anyway")
+                Finding("config_changed", suite, name, message=f"run id {base.run_id} → {rec.run_id}: the suite or method parameters changed; compared anyway")
             )
-        b_model, n_model = base.get("model") or {}, rec.get("model") or {}
+        b_model, n_model = base.model or {}, rec.model or {}
         if b_model and n_model and b_model != n_model:
             result.findings.append(Finding("config_changed", suite, name, message=f"model {b_model} → {n_model}; compared anyway"))
-        bm, nm = flatten(base.get("metrics") or {}), flatten(rec.get("metrics") or {})
+        bm, nm = base.flat_metrics(), rec.flat_metrics()
         for metric in sorted(set(bm) | set(nm)):
             tol = spec.tolerance_for(metric)
             if tol is None or tol.ignore:

@@ -147,7 +147,7 @@ def apply_structure(model, structure: dict) -> None:
         if hasattr(moe.block(int(layer)).module, "top_k"):
             moe.block(int(layer)).module.top_k = k
     for layer in structure.get("skip_moe", []):
-        moe.layers[layer].mlp = PassThrough()
+        moe.adapter.set_moe_block(moe.layers[layer], PassThrough())
     for path, spec in structure.get("modules", {}).items():
         module_name, _, cls_name = spec["class"].partition(":")
         cls = getattr(importlib.import_module(module_name), cls_name)

@@ -22,6 +22,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from . import columns as _columns
+from .record import Record, records_of
 from .report import better, fmt, frame, with_deltas
 
 ID_COLUMNS = ("suite", "origin", "name", "run_id", "status")
@@ -30,9 +31,9 @@ ID_COLUMNS = ("suite", "origin", "name", "run_id", "status")
 # --------------------------------------------------------------------------- merging
 
 
-def origin(record: dict[str, Any]) -> str:
+def origin(record: dict[str, Any] | Record) -> str:
     """Where a record was measured: short commit and device (hosts differ between shards, so they are left out)."""
-    env = record.get("env") or {}
+    env = Record.from_dict(record).environment
     commit = (env.get("git_commit") or "no-git")[:7] + ("-dirty" if str(env.get("git_commit", "")).endswith("-dirty") else "")
     device = env.get("device_name") or env.get("device") or "?"
     return f"{commit} {device}"
@@ -44,7 +45,7 @@ class SuiteTable:
 
     suite: str
     df: pd.DataFrame
-    records: list[dict] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
 
     @property
     def metrics(self) -> list[str]:
@@ -52,17 +53,17 @@ class SuiteTable:
         return [c for c in self.df.columns if c not in ID_COLUMNS and not c.startswith("Δ") and self.df[c].notna().any()]
 
 
-def suite_tables(records: Iterable[dict[str, Any]]) -> list[SuiteTable]:
+def suite_tables(records: Iterable[dict[str, Any] | Record]) -> list[SuiteTable]:
     """One table per suite, in order of first appearance."""
-    by_suite: dict[str, list[dict]] = {}
-    for r in records:
-        by_suite.setdefault(r.get("suite"), []).append(r)
+    by_suite: dict[str, list[Record]] = {}
+    for r in records_of(records):
+        by_suite.setdefault(r.suite, []).append(r)
     tables = []
     for suite, recs in by_suite.items():
         origins = list(dict.fromkeys(origin(r) for r in recs))
         seen: dict[str, set] = {}
         for r in recs:
-            seen.setdefault(r.get("run_id"), set()).add(origin(r))
+            seen.setdefault(r.run_id, set()).add(origin(r))
         split = len(origins) > 1 and any(len(o) > 1 for o in seen.values())
         if split:
             parts = []
@@ -81,7 +82,7 @@ def provenance(records: Iterable[dict[str, Any]]) -> list[dict[str, str]]:
     """The distinct environments the records were measured in (commit, device, versions, host)."""
     rows: dict[tuple, dict[str, str]] = {}
     for r in records:
-        env = r.get("env")
+        env = Record.from_dict(r).env
         if not env:
             continue
         row = {
@@ -99,10 +100,10 @@ def versions(env: dict[str, Any]) -> str:
     return " ".join(f"{k} {env[k]}" for k in keys if env.get(k))
 
 
-def record_of(table: SuiteTable, row: pd.Series) -> dict[str, Any]:
+def record_of(table: SuiteTable, row: pd.Series) -> Record:
     """The record a table row came from (the last one of its run id, as in :func:`moebench.report.frame`)."""
     for r in reversed(table.records):
-        if r.get("run_id") == row["run_id"] and ("origin" not in row or origin(r) == row["origin"]):
+        if r.run_id == row["run_id"] and ("origin" not in row or origin(r) == row["origin"]):
             return r
     return {}
 
@@ -181,8 +182,8 @@ def _failed(table: SuiteTable) -> list[dict]:
     shown = {(row["run_id"], row.get("origin")) for _, row in table.df.iterrows() if row["status"] != "ok"}
     out: dict[tuple, dict] = {}
     for r in table.records:
-        key = (r.get("run_id"), origin(r) if "origin" in table.df.columns else None)
-        if key in shown and r.get("status") != "ok":
+        key = (r.run_id, origin(r) if "origin" in table.df.columns else None)
+        if key in shown and not r.ok:
             out[key] = r
     return list(out.values())
 
@@ -191,7 +192,7 @@ def _failures_md(table: SuiteTable) -> list[str]:
     failed = _failed(table)
     if not failed:
         return []
-    return ["Failed runs:", "", *[f"- `{r.get('name')}`: {r.get('error')}" for r in failed], ""]
+    return ["Failed runs:", "", *[f"- `{r.name}`: {r.error}" for r in failed], ""]
 
 
 # --------------------------------------------------------------------------- csv
@@ -204,7 +205,7 @@ def csv(records: list[dict[str, Any]], columns: list[str] | None = None) -> str:
         if columns:
             keep = display_columns(table, columns)
             table.df = table.df[["suite", *[c for c in table.df.columns if c in keep or c == "run_id"], *[f"Δ{c}" for c in keep if f"Δ{c}" in table.df]]]
-        env = [(record_of(table, row).get("env") or {}) for _, row in table.df.iterrows()]
+        env = [record_of(table, row).environment for _, row in table.df.iterrows()]
         extra = pd.DataFrame(
             [{"git_commit": e.get("git_commit"), "device": e.get("device"), "device_name": e.get("device_name"), "versions": versions(e)} for e in env]
         )
@@ -350,22 +351,22 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def _series(record: dict, leave_out: tuple[str, ...]) -> str:
+def _series(record: Record, leave_out: tuple[str, ...]) -> str:
     """The line a run belongs to: its method entry plus the grid values other than the x axis."""
-    rest = [f"{k}={_short(v)}" for k, v in (record.get("grid") or {}).items() if k not in leave_out]
-    return " ".join([str(record.get("entry") or record.get("name")), *rest])
+    rest = [f"{k}={_short(v)}" for k, v in (record.grid or {}).items() if k not in leave_out]
+    return " ".join([str(record.entry or record.name), *rest])
 
 
-def _perplexity(record: dict) -> float | None:
-    value = ((record.get("metrics") or {}).get("perplexity") or {}).get("value")
+def _perplexity(record: Record) -> float | None:
+    value = ((record.metrics or {}).get("perplexity") or {}).get("value")
     return float(value) if _num(value) else None
 
 
-def _sweep(records: list[dict], x_of, leave_out: tuple[str, ...]) -> dict[str, list[tuple[float, float]]]:
+def _sweep(records: list[Record], x_of, leave_out: tuple[str, ...]) -> dict[str, list[tuple[float, float]]]:
     """Lines of ``(x, perplexity)`` points, keeping only lines that actually sweep x (two or more values)."""
     lines: dict[str, list[tuple[float, float]]] = {}
     for r in records:
-        if r.get("status") != "ok" or not r.get("pipeline"):
+        if not r.ok or not r.pipeline:
             continue
         x, y = x_of(r), _perplexity(r)
         if x is not None and y is not None:
@@ -373,24 +374,24 @@ def _sweep(records: list[dict], x_of, leave_out: tuple[str, ...]) -> dict[str, l
     return {k: sorted(v) for k, v in lines.items() if len({p[0] for p in v}) > 1}
 
 
-def experts_after(record: dict) -> int | None:
+def experts_after(record: Record) -> int | None:
     """Routed experts left by the last step that changed the expert count."""
-    for step in reversed(record.get("pipeline") or []):
-        n = ((record.get("changes") or {}).get(step["method"]) or {}).get("experts_after")
+    for step in reversed(record.pipeline):
+        n = ((record.changes or {}).get(step["method"]) or {}).get("experts_after")
         if n is not None:
             return n
     return None
 
 
-def lora_rank(record: dict) -> int | None:
-    for step in reversed(record.get("pipeline") or []):
+def lora_rank(record: Record) -> int | None:
+    for step in reversed(record.pipeline):
         if step.get("params", {}).get("rank") is not None:
             return step["params"]["rank"]
     return None
 
 
-def _baseline_line(ax, records: list[dict]) -> None:
-    base = next((_perplexity(r) for r in records if r.get("name") == "baseline" and r.get("status") == "ok"), None)
+def _baseline_line(ax, records: list[Record]) -> None:
+    base = next((_perplexity(r) for r in records if r.name == "baseline" and r.ok), None)
     if base is not None:
         ax.axhline(base, color="#333333", lw=1, ls="--", label="baseline")
 
@@ -404,7 +405,7 @@ def _legend(ax, lines: int) -> None:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
-def _sweep_plot(title: str, lines: dict, records: list[dict], xlabel: str, caption: str, log_x: bool = False) -> Plot | None:
+def _sweep_plot(title: str, lines: dict, records: list[Record], xlabel: str, caption: str, log_x: bool = False) -> Plot | None:
     if not lines:
         return None
     fig, ax = _figure()
@@ -432,14 +433,14 @@ def plot_perplexity_vs_rank(table: SuiteTable) -> Plot | None:
                        "one line per method and setting that sweeps the rank parameter", log_x=True)
 
 
-def loss_curves(records: list[dict]) -> dict[str, list[float]]:
+def loss_curves(records: Iterable[dict[str, Any] | Record]) -> dict[str, list[float]]:
     """Healing loss curves by run name (``changes.<method>.healing.loss_curve``)."""
     curves = {}
-    for r in records:
-        for step in r.get("pipeline") or []:
-            curve = (((r.get("changes") or {}).get(step["method"]) or {}).get("healing") or {}).get("loss_curve")
-            if curve and r.get("status") == "ok":
-                curves[str(r.get("name"))] = curve
+    for r in records_of(records):
+        for step in r.pipeline:
+            curve = (((r.changes or {}).get(step["method"]) or {}).get("healing") or {}).get("loss_curve")
+            if curve and r.ok:
+                curves[str(r.name)] = curve
     return curves
 
 
@@ -556,7 +557,7 @@ def html(records: list[dict[str, Any]], title: str = "moebench report", columns:
         body.append('<div class="scroll">' + html_table([label(c) for c in cols], rows, classes, row_classes, left=left) + "</div>")
         failed = _failed(table)
         if failed:
-            body.append("<p>Failed runs:</p><ul>" + "".join(f"<li><code>{esc(r.get('name'))}</code>: {esc(r.get('error'))}</li>" for r in failed) + "</ul>")
+            body.append("<p>Failed runs:</p><ul>" + "".join(f"<li><code>{esc(r.name)}</code>: {esc(r.error)}</li>" for r in failed) + "</ul>")
         body.append('<div class="plots">' + "".join(html_figure(p) for p in plots(table)) + "</div>")
     prov = provenance(records)
     body.append("<h2>provenance</h2>")

@@ -14,31 +14,21 @@ from typing import Any, Iterable
 import pandas as pd
 
 from . import columns as _columns
+from .columns import flatten  # noqa: F401  (re-exported: moebench.report.flatten)
+from .record import Record, records_of
 
 #: identity columns of every row (the rest are metric columns described by moebench.columns)
 ID_COLUMNS = ("suite", "name", "run_id", "status")
 
 
-def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a nested metrics dict as dotted column names."""
-    out: dict[str, float] = {}
-    for key, value in metrics.items():
-        name = prefix[:-1] if key == "value" and prefix else f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and not _columns.column(name).skip:
-            out[name] = float(value)
-    return out
-
-
-def frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
+def frame(records: Iterable[dict[str, Any] | Record]) -> pd.DataFrame:
     """One row per record (suite, name, status, metric columns); later records of a run id win."""
     rows: dict[tuple, dict] = {}
-    for r in records:
-        row = {"suite": r.get("suite"), "name": r.get("name"), "run_id": r.get("run_id"), "status": r.get("status")}
-        row.update(flatten(r.get("metrics") or {}))
+    for r in records_of(records):
+        row = {"suite": r.suite, "name": r.name, "run_id": r.run_id, "status": r.status}
+        row.update(r.flat_metrics())
         _columns.derive(row)  # plugin columns built from others (e.g. PreMoe's active/kept)
-        rows[(r.get("suite"), r.get("run_id"))] = row
+        rows[(r.suite, r.run_id)] = row
     df = pd.DataFrame(list(rows.values()))
     if df.empty:
         return df

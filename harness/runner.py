@@ -31,6 +31,7 @@ from .calibration import Calibration
 from .method import Context
 from .models import load
 from .plugins import host
+from .record import Record
 from .store import ResultStore
 from .suite import RunSpec, Suite
 
@@ -49,6 +50,7 @@ class RunOptions:
 @dataclass
 class SuiteResult:
     out: Path
+    #: the records written, as their JSON objects (``Record.from_dict`` gives the typed view)
     records: list[dict] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     calibration: dict = field(default_factory=dict)
@@ -98,11 +100,11 @@ def run_suite(suite: Suite, options: RunOptions) -> SuiteResult:
             options.log(f"run {spec.name} ({spec.run_id})")
             record = execute(suite, spec, ctx, options)
             store.append(record)
-            host().notify("on_record", suite=suite, record=record)
-            result.records.append(record)
-            if spec.is_baseline and record["status"] == "ok":
-                baseline = record["metrics"]
-            status = "ok" if record["status"] == "ok" else f"FAILED: {record['error']}"
+            host().notify("on_record", suite=suite, record=record.to_dict())
+            result.records.append(record.to_dict())
+            if spec.is_baseline and record.ok:
+                baseline = record.metrics
+            status = "ok" if record.ok else f"FAILED: {record.error}"
             options.log(f"  {spec.name}: {status}")
             if interrupted.is_set():  # Ctrl-C landed in a finalizer, which swallows the exception
                 raise KeyboardInterrupt
@@ -134,58 +136,54 @@ def _interrupts():
         signal.signal(signal.SIGINT, previous)
 
 
-def execute(suite: Suite, spec: RunSpec, ctx: Context, options: RunOptions) -> dict:
+def execute(suite: Suite, spec: RunSpec, ctx: Context, options: RunOptions) -> Record:
     """One run: fresh model, pipeline, metrics. Exceptions become a failed record."""
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    record: dict[str, Any] = {
-        "run_id": spec.run_id,
-        "suite": suite.name,
-        "name": spec.name,
-        "entry": spec.entry,
-        "grid": spec.grid,
-        "status": "ok",
-        "pipeline": [s.to_dict() for s in spec.pipeline],
-        "model": {"source": suite.model.source, "dtype": suite.model.dtype},
-        "metrics": {},
-        "changes": {},
-        "notes": ctx.notes,
-        "error": None,
-    }
+    record = Record(
+        run_id=spec.run_id,
+        suite=suite.name,
+        name=spec.name,
+        entry=spec.entry,
+        grid=spec.grid,
+        pipeline=[s.to_dict() for s in spec.pipeline],
+        model={"source": suite.model.source, "dtype": suite.model.dtype},
+        notes=ctx.notes,
+    )
     torch.manual_seed(suite.info.seed)
     model = None
     try:
         model = load_model(suite)
         t0 = time.perf_counter()
         steps: dict[str, float] = {}
-        record["changes"] = apply_pipeline(model, spec, ctx, steps)
+        record.changes = apply_pipeline(model, spec, ctx, steps)
         if spec.pipeline:
-            record["metrics"]["compress_seconds"] = time.perf_counter() - t0
+            record.metrics["compress_seconds"] = time.perf_counter() - t0
         if len(steps) > 1:
-            record["metrics"]["compress_seconds_by_step"] = steps
+            record.metrics["compress_seconds_by_step"] = steps
         if options.save_models is not None and spec.pipeline:
             folder = options.save_models / spec.run_id
             model.save(folder)
-            record["saved_model"] = {
+            record.saved_model = {
                 "path": str(folder),
                 "loader": "moebench.models.load_pretrained" if model.needs_moebench_loader() else "transformers",
             }
-        record["metrics"].update(measure(model, suite, ctx))
+        record.metrics.update(measure(model, suite, ctx))
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # recorded, and the suite goes on
-        record["status"] = "failed"
-        record["error"] = f"{type(exc).__name__}: {exc}"
-        record["traceback"] = traceback.format_exc(limit=8)
+        record.status = "failed"
+        record.error = f"{type(exc).__name__}: {exc}"
+        record.traceback = traceback.format_exc(limit=8)
     finally:
         del model
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if ctx.calibration is not None and spec.pipeline:
-        record["calibration"] = {**ctx.calibration.spec.key(), **ctx.calibration.summary()}
-    record["started"] = started
-    record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    record["env"] = environment(suite.model.device)
+        record.calibration = {**ctx.calibration.spec.key(), **ctx.calibration.summary()}
+    record.started = started
+    record.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    record.env = environment(suite.model.device)
     return record
 
 
@@ -209,6 +207,7 @@ def apply_pipeline(model: MoEModel, spec: RunSpec, ctx: Context, seconds: dict[s
             key, n = f"{step.method}#{n}", n + 1
         t0 = time.perf_counter()
         changes[key] = method.apply(model, step.params, ctx) or {}
+        model.record_step(step.method, step.params)  # later steps never read statistics of the model before this one
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()
         if seconds is not None:

@@ -24,7 +24,6 @@ expert's ``act(gate x) * up x``.
 
 from __future__ import annotations
 
-import json
 import math
 import resource
 import sys
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from .adapter import MoEModel
+from .calibration import StopForward
 from .errors import MoebenchError
 
 #: module kinds a method can target
@@ -170,10 +170,6 @@ def find_groups(model: MoEModel, layer: int, targets: Iterable[str]) -> list[Gro
 
 
 # -- the pass -----------------------------------------------------------------------------
-class _Stop(Exception):
-    """Raised by the last layer's recorder so the capture pass skips the head."""
-
-
 @dataclass
 class LayerStep:
     """One decoder layer during the pass: its index, module, and the groups to compress.
@@ -268,7 +264,7 @@ class Sequential:
                     current["hidden"] = hidden
                 current["calls"].append((tuple(args[1:]), kwargs))
                 if i == last:
-                    raise _Stop
+                    raise StopForward
                 return hidden
 
             return forward
@@ -281,7 +277,7 @@ class Sequential:
                 current["calls"] = []
                 try:
                     self.model.model(input_ids=batch.to(self.device), use_cache=False)
-                except _Stop:
+                except StopForward:
                     pass
                 self._hidden.append(current["hidden"])
                 self._calls.append(current["calls"])
@@ -429,10 +425,11 @@ def static_steps(model: MoEModel, targets: Iterable[str]) -> Iterator[LayerStep]
 
 
 def record_edit(model: MoEModel, method: str, params) -> None:
-    """Write an in-place weight edit into the model's lineage, so cached statistics of the old weights are not reused."""
-    from .params import to_dict
+    """Write an in-place weight edit into the model's lineage, so cached statistics of the old weights are not reused.
 
-    model.lineage.append(f"{method}({json.dumps(to_dict(params), sort_keys=True)})")
+    The runner records every pipeline step by itself (:meth:`MoEModel.record_step`); call
+    this only for an edit in the middle of a step that then reads statistics again."""
+    model.record_step(method, params)
 
 
 def inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:

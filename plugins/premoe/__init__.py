@@ -23,6 +23,7 @@ from typing import ClassVar, Literal
 
 from moebench_plugins.premoe import index as premoe
 from moebench.adapter import MoEModel
+from moebench.budgets import check_keep, kept_count
 from moebench.calibration import CalibrationSpec
 from moebench.columns import Column
 from moebench.data import SPLITS, DataSpec, encode, load_text, random_windows, windows
@@ -48,12 +49,7 @@ class PreMoeParams:
     index: str | None = param(None, help="folder of a saved PreMoe index (default: built from the suite's tasks table and cached)")
 
     def check(self):
-        if self.keep is None and self.keep_ratio is None:
-            raise ValueError("keep_ratio or keep must be set")
-        if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
-        if self.keep is not None and self.keep < 1:
-            raise ValueError(f"keep must be >= 1, got {self.keep}")
+        check_keep(self.keep, self.keep_ratio)
         if not 0 <= self.threshold < 1:
             raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
         if self.task == "retrieve" and not self.query:
@@ -104,7 +100,7 @@ class PreMoe(Method):
                 raise MoebenchError(f"premoe: task {chosen!r} is not among the indexed tasks ({', '.join(index.tasks)}); name one or use 'retrieve'")
         blocks = list(model.blocks())
         total = {b.layer: b.num_experts for b in blocks}
-        n = _count(max(total.values()), params)
+        n = kept_count(max(total.values()), params.keep, params.keep_ratio)
         kept = index.keep(chosen, n)
         for layer, experts in kept.items():
             for note in model.keep_experts(layer, experts):
@@ -155,11 +151,6 @@ def _own_task(changes: dict) -> str | None:
         if key.split("#")[0] == PreMoe.name and isinstance(change, dict):
             own = (change.get("retrieval") or {}).get("expected") or change.get("task")
     return own
-
-
-def _count(num_experts: int, p: PreMoeParams) -> int:
-    n = p.keep if p.keep is not None else round(p.keep_ratio * num_experts)
-    return max(1, min(num_experts, n))
 
 
 # -- per-task evaluation --------------------------------------------------------------

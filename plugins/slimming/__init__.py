@@ -24,7 +24,7 @@ from moebench.adapter import MoEModel
 from moebench.hookspecs import hookimpl
 from moebench.method import Context, Method
 from moebench.params import param
-from moebench.sequential import Group, check_targets, from_context, record_edit, static_steps
+from moebench.sequential import Group, check_targets, from_context, static_steps
 from moebench_plugins.slimming.sparsity import NM, NM_CONVENTION, mask_for, nm_holds, sparsegpt, wanda_score
 
 MASKED = "sparsity is masked zeros; no sparse kernel"
@@ -128,7 +128,6 @@ class _Pruner(Method):
             changes["calibration"] = run.summary()
             if run.experts_without_tokens:
                 ctx.note(NO_TOKENS.format(n=run.experts_without_tokens))
-        record_edit(model, self.name, params)
         return {**changes, **achieved(groups, params.pattern)}
 
     def variant(self, params) -> str:
