@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import MoEModel
-from .calibration import StopForward
+from .calibration import StopForward, forward_windows
 from .errors import MoebenchError
 
 FP8_BLOCK = 128
@@ -588,12 +588,8 @@ class LayerStream:
 
         handle = self.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
         try:
-            for start in range(0, len(windows), batch_size):
-                batch = windows[start : start + batch_size].to(self.device)
-                try:
-                    self.model.model(input_ids=batch, use_cache=False)
-                except StopForward:
-                    pass
+            for _ in forward_windows(self.model.model, windows, batch_size, self.device):
+                pass
         finally:
             handle.remove()
         return hidden, kwargs

@@ -52,6 +52,19 @@ class Context:
             raise RuntimeError("this method needs calibration data; add a [calibration] table to the suite")
         return self.calibration.stats(model, names)
 
+    def sequential(self, model: "MoEModel", method: str, **kwargs):
+        """A layer-sequential pass (:class:`moebench.sequential.Sequential`) over the calibration
+        windows: the entry for methods that compress one decoder layer at a time on the inputs
+        the already-compressed earlier layers produce (WANDA, SparseGPT, GPTQ, AWQ)."""
+        from .sequential import Sequential
+
+        if self.calibration is None:
+            from .errors import MoebenchError
+
+            raise MoebenchError(f"{method} needs calibration data; add a [calibration] table to the suite")
+        windows = self.calibration.windows(model.tokenizer)
+        return Sequential(model, windows, batch_size=self.calibration.spec.batch_size, **kwargs)
+
 
 class Method:
     """A compression method. Subclass, set ``name`` and ``Params``, implement ``apply``."""

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .adapter import MoEModel
-from .calibration import StopForward
+from .calibration import StopForward, forward_windows
 from .errors import MoebenchError
 
 #: module kinds a method can target
@@ -272,15 +272,12 @@ class Sequential:
         for i, layer in enumerate(layers):
             layer.forward = recorder(i)
         try:
-            for batch in self.windows.split(self.batch_size):
-                current.clear()
-                current["calls"] = []
-                try:
-                    self.model.model(input_ids=batch.to(self.device), use_cache=False)
-                except StopForward:
-                    pass
+            current["calls"] = []
+            for _ in forward_windows(self.model.model, self.windows, self.batch_size, self.device):
                 self._hidden.append(current["hidden"])
                 self._calls.append(current["calls"])
+                current.clear()
+                current["calls"] = []
         finally:
             for layer, old in zip(layers, saved):
                 if old is None:
@@ -408,11 +405,8 @@ def peak_rss_bytes() -> int:
 
 
 def from_context(model: MoEModel, ctx, method: str, **kwargs) -> Sequential:
-    """A :class:`Sequential` pass over the suite's calibration windows (``ctx.calibration``)."""
-    if ctx.calibration is None:
-        raise MoebenchError(f"{method} needs calibration data; add a [calibration] table to the suite")
-    windows = ctx.calibration.windows(model.tokenizer)
-    return Sequential(model, windows, batch_size=ctx.calibration.spec.batch_size, **kwargs)
+    """A :class:`Sequential` pass over the suite's calibration windows: ``ctx.sequential`` (kept for callers of this name)."""
+    return ctx.sequential(model, method, **kwargs)
 
 
 def static_steps(model: MoEModel, targets: Iterable[str]) -> Iterator[LayerStep]:

@@ -78,8 +78,9 @@ class PreMoe(Method):
             if index.settings != settings:
                 ctx.note(f"premoe: the saved index's settings {index.settings} are used, not the run's")
         else:
-            spec = ctx.calibration.spec if ctx.calibration is not None else CalibrationSpec(seed=ctx.seed)
-            index = premoe.cached(model, tasks, spec, settings)
+            # through the run's calibration service: its statistics show in the record's calibration summary
+            service = ctx.calibration if ctx.calibration is not None else CalibrationSpec(seed=ctx.seed)
+            index = premoe.cached(model, tasks, service, settings)
         expected, matches = None, []
         if params.task == "retrieve":
             text, expected = self._query(params, tasks)

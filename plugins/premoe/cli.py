@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from moebench.cli import out
+from moebench.console import out
 from moebench.errors import MoebenchError
 
 premoe_app = typer.Typer(help="PreMoe task indexes and task-pruned loading, for models larger than memory", no_args_is_help=True)

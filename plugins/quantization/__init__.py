@@ -50,7 +50,7 @@ from moebench_plugins.quantization.quant import (
     theoretical_bits,
     unpack_int4,
 )
-from moebench.sequential import Group, check_targets, from_context, static_steps
+from moebench.sequential import Group, check_targets, static_steps
 
 FAKE = "{method}: weights are fake-quantized (quantized, then dequantized back to {dtype}); bytes are theoretical"
 NO_TOKENS = "{n} routed expert(s) received no calibration tokens; they were quantized round-to-nearest"
@@ -414,7 +414,7 @@ class _Quantizer(Method):
 
     def apply(self, model: MoEModel, params: QuantParams, ctx: Context) -> dict:
         if self.collect:
-            run = from_context(model, ctx, self.name, targets=params.targets, collect=self.collect,
+            run = ctx.sequential(model, self.name, targets=params.targets, collect=self.collect,
                                router_weighted=params.router_weighted, **self.run_options(params))
             steps = run
         else:

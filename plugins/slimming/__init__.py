@@ -24,7 +24,7 @@ from moebench.adapter import MoEModel
 from moebench.hookspecs import hookimpl
 from moebench.method import Context, Method
 from moebench.params import param
-from moebench.sequential import Group, check_targets, from_context, static_steps
+from moebench.sequential import Group, check_targets, static_steps
 from moebench_plugins.slimming.sparsity import NM, NM_CONVENTION, mask_for, nm_holds, sparsegpt, wanda_score
 
 MASKED = "sparsity is masked zeros; no sparse kernel"
@@ -114,7 +114,7 @@ class _Pruner(Method):
         else:
             changes["variant"] = self.variant(params)
         if self.needs_calibration:
-            run = from_context(model, ctx, self.name, targets=params.targets, collect=self.collect,
+            run = ctx.sequential(model, self.name, targets=params.targets, collect=self.collect,
                                router_weighted=params.router_weighted)
             steps = run
         else:
