@@ -32,6 +32,7 @@ class Column:
     - ``hidden``: bookkeeping, left out of the terminal, Markdown and HTML tables (kept in the CSV).
     - ``skip``: not a column at all (a setting stored beside a value, e.g. a window length).
     - ``tolerance``: the default gate of ``moebench compare``, e.g. ``{"rel": 0.01}``.
+    - ``si``: print with an SI suffix (``2.19M``); a column named ``*bytes`` prints in MiB.
     - ``derive``: for a column built from others: ``fn(row) -> value or None``; ``consumes``
       lists the columns it replaces.
     """
@@ -45,6 +46,7 @@ class Column:
     hidden: bool = False
     skip: bool = False
     tolerance: dict[str, Any] | None = None
+    si: bool = False
     derive: Callable[[dict[str, Any]], Any] | None = None
     consumes: tuple[str, ...] = ()
 

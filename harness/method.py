@@ -66,8 +66,25 @@ class Context:
         return Sequential(model, windows, batch_size=self.calibration.spec.batch_size, **kwargs)
 
 
+@dataclass(frozen=True)
+class Needs:
+    """What one method step reads from calibration: statistics (gathered in one cached pass,
+    read with ``ctx.stats``) and per-layer collections (a layer-sequential pass, ``ctx.sequential``)."""
+
+    stats: tuple[str, ...] = ()
+    sequential: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.stats) or self.sequential
+
+
 class Method:
-    """A compression method. Subclass, set ``name`` and ``Params``, implement ``apply``."""
+    """A compression method. Subclass, set ``name`` and ``Params``, implement ``apply``.
+
+    What it needs from calibration is declared with ``stats`` (or ``needs(params)`` when it
+    depends on the parameters) and ``needs_calibration``; the harness reads both through
+    :meth:`requires`.
+    """
 
     name: ClassVar[str]
     Params: ClassVar[type] = NoParams
@@ -82,6 +99,11 @@ class Method:
     def needs(self, params) -> tuple[str, ...]:
         """Statistics needed for these parameters (override when they depend on a criterion)."""
         return self.stats
+
+    def requires(self, params) -> Needs:
+        """Everything this step reads from calibration, in one place (the suite check and the
+        runner's up-front calibration pass read this)."""
+        return Needs(tuple(self.needs(params)), self.needs_calibration)
 
     def apply(self, model: "MoEModel", params, ctx: Context) -> dict[str, Any]:
         raise NotImplementedError

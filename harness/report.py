@@ -62,7 +62,7 @@ def fmt(value: Any, column: str = "") -> str:
         return value
     if column.endswith("bytes"):
         return f"{value / 2**20:.2f} MiB"
-    if column.startswith(("params.", "flops")):
+    if column and _columns.column(column).si:
         return _si(value)
     if abs(value) >= 1000:
         return f"{value:,.0f}"

@@ -251,7 +251,7 @@ def _precalibrate(suite: Suite, todo: list[RunSpec], calibration: Calibration, l
     for spec in todo:
         if spec.pipeline:
             first = spec.pipeline[0]
-            needs.extend(host().method(first.method)().needs(first.params))
+            needs.extend(host().method(first.method)().requires(first.params).stats)
     needs = list(dict.fromkeys(needs))
     if not needs:
         return

@@ -188,7 +188,7 @@ def parse_suite(raw: dict, path: str = "<suite>") -> Suite:
         entries.append(parsed)
     needs_calibration = [
         (e["name"], s.method) for e in entries for r in e["runs"] for s in r.pipeline
-        if host().method(s.method)().needs(s.params) or host().method(s.method).needs_calibration
+        if host().method(s.method)().requires(s.params)
     ]
     if needs_calibration and calibration is None:
         name, method = needs_calibration[0]

@@ -137,8 +137,8 @@ class ModelSize(Metric):
     always = True
     # sizes are deterministic: gated exactly
     columns = (
-        Column("params.total", label="params", order=20, delta=True, tolerance={"rel": 0.0}),
-        Column("params.active", label="active", order=21, delta=True, tolerance={"rel": 0.0}),
+        Column("params.total", label="params", order=20, delta=True, tolerance={"rel": 0.0}, si=True),
+        Column("params.active", label="active", order=21, delta=True, tolerance={"rel": 0.0}, si=True),
         Column("weight_bytes", label="weights", order=30, delta=True, tolerance={"rel": 0.0}),
         Column("experts", order=40, tolerance={"rel": 0.0}),
         Column("blocks", order=60, tolerance={"rel": 0.0}),

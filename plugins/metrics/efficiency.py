@@ -187,8 +187,8 @@ class Flops(Metric):
     name = "flops"
     Params = FlopsParams
     columns = (
-        Column("flops_per_token", label="FLOPs/tok", order=70, delta=True, tolerance={"rel": 0.001}),
-        Column("flops.analytic*", detail=True),
+        Column("flops_per_token", label="FLOPs/tok", order=70, delta=True, tolerance={"rel": 0.001}, si=True),
+        Column("flops.*", detail=True, si=True),
     )
 
     def measure(self, model: MoEModel, params: FlopsParams, ctx: Context) -> dict:

@@ -7,7 +7,7 @@ with no save/reload round trip. We call lm-eval's ``evaluate`` rather than
 gathers environment details the runner already records.
 
 Task names are looked up first among the offline tasks that ship with moebench
-(``pydoc_mc``, ``pydoc_cloze``; see :mod:`moebench.lmeval_tasks`) and the suite's
+(``pydoc_mc``, ``pydoc_cloze``; see :mod:`moebench_plugins.metrics.lmeval_tasks`) and the suite's
 ``include_paths``; lm-eval's own registry (thousands of YAML files, slow to index) is
 read only when a name is not found there, and once per process.
 """
@@ -27,7 +27,7 @@ from moebench.adapter import MoEModel
 from moebench.columns import Column
 from moebench.errors import MoebenchError, did_you_mean
 from moebench.hookspecs import hookimpl
-from moebench.lmeval_tasks import TASKS, TASKS_DIR
+from .lmeval_tasks import TASKS, TASKS_DIR
 from moebench.method import Context, Metric
 from moebench.params import param
 
