@@ -15,23 +15,29 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .adapter import MoEModel, PassThrough
+from .adapter import MoEModel, PassThrough, install_routing
 from .errors import MoebenchError
 from .plugins import host
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve(source: str, threads: int | None = None) -> str:
+def resolve(source: str, threads: int | None = None, dtype: str = "bfloat16") -> str:
     """A model source as a local folder or hub id; ``zoo:NAME`` builds (or finds) the zoo checkpoint.
 
     ``threads``: the suite's ``[hardware] threads``, which a zoo build trains on too.
+    ``twin:NAME?layers=N`` writes (or finds) a shape twin stored in ``dtype`` (see :mod:`moebench.twin`).
     """
     if source.startswith("zoo:"):
         from . import zoo
 
         name, options = zoo.parse_source(source[4:])
         return str(zoo.path(name, threads=threads, **options))
+    if source.startswith("twin:"):
+        from . import twin
+
+        name, options = twin.parse_source(source[5:])
+        return str(twin.build(name, dtype=dtype, **options))
     return source
 
 
@@ -50,7 +56,7 @@ def load(
     """
     if dtype not in DTYPES:
         raise MoebenchError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    path = resolve(source, threads)
+    path = resolve(source, threads, dtype)
     from transformers import AutoConfig, AutoTokenizer
 
     try:
@@ -154,6 +160,7 @@ def apply_structure(model, structure: dict) -> None:
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         setattr(parent, attr, cls(**spec.get("init", {})))
+    install_routing(model, moe.adapter)  # routing rules rebuilt above act on their routers again
 
 
 def fingerprint(path) -> str:

@@ -40,7 +40,7 @@ from .errors import MoebenchError
 #: module kinds a method can target
 KINDS = ("experts", "shared", "attention", "dense")
 #: statistics a method can ask for, per input channel of each targeted matrix
-COLLECT = ("sq", "abs", "hessian", "samples")
+COLLECT = ("sq", "abs", "hessian", "samples", "calls")
 
 
 def check_targets(targets: Iterable[str]) -> None:
@@ -60,7 +60,10 @@ class Stats:
 
     ``sq [B, cols]``: sum of squared inputs (WANDA's ``||X_j||^2``); ``abs [B, cols]``: sum
     of absolute inputs; ``hessian [B, cols, cols]``: ``X^T X``; ``samples``: up to
-    ``max_samples`` input rows per matrix; ``tokens [B]``: rows seen per matrix.
+    ``max_samples`` input rows per matrix; ``tokens [B]``: rows seen per matrix;
+    ``calls`` (a routed-experts group only): up to ``max_samples`` rows of the experts
+    module's own input, unweighted, each with its ``top_k_index`` and ``top_k_weights``
+    (what a search on the whole block's output needs, as AWQ's).
     """
 
     cols: int
@@ -69,6 +72,7 @@ class Stats:
     abs: torch.Tensor | None = None
     hessian: torch.Tensor | None = None
     samples: list[list[torch.Tensor]] | None = None
+    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
     @classmethod
     def empty(cls, batch: int, cols: int, collect: set[str], device) -> "Stats":
@@ -80,6 +84,7 @@ class Stats:
             abs=zeros(batch, cols) if "abs" in collect else None,
             hessian=zeros(batch, cols, cols) if "hessian" in collect else None,
             samples=[[] for _ in range(batch)] if "samples" in collect else None,
+            calls=[] if "calls" in collect else None,
         )
 
     def add(self, b: int, x: torch.Tensor, cap: int) -> None:
@@ -94,6 +99,13 @@ class Stats:
         if self.samples is not None and cap > 0:
             self.samples[b].append(x[:: max(1, math.ceil(x.shape[0] / cap))][:cap].clone())
 
+    def routed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The kept experts-module inputs ``(hidden [n, cols], top_k_index [n, k], top_k_weights [n, k])``."""
+        parts = self.calls or []
+        if not parts:
+            raise ValueError("no experts-module inputs were kept (collect 'calls')")
+        return tuple(torch.cat(t) for t in zip(*parts))
+
     def sample(self, b: int) -> torch.Tensor:
         """The kept input rows of matrix ``b`` ``[n, cols]`` (``n`` may be 0)."""
         chunks = self.samples[b] if self.samples is not None else []
@@ -102,6 +114,7 @@ class Stats:
     def nbytes(self) -> int:
         tensors = [t for t in (self.tokens, self.sq, self.abs, self.hessian) if t is not None]
         tensors += [c for chunks in (self.samples or []) for c in chunks]
+        tensors += [t for call in (self.calls or []) for t in call]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -224,6 +237,7 @@ class Sequential:
         batch_size: int = 8,
         router_weighted: bool = True,
         max_samples: int = 2048,
+        weight_power: float = 1.0,
     ):
         self.model = model
         self.windows = windows
@@ -235,6 +249,8 @@ class Sequential:
         check_targets(self.targets)
         self.batch_size = max(1, batch_size)
         self.router_weighted = router_weighted
+        #: a routed token's input is scaled by ``weight ** weight_power`` (0.5: Hessians weighted by the weight itself, MoEQuant)
+        self.weight_power = weight_power
         self.max_samples = max_samples
         self.device = model.device
         self._hidden: list[torch.Tensor] = []
@@ -341,12 +357,16 @@ class Sequential:
             values = list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index", "top_k_weights") if k in kwargs]
             hidden, index, weights = values[:3]
             hidden = hidden.detach().reshape(-1, hidden.shape[-1])
+            calls = by_attr.get("gate_up_proj") and by_attr["gate_up_proj"].stats.calls
+            if calls is not None and cap > 0:
+                rows = slice(None, None, max(1, math.ceil(hidden.shape[0] / cap)))
+                calls.append((hidden[rows][:cap].float(), index[rows][:cap].clone(), weights[rows][:cap].detach().float()))
             for e in range(experts.gate_up_proj.shape[0]):
                 tok, pos = torch.where(index == e)
                 if tok.numel() == 0:
                     continue
                 x = hidden[tok].float()
-                scale = weights[tok, pos].detach().float()[:, None] if weighted else None
+                scale = weights[tok, pos].detach().float()[:, None] ** self.weight_power if weighted else None
                 if "gate_up_proj" in by_attr:
                     by_attr["gate_up_proj"].stats.add(e, x * scale if weighted else x, cap)
                 if "down_proj" in by_attr:
@@ -405,8 +425,18 @@ def peak_rss_bytes() -> int:
 
 
 def from_context(model: MoEModel, ctx, method: str, **kwargs) -> Sequential:
+<<<<<<< HEAD
     """A :class:`Sequential` pass over the suite's calibration windows: ``ctx.sequential`` (kept for callers of this name)."""
     return ctx.sequential(model, method, **kwargs)
+=======
+    """A :class:`Sequential` pass over the suite's calibration windows (``ctx.calibration``), or ``windows=`` given."""
+    if ctx.calibration is None:
+        raise MoebenchError(f"{method} needs calibration data; add a [calibration] table to the suite")
+    windows = kwargs.pop("windows", None)
+    if windows is None:
+        windows = ctx.calibration.windows(model.tokenizer)
+    return Sequential(model, windows, batch_size=ctx.calibration.spec.batch_size, **kwargs)
+>>>>>>> main
 
 
 def static_steps(model: MoEModel, targets: Iterable[str]) -> Iterator[LayerStep]:
