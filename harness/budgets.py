@@ -34,9 +34,9 @@ def kept_count(num_experts: int, keep: int | None, keep_ratio: float | None) -> 
     return max(1, min(num_experts, n))
 
 
-def global_budgets(blocks: list["MoEBlock"], scores: dict[int, torch.Tensor], total: int) -> dict[int, int]:
-    """Spend one expert budget across layers by normalised score; every layer keeps at least top-k."""
-    budgets = {b.layer: min(b.top_k, b.num_experts) for b in blocks}
+def global_budgets(blocks: list["MoEBlock"], scores: dict[int, torch.Tensor], total: int, floor: dict[int, int] | None = None) -> dict[int, int]:
+    """Spend one expert budget across layers by normalised score; each layer keeps at least its floor (default top-k)."""
+    budgets = dict(floor) if floor is not None else {b.layer: min(b.top_k, b.num_experts) for b in blocks}
     ranked = sorted(
         ((s.item(), b.layer, rank) for b in blocks for rank, s in enumerate(torch.sort(scores[b.layer], descending=True).values)),
         reverse=True,

@@ -62,7 +62,9 @@ class Context:
             from .errors import MoebenchError
 
             raise MoebenchError(f"{method} needs calibration data; add a [calibration] table to the suite")
-        windows = self.calibration.windows(model.tokenizer)
+        windows = kwargs.pop("windows", None)  # a method may pass its own (e.g. more samples than the suite's)
+        if windows is None:
+            windows = self.calibration.windows(model.tokenizer)
         return Sequential(model, windows, batch_size=self.calibration.spec.batch_size, **kwargs)
 
 

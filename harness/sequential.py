@@ -425,18 +425,8 @@ def peak_rss_bytes() -> int:
 
 
 def from_context(model: MoEModel, ctx, method: str, **kwargs) -> Sequential:
-<<<<<<< HEAD
     """A :class:`Sequential` pass over the suite's calibration windows: ``ctx.sequential`` (kept for callers of this name)."""
     return ctx.sequential(model, method, **kwargs)
-=======
-    """A :class:`Sequential` pass over the suite's calibration windows (``ctx.calibration``), or ``windows=`` given."""
-    if ctx.calibration is None:
-        raise MoebenchError(f"{method} needs calibration data; add a [calibration] table to the suite")
-    windows = kwargs.pop("windows", None)
-    if windows is None:
-        windows = ctx.calibration.windows(model.tokenizer)
-    return Sequential(model, windows, batch_size=ctx.calibration.spec.batch_size, **kwargs)
->>>>>>> main
 
 
 def static_steps(model: MoEModel, targets: Iterable[str]) -> Iterator[LayerStep]:

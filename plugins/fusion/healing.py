@@ -100,7 +100,7 @@ def teacher_for(model: MoEModel, ctx: Context) -> tuple[torch.nn.Module, str]:
     dtype = suite_model.dtype if suite_model is not None else _dtype_name(model)
     device = suite_model.device if suite_model is not None else str(model.device)
     trust = suite_model.trust_remote_code if suite_model is not None else False
-    threads = getattr(getattr(ctx.suite, "hardware", None), "threads", None)
+    threads = ctx.suite.hardware.threads if ctx.suite is not None else None
     return load(model.source, dtype=dtype, device=device, trust_remote_code=trust, threads=threads).model, "source"
 
 

@@ -99,7 +99,7 @@ class ExpertMeanOutput(Statistic):
         handles = []
         for block in self.model.blocks():
             def hook(module, args, kwargs, output, block=block):
-                self._update(block, _hidden_in(args, kwargs))
+                self._update(block, hidden_in(args, kwargs))
 
             handles.append(block.module.register_forward_hook(hook, with_kwargs=True))
         return handles

@@ -50,18 +50,9 @@ class PreMoeParams:
     index: str | None = param(None, help="folder of a saved PreMoe index (default: built from the suite's tasks table and cached)")
 
     def check(self):
-<<<<<<< HEAD
         check_keep(self.keep, self.keep_ratio)
-=======
-        if self.keep is None and self.keep_ratio is None:
-            raise ValueError("keep_ratio or keep must be set")
-        if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
-        if self.keep is not None and self.keep < 1:
-            raise ValueError(f"keep must be >= 1, got {self.keep}")
         if self.k < 0:
             raise ValueError(f"k must be >= 0 (0: the layer's top-k), got {self.k}")
->>>>>>> main
         if not 0 <= self.threshold < 1:
             raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
         if self.task == "retrieve" and not self.query:
@@ -83,13 +74,8 @@ class PreMoe(Method):
     stats = ()
 
     def apply(self, model: MoEModel, params: PreMoeParams, ctx: Context) -> dict:
-<<<<<<< HEAD
         tasks = _tasks(ctx)
-        settings = premoe.IndexSettings(params.threshold, params.key_layer, params.metric)
-=======
-        tasks = premoe.parse_tasks(getattr(ctx.suite, "tasks", None) or {})
         settings = premoe.IndexSettings(params.threshold, params.key_layer, params.metric, params.k)
->>>>>>> main
         if params.index:
             index = premoe.TaskIndex.load(params.index, model)
             if index.settings != settings:

@@ -406,7 +406,6 @@ def _sha256(path: Path) -> str:
 # --------------------------------------------------------------------------- building and querying
 
 
-<<<<<<< HEAD
 def _service(spec: "CalibrationSpec | Calibration", cache: bool = True) -> "Calibration":
     """The calibration service a run already has (``ctx.calibration``), or one for these settings."""
     from moebench.calibration import Calibration
@@ -414,20 +413,10 @@ def _service(spec: "CalibrationSpec | Calibration", cache: bool = True) -> "Cali
     return spec if isinstance(spec, Calibration) else Calibration(spec, cache=cache)
 
 
-def task_scores(model: MoEModel, data: str, spec: "CalibrationSpec | Calibration", threshold: float = 0.0, cache: bool = True) -> dict[int, torch.Tensor]:
+def task_scores(model: MoEModel, data: str, spec: "CalibrationSpec | Calibration", threshold: float = 0.0, cache: bool = True, k: int = 1) -> dict[int, torch.Tensor]:
     """TCESS per MoE layer of ``model`` over ``data`` (train split), through the calibration service (cached)."""
     logits = _service(spec, cache).for_data(data).stats(model, ["router_logits"])["router_logits"]
-    return layer_scores(logits, {b.layer: b.top_k for b in model.blocks()}, threshold)
-=======
-def task_scores(model: MoEModel, data: str, spec: CalibrationSpec, threshold: float = 0.0, cache: bool = True, k: int = 1) -> dict[int, torch.Tensor]:
-    """TCESS per MoE layer of ``model`` over ``data`` (train split), through the calibration service (cached)."""
-    from dataclasses import replace
-
-    from moebench.calibration import Calibration
-
-    logits = Calibration(replace(spec, data=data), cache=cache).stats(model, ["router_logits"])["router_logits"]
     return layer_scores(logits, {b.layer: b.top_k for b in model.blocks()}, threshold, k)
->>>>>>> main
 
 
 def build(
@@ -446,11 +435,7 @@ def build(
     _check_key_layer(settings.key_layer, signature)
     patterns = []
     for task in tasks.values():
-<<<<<<< HEAD
-        scores = task_scores(model, task.data, service, settings.threshold, cache)
-=======
-        scores = task_scores(model, task.data, spec, settings.threshold, cache, settings.k)
->>>>>>> main
+        scores = task_scores(model, task.data, service, settings.threshold, cache, settings.k)
         patterns.append(Pattern.from_scores([scores[layer] for layer in signature.moe_layers], settings.key_layer))
     info = {"model": model.identity, "calibration": spec.key(), "tasks": {t.name: t.data for t in tasks.values()}}
     return TaskIndex(list(tasks), patterns, signature, settings, info)

@@ -424,14 +424,9 @@ class _Quantizer(Method):
 
     def apply(self, model: MoEModel, params: QuantParams, ctx: Context) -> dict:
         if self.collect:
-<<<<<<< HEAD
-            run = ctx.sequential(model, self.name, targets=params.targets, collect=self.collect,
-                               router_weighted=params.router_weighted, **self.run_options(params))
-=======
-            run = from_context(model, ctx, self.name, targets=params.targets, collect=self.collect_for(params),
+            run = ctx.sequential(model, self.name, targets=params.targets, collect=self.collect_for(params),
                                router_weighted=params.router_weighted, windows=self.calibration_windows(model, params, ctx),
                                **self.run_options(params))
->>>>>>> main
             steps = run
         else:
             run, steps = None, static_steps(model, params.targets)

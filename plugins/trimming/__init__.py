@@ -104,12 +104,8 @@ class ExpertDrop(Method):
             if params.reverse_drop:  # rank the other way round: the best experts go first
                 scores = {layer: -s for layer, s in scores.items()}
             if params.scope == "global":
-<<<<<<< HEAD
-                budgets = global_budgets(blocks, scores, sum(budgets.values()))
-=======
                 floor = {b.layer: 1 if params.global_floor == "one" else min(b.top_k, b.num_experts) for b in blocks}
-                budgets = _global_budgets(blocks, scores, sum(budgets.values()), floor)
->>>>>>> main
+                budgets = global_budgets(blocks, scores, sum(budgets.values()), floor)
             keeps = {b.layer: sorted(torch.argsort(scores[b.layer], descending=True)[: budgets[b.layer]].tolist()) for b in blocks}
         before = {b.layer: b.num_experts for b in blocks}
         for b in blocks:
@@ -151,26 +147,6 @@ def _scores(model: MoEModel, blocks: list[MoEBlock], p: ExpertDropParams, ctx: C
     return {b.layer: raw[b.layer] / raw[b.layer].sum().clamp_min(1e-12) - 1e-12 * torch.arange(b.num_experts) for b in blocks}
 
 
-<<<<<<< HEAD
-=======
-def _global_budgets(blocks: list[MoEBlock], scores: dict[int, torch.Tensor], total: int, floor: dict[int, int] | None = None) -> dict[int, int]:
-    """Spend one expert budget across layers by normalised score; each layer keeps at least its floor (default top-k)."""
-    budgets = dict(floor) if floor is not None else {b.layer: min(b.top_k, b.num_experts) for b in blocks}
-    ranked = sorted(
-        ((s.item(), b.layer, rank) for b in blocks for rank, s in enumerate(torch.sort(scores[b.layer], descending=True).values)),
-        reverse=True,
-    )
-    left = total - sum(budgets.values())
-    for _, layer, rank in ranked:
-        if left <= 0:
-            break
-        if rank >= budgets[layer]:  # the layer's (rank+1)-th best expert; ranks arrive in order per layer
-            budgets[layer] += 1
-            left -= 1
-    return budgets
-
-
->>>>>>> main
 @torch.no_grad()
 def _greedy_reconstruction(block: MoEBlock, io: dict, budget: int) -> list[int]:
     """Remove experts one at a time, each time the one whose removal least changes the block output.
