@@ -194,3 +194,34 @@ def test_moequant_runs_on_balanced_self_samples(checkpoint):
     ebss = changes["ebss"]
     assert ebss["sampled"] == 4 and ebss["kept"] == 2 and ebss["imbalance_kept"] <= ebss["imbalance_all"]
     assert torch.isfinite(_logits(model.model)).all()
+
+
+def test_d2_moe_at_full_rank_reproduces_every_expert(checkpoint, tmp_path):
+    from moebench.models import load_pretrained
+    from moebench_plugins.fusion.d2_moe import fisher_base
+
+    model = load(str(checkpoint("mixtral")))
+    ref = _logits(model.model)
+    originals = {b.layer: (b.gate_up_proj.detach().clone(), b.down_proj.detach().clone()) for b in model.blocks()}
+    block = next(model.blocks())
+    inter = block.intermediate_size
+    full = min(inter, block.gate_up_proj.shape[-1])
+    changes = _apply(model, "d2_moe", rank=full)
+    assert all(f["full_rank"] for f in changes["layers"].values())
+    for layer, (gate_up, down) in originals.items():
+        fused = model.model.get_submodule(f"model.layers.{layer}.mlp").fusion
+        r = fused.rank
+        for e in range(gate_up.shape[0]):
+            a, b = fused.gate_up_a[e].double(), fused.gate_up_b[e].double()
+            gate = fused.core_gate_up[0, :inter].double() + b[:inter] @ a[:r]
+            up = fused.core_gate_up[0, inter:].double() + b[inter:] @ a[r:]
+            dn = fused.core_down[0].double() + fused.down_b[e].double() @ fused.down_a[e].double()
+            torch.testing.assert_close(torch.cat([gate, up]), gate_up[e].double(), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(dn, down[e].double(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_logits(model.model), ref, rtol=1e-3, atol=1e-4)
+    # the base is the Fisher-weighted mean (elementwise weights)
+    w = torch.stack([torch.full((2, 2), 1.0), torch.full((2, 2), 3.0)])
+    f = torch.stack([torch.tensor([[1.0, 0.0], [1.0, 3.0]]), torch.tensor([[1.0, 1.0], [0.0, 1.0]])])
+    assert fisher_base(w, f).tolist() == [[2.0, 3.0], [1.0, 1.5]]
+    model.save(tmp_path / "m")
+    torch.testing.assert_close(_logits(load_pretrained(tmp_path / "m")), _logits(model.model))

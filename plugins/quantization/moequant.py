@@ -119,7 +119,7 @@ class MoEQuant(GPTQ):
 
     def run_options(self, params: MoEQuantParams) -> dict:
         # inputs scaled by sqrt(c): the Hessian sums c x x^T, as the reference's add_batch_score
-        return {"weight_power": 0.5} if params.router_weighted else {}
+        return {**super().run_options(params), **({"weight_power": 0.5} if params.router_weighted else {})}
 
     def calibration_windows(self, model: MoEModel, params: MoEQuantParams, ctx: Context) -> torch.Tensor | None:
         self._ebss = None
