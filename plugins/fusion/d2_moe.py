@@ -35,7 +35,7 @@ from moebench.adapter import MoEModel
 from moebench.method import Context, Method
 from moebench.params import param
 
-from .merge import digest, module_path
+from .merge import module_path
 from .modules import CLASS_PATH, FusedMoE, MixtureOfLoRAExperts, block_spec
 from .variants import experts_init
 
