@@ -23,20 +23,27 @@ def run(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="results directory (default reports/<suite>/<timestamp>)"),
     resume: bool = typer.Option(False, "--resume", help="skip runs already recorded ok (in --out, else the latest run directory)"),
     save_models: Optional[Path] = typer.Option(None, "--save-models", help="save each compressed model under this folder"),
-    shard: Optional[str] = typer.Option(None, "--shard", help="run shard K of N (K/N, e.g. 1/2): a deterministic subset of the runs; join with moebench merge"),
+    shard: Optional[str] = typer.Option(None, "--shard", help="run shard K of N (K/N, e.g. 1/2): a deterministic subset of the runs; join with moebench merge. 'slurm' takes K/N from the SLURM job array this runs in"),
+    executor: str = typer.Option("serial", "--executor", help="where runs execute: serial (here, one after another) or ray (one Ray task per run; pip install 'moebench[ray]')"),
+    address: Optional[str] = typer.Option(None, "--address", help="with --executor ray: the running cluster to use (e.g. 10.0.0.1:6379 or auto); default: start a local one"),
+    retries: int = typer.Option(1, "--retries", help="with --executor ray: times a run whose worker died is tried again before it is recorded as failed"),
 ):
     """Run a suite: baseline and every method, one JSON record per run."""
+    from .executor import make_executor
     from .report import terminal_table
     from .runner import RunOptions, default_out, latest_out, run_suite
-    from .shard import parse_shard
+    from .shard import resolve_shard
     from .suite import load_suite
 
     s = load_suite(suite)
-    select = parse_shard(shard).selector() if shard else None
+    chosen = resolve_shard(shard)
+    select = chosen.selector() if chosen else None
+    runner = make_executor(executor, address=address, retries=retries)
     target = out_dir or (latest_out(s) if resume else None) or default_out(s)
-    err.print(f"suite {s.name}: {len(s.runs())} run(s){f', shard {shard}' if shard else ''} -> {target / 'results.jsonl'}")
+    err.print(f"suite {s.name}: {len(s.runs())} run(s){f', shard {chosen}' if chosen else ''}{f', on {executor}' if executor != 'serial' else ''} -> {target / 'results.jsonl'}")
     try:
-        result = run_suite(s, RunOptions(out=target, resume=resume, select=select, save_models=save_models, log=lambda m: err.print(m, markup=False, highlight=False)))
+        with runner:
+            result = run_suite(s, RunOptions(out=target, resume=resume, select=select, save_models=save_models.resolve() if save_models else None, executor=runner, log=lambda m: err.print(m, markup=False, highlight=False)))
     except KeyboardInterrupt:
         err.print(f"interrupted; finished runs are in {target / 'results.jsonl'} (continue with --resume --out {target})")
         raise typer.Exit(130)

@@ -1,8 +1,9 @@
 """The leaderboard: many result files, one row per method configuration, best result per model.
 
-Results are grouped into boards by model and by what the ranking metric measured
-(perplexity on which data, split and window length), since figures from different
-evaluation settings are not comparable. On each board a method configuration (its
+Results are grouped into boards by model and by the evaluation spec of the ranking
+metric (its data, split, window length, sample count: :mod:`moebench.comparable`),
+since figures from different evaluation settings are not comparable; boards of one
+model name the setting that tells them apart. On each board a method configuration (its
 pipeline with parameters, whatever the run was called) keeps its best record; the row
 carries that record's provenance — commit, versions, device, date — so any figure can
 be traced and reproduced.
@@ -17,6 +18,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from . import comparable
 from .render import accuracy_columns, esc, html_figure, html_page, html_table, label, md_table, origin, pareto_front, plot_perplexity_vs_bytes, versions
 from .record import Record, records_of
 from .report import better, fmt
@@ -79,19 +81,21 @@ def setting_of(record: Record, metric: str) -> str:
 def boards(records: Iterable[dict[str, Any] | Record], metric: str = "perplexity") -> list[Board]:
     """Group ok records into boards by (model, evaluation setting) and keep each configuration's best."""
     lower = better(metric) == "lower"
-    groups: dict[tuple, list[Record]] = {}
-    for r in records_of(records):
-        if not r.ok:
-            continue
-        flat = r.flat_metrics()
-        if not _finite(flat.get(metric)):
-            continue
-        model = r.source or "?"
-        dtype = r.dtype
-        groups.setdefault((model + (f" ({dtype})" if dtype and dtype != "float32" else ""), setting_of(r, metric)), []).append(r)
+    typed = records_of(records)
+    ranked = [r.to_dict() for r in typed if r.ok and _finite(r.flat_metrics().get(metric))]
+
+    def model_of(r: dict[str, Any]) -> str:
+        t = Record.from_dict(r)
+        return (t.source or "?") + (f" ({t.dtype})" if t.dtype and t.dtype != "float32" else "")
 
     out = []
-    for (model, setting), recs in groups.items():
+    # one board per model and evaluation spec of the ranking metric (data, split, seqlen, samples...)
+    groups = comparable.group(ranked, key=model_of, tables=lambda r: [comparable.table_of(metric)])
+    settings = [setting_of(Record.from_dict(g.records[0]), metric) for g in groups]
+    for g, setting in zip(groups, settings):
+        model, recs = g.key, records_of(g.records)
+        if sum(1 for h, s in zip(groups, settings) if h.key == g.key and s == setting) > 1:  # the text does not tell them apart
+            setting = f"{setting}; {g.label}" if setting else g.label
         baselines = {(r.suite, origin(r)): r for r in recs if r.is_baseline}
         best: dict[str, Entry] = {}
         for r in recs:

@@ -32,6 +32,8 @@ class Record:
     pipeline: list[dict[str, Any]] = field(default_factory=list)
     #: {"source", "dtype"}
     model: dict[str, Any] = field(default_factory=dict)
+    #: the [eval.NAME] tables the run was measured with (absent in older records; see moebench.comparable)
+    evals: dict[str, Any] | None = None
     #: every metric's output merged (nested dicts; see docs/design.md)
     metrics: dict[str, Any] = field(default_factory=dict)
     #: per pipeline step (``method``, ``method#2``): what it changed
@@ -106,6 +108,7 @@ class Record:
             "status": self.status,
             "pipeline": self.pipeline,
             "model": self.model,
+            **({"evals": self.evals} if self.evals is not None else {}),
             "metrics": self.metrics,
             "changes": self.changes,
             "notes": self.notes,

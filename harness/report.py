@@ -22,13 +22,26 @@ ID_COLUMNS = ("suite", "name", "run_id", "status")
 
 
 def frame(records: Iterable[dict[str, Any] | Record]) -> pd.DataFrame:
-    """One row per record (suite, name, status, metric columns); later records of a run id win."""
+    """One row per record (suite, name, status, metric columns); later records of a run id win.
+
+    Records of one suite name measured with different evaluation specs (model, eval
+    data, split, seqlen, sample count: :mod:`moebench.comparable`) are never one table:
+    their ``suite`` is suffixed with the settings that differ, e.g. ``ci [perplexity.windows=8]``.
+    """
+    from .comparable import group
+
+    records = [r.to_dict() if isinstance(r, Record) else r for r in records]
+    labels = {}
+    for g in group(records, key=lambda r: r.get("suite")):
+        for r in g.records:
+            labels[id(r)] = f"{g.key} [{g.label}]" if g.label else g.key
     rows: dict[tuple, dict] = {}
-    for r in records_of(records):
-        row = {"suite": r.suite, "name": r.name, "run_id": r.run_id, "status": r.status}
+    for d in records:
+        r = Record.from_dict(d)
+        row = {"suite": labels[id(d)], "name": r.name, "run_id": r.run_id, "status": r.status}
         row.update(r.flat_metrics())
         _columns.derive(row)  # plugin columns built from others (e.g. PreMoe's active/kept)
-        rows[(r.suite, r.run_id)] = row
+        rows[(row["suite"], r.run_id)] = row
     df = pd.DataFrame(list(rows.values()))
     if df.empty:
         return df

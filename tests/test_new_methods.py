@@ -225,3 +225,36 @@ def test_d2_moe_at_full_rank_reproduces_every_expert(checkpoint, tmp_path):
     assert fisher_base(w, f).tolist() == [[2.0, 3.0], [1.0, 1.5]]
     model.save(tmp_path / "m")
     torch.testing.assert_close(_logits(load_pretrained(tmp_path / "m")), _logits(model.model))
+
+
+def test_naee_exhaustive_search_finds_the_true_best_combination(checkpoint):
+    import itertools
+
+    model = load(str(checkpoint("mixtral")))
+    ctx = _ctx()
+    block = next(model.blocks())
+    io = ctx.stats(model, "moe_io")["moe_io"][block.layer]
+    x, target = io["input"].double(), io["output"].double()
+    router = block.router_weight.double()
+
+    def mixtral_block(keep):  # the Mixtral MoE block written out: softmax over the kept logits, top-k, renormalise
+        probs = (x @ router[keep].T).softmax(-1)
+        w, idx = probs.topk(min(block.top_k, len(keep)), dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for slot in range(idx.shape[1]):
+            for j, e in enumerate(keep):
+                gate, up, down = (t.double() for t in block.expert(e))
+                y = (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
+                out += (idx[:, slot] == j).double()[:, None] * w[:, slot, None] * y
+        return out
+
+    with torch.no_grad():
+        losses = {c: ((mixtral_block(list(c)) - target) ** 2).sum().item() for c in itertools.combinations(range(block.num_experts), 3)}
+    best = min(losses, key=losses.get)
+    assert sorted(losses.values())[1] > losses[best] * (1 + 1e-4), "the test needs a unique best combination"
+    changes = _apply(model, "naee", ctx, keep=3)
+    assert changes["search"][block.layer] == "exhaustive"
+    assert changes["kept"][block.layer] == list(best)
+    greedy = _apply(load(str(checkpoint("mixtral"))), "naee", _ctx(), keep=3, max_combinations=10)
+    assert greedy["search"][block.layer] == "greedy"
