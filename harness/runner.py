@@ -28,6 +28,7 @@ import torch
 from . import __version__
 from .adapter import MoEModel
 from .calibration import Calibration
+from .memory import PeakMemory
 from .method import Context
 from .models import load
 from .plugins import host
@@ -106,6 +107,7 @@ def run_suite(suite: Suite, options: RunOptions) -> SuiteResult:
             options.log(f"  {spec.name}: {status}")
             if interrupted.is_set():  # Ctrl-C landed in a finalizer, which swallows the exception
                 raise KeyboardInterrupt
+    _PRISTINE.clear()  # the model snapshot lives for one suite
     result.calibration = calibration.summary() if calibration else {}
     return result
 
@@ -154,12 +156,15 @@ def execute(suite: Suite, spec: RunSpec, ctx: Context, options: RunOptions) -> d
     torch.manual_seed(suite.info.seed)
     model = None
     try:
-        model = load_model(suite)
+        model = load_model(suite, keep=True)
         t0 = time.perf_counter()
         steps: dict[str, float] = {}
-        record["changes"] = apply_pipeline(model, spec, ctx, steps)
+        with PeakMemory(suite.model.device) as peak:
+            record["changes"] = apply_pipeline(model, spec, ctx, steps)
         if spec.pipeline:
             record["metrics"]["compress_seconds"] = time.perf_counter() - t0
+            if peak.bytes is not None:
+                record["metrics"].update(compress_peak_bytes=peak.bytes, compress_peak_kind=peak.kind)
         if len(steps) > 1:
             record["metrics"]["compress_seconds_by_step"] = steps
         if options.save_models is not None and spec.pipeline:
@@ -189,7 +194,36 @@ def execute(suite: Suite, spec: RunSpec, ctx: Context, options: RunOptions) -> d
     return record
 
 
-def load_model(suite: Suite) -> MoEModel:
+#: the suite's model as loaded, in host memory: (load arguments, snapshot); see load_model
+_PRISTINE: list = []
+
+
+def load_model(suite: Suite, keep: bool = False) -> MoEModel:
+    """A clean model for one run: with ``keep`` (the runs of a suite), loaded once and then
+    restored from a host-memory snapshot.
+
+    Restoring is a memory copy instead of re-reading the checkpoint; a model too large for
+    a second host copy (see :func:`moebench.models.snapshot`) is reloaded every run as before.
+    """
+    from .models import fingerprint, restore, snapshot
+
+    if not keep:
+        return _load(suite)
+    m = suite.model
+    local = fingerprint(m.source) if os.path.isdir(m.source) else None
+    key = (m.source, local, m.dtype, m.device, m.trust_remote_code, str(suite.hardware.max_memory))
+    if _PRISTINE and _PRISTINE[0][0] == key and m.device != "auto":
+        return restore(_PRISTINE[0][1], m.device)
+    _PRISTINE.clear()
+    model = _load(suite)
+    if m.device != "auto":
+        pristine = snapshot(model)
+        if pristine is not None:
+            _PRISTINE.append((key, pristine))
+    return model
+
+
+def _load(suite: Suite) -> MoEModel:
     m = suite.model
     return load(m.source, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code, max_memory=suite.hardware.max_memory, threads=suite.hardware.threads)
 
@@ -238,7 +272,7 @@ def measure(model: MoEModel, suite: Suite, ctx: Context, only: list[str] | None 
 def _measure_only(suite: Suite, spec: RunSpec, names: list[str], calibration) -> dict[str, Any]:
     ctx = Context(seed=suite.info.seed, calibration=calibration, device=suite.model.device, suite=suite)
     torch.manual_seed(suite.info.seed)
-    model = load_model(suite)
+    model = load_model(suite, keep=True)
     try:
         return measure(model, suite, ctx, only=names)
     finally:
@@ -256,7 +290,7 @@ def _precalibrate(suite: Suite, todo: list[RunSpec], calibration: Calibration, l
     needs = list(dict.fromkeys(needs))
     if not needs:
         return
-    model = load_model(suite)
+    model = load_model(suite, keep=True)
     try:
         calibration.stats(model, needs)
     finally:
