@@ -477,11 +477,17 @@ class MoEModel:
 
         A model plain transformers can rebuild is saved in its family's original
         checkpoint format; one with a moebench structure keeps the in-memory (packed)
-        names, which is what :func:`moebench.models.load_pretrained` reads back.
+        names, which is what :func:`moebench.models.load_pretrained` reads back, and its
+        config refuses plain loaders (:func:`moebench.models.refuse_plain_loaders`).
         """
-        if self.needs_moebench_loader():
+        own_layout = self.needs_moebench_loader()
+        if own_layout:
             kwargs.setdefault("save_original_format", False)
         self.model.save_pretrained(path, **kwargs)
+        if own_layout:
+            from .models import refuse_plain_loaders
+
+            refuse_plain_loaders(path, self.config.model_type)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
 

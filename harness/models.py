@@ -3,7 +3,10 @@
 ``load(source)`` returns a :class:`MoEModel` (the model with its architecture adapter).
 ``load_pretrained(path)`` reloads a model moebench saved, including structures plain
 transformers cannot rebuild from its config (expert counts that differ per layer,
-skipped MoE blocks, moebench module classes).
+skipped MoE blocks, moebench module classes). Such a folder's ``config.json`` carries a
+model type no transformers release knows (:func:`refuse_plain_loaders`), so a plain
+``AutoModelForCausalLM.from_pretrained`` stops with an error naming this loader instead
+of silently re-initialising the weights it cannot place; :func:`load_config` reads it.
 """
 
 from __future__ import annotations
@@ -59,10 +62,10 @@ def load(
     if dtype not in DTYPES:
         raise MoebenchError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     path = resolve(source, threads, dtype)
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = load_config(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MoebenchError(f"model {source!r} could not be loaded: {first}") from None
@@ -77,7 +80,7 @@ def load(
     )
     reproducible_experts(model, device)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, config=config, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise MoebenchError(f"model {source!r} has no usable tokenizer: {exc}") from None
     identity = f"{source}@{fingerprint(path)}" if Path(path).is_dir() else source
@@ -150,9 +153,9 @@ def load_pretrained(
     config=None,
 ):
     """Load a saved causal LM; rebuilds moebench structures recorded in ``config.moebench``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = config or AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = config or load_config(path, trust_remote_code=trust_remote_code)
     structure = getattr(config, "moebench", None)
     if not structure:
         kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
@@ -182,6 +185,45 @@ def load_pretrained(
         )
     model.tie_weights()
     return model.to(device=device, dtype=dtype).eval()
+
+
+#: what a plain loader is told to use instead (part of the refusal message)
+LOADER = "moebench.models.load_pretrained"
+
+
+def refuse_plain_loaders(folder, model_type: str) -> None:
+    """Make a saved folder's ``config.json`` unloadable by plain transformers, with an error naming :data:`LOADER`.
+
+    Plain transformers would build the architecture's stock modules, report the moebench
+    tensors as unexpected and initialise the missing weights at random (wrong logits, no
+    error). An unknown ``model_type`` stops ``AutoConfig`` (so ``AutoModel*``, pipelines and
+    other engines that read the config) with "The checkpoint you are trying to load has
+    model type `<this text>` but Transformers does not recognize this architecture";
+    the real type is kept in ``moebench.model_type`` for :func:`load_config`.
+    """
+    file = Path(folder) / "config.json"
+    raw = json.loads(file.read_text())
+    raw["moebench"] = {**(raw.get("moebench") or {}), "model_type": model_type}
+    raw["model_type"] = f"{model_type}-moebench: load this folder with {LOADER}(folder), not transformers alone"
+    file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+
+def load_config(path, *, trust_remote_code: bool = False):
+    """A folder's (or hub id's) config, including folders marked by :func:`refuse_plain_loaders`."""
+    from transformers import AutoConfig
+
+    file = Path(path) / "config.json"
+    raw = json.loads(file.read_text()) if file.is_file() else {}
+    real = (raw.get("moebench") or {}).get("model_type")
+    if not real or raw.get("model_type") == real:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if real not in CONFIG_MAPPING:
+        raise MoebenchError(f"{file}: model type {real!r} is not known to this transformers version")
+    raw["model_type"] = real
+    raw["moebench"] = {k: v for k, v in raw["moebench"].items() if k != "model_type"}
+    return CONFIG_MAPPING[real].from_dict(raw)
 
 
 def apply_structure(model, structure: dict) -> None:

@@ -39,6 +39,8 @@ from .errors import MoebenchError
 
 #: module kinds a method can target
 KINDS = ("experts", "shared", "attention", "dense")
+#: how many slices :meth:`Group.chunks` cuts a layer's experts into (float32 temporaries: 1/CHUNKS of them)
+CHUNKS = 8
 #: statistics a method can ask for, per input channel of each targeted matrix
 COLLECT = ("sq", "abs", "hessian", "samples", "calls")
 
@@ -147,6 +149,14 @@ class Group:
         """Store new values ``[B, rows, cols]`` in place (same shape, the parameter's dtype)."""
         self.weight.copy_(new.to(self.weight.dtype).reshape(self.weight.shape))
 
+    def chunks(self, count: int = CHUNKS) -> Iterator[slice]:
+        """Slices of the stacked matrices, at most ``count`` of them: a method that works on one slice at a
+        time holds float32 copies of ``1/count`` of a layer's experts, never of all of them."""
+        n = self.weight.shape[0]
+        size = max(1, math.ceil(n / count))
+        for i in range(0, n, size):
+            yield slice(i, min(i + size, n))
+
 
 def find_groups(model: MoEModel, layer: int, targets: Iterable[str]) -> list[Group]:
     """The groups of decoder ``layer`` for the module kinds ``targets``, in execution order."""
@@ -218,17 +228,20 @@ class LayerStep:
         current = None
         for i, group in enumerate(self.groups):
             stage = self.stage.get(group.name, i)
-            if current is not None and stage != current:
+            if group.stats is None or (current is not None and stage != current):
                 self.refresh(self.groups[i:])
+                stage = self.stage.get(group.name, i)
             current = stage
             yield group
+            group.stats = None  # solved: its statistics are not needed again
 
 
 class Sequential:
     """Iterate over decoder layers, each with statistics of its targets on the compressed model's own inputs.
 
     ``collect`` names what the groups need (``COLLECT``). ``max_samples`` caps the kept
-    input rows per matrix (for ``samples``). After each step's body the layer is re-run
+    input rows per matrix (for ``samples``). With ``staged`` the experts' ``down_proj``
+    statistics are left to :meth:`LayerStep.sequential` (true-sequential methods). After each step's body the layer is re-run
     (as the method left it) to produce the next layer's inputs.
     """
 
@@ -241,6 +254,8 @@ class Sequential:
         batch_size: int = 8,
         router_weighted: bool = True,
         max_samples: int = 2048,
+        staged: bool = False,
+        weight_power: float = 1.0,
     ):
         self.model = model
         self.windows = windows
@@ -252,7 +267,10 @@ class Sequential:
         check_targets(self.targets)
         self.batch_size = max(1, batch_size)
         self.router_weighted = router_weighted
+        #: a routed token's input is scaled by ``weight ** weight_power`` (0.5: Hessians weighted by the weight itself, MoEQuant)
+        self.weight_power = weight_power
         self.max_samples = max_samples
+        self.staged = staged
         self.device = model.device
         self._hidden: list[torch.Tensor] = []
         self._calls: list[list[tuple[tuple, dict]]] = []  # per batch, per layer: (extra args, kwargs)
@@ -370,7 +388,7 @@ class Sequential:
                 if tok.numel() == 0:
                     continue
                 x = hidden[tok].float()
-                scale = weights[tok, pos].detach().float()[:, None] if weighted else None
+                scale = weights[tok, pos].detach().float()[:, None] ** self.weight_power if weighted else None
                 if "gate_up_proj" in by_attr:
                     by_attr["gate_up_proj"].stats.add(e, x * scale if weighted else x, cap)
                 if "down_proj" in by_attr:
@@ -396,7 +414,8 @@ class Sequential:
                 if groups:
                     step = LayerStep(i, layer, groups)
                     step.gather = lambda gs, step=step: self._gather(step, gs)
-                    self._gather(step)
+                    # staged: down_proj's statistics wait for LayerStep.sequential(), so both Hessians are never held at once
+                    self._gather(step, [g for g in groups if not (self.staged and g.attr == "down_proj")])
                     self.experts_without_tokens += sum(int((g.stats.tokens == 0).sum()) for g in groups if g.attr == "gate_up_proj")
                     yield step
                     for g in groups:
@@ -429,10 +448,12 @@ def peak_rss_bytes() -> int:
 
 
 def from_context(model: MoEModel, ctx, method: str, **kwargs) -> Sequential:
-    """A :class:`Sequential` pass over the suite's calibration windows (``ctx.calibration``)."""
+    """A :class:`Sequential` pass over the suite's calibration windows (``ctx.calibration``), or ``windows=`` given."""
     if ctx.calibration is None:
         raise MoebenchError(f"{method} needs calibration data; add a [calibration] table to the suite")
-    windows = ctx.calibration.windows(model.tokenizer)
+    windows = kwargs.pop("windows", None)
+    if windows is None:
+        windows = ctx.calibration.windows(model.tokenizer)
     return Sequential(model, windows, batch_size=ctx.calibration.spec.batch_size, **kwargs)
 
 

@@ -157,3 +157,26 @@ def test_plugins_add_operators_that_methods_can_name():
     assert "median" not in operators()
     with pytest.raises(ParamError, match="operator must be one of"):
         parse(host().method("merge").Params, {"operator": "median"})
+
+
+def test_aligned_merge_of_two_permuted_copies_gives_the_expert_back():
+    """Permuting an expert's intermediate neurons leaves its function unchanged; alignment undoes it before averaging."""
+    from moebench_plugins.fusion import alignment
+
+    g = torch.Generator().manual_seed(0)
+    inter, hidden = 12, 8
+    gate_up, down = torch.randn(2 * inter, hidden, generator=g), torch.randn(hidden, inter, generator=g)
+    perm = torch.randperm(inter, generator=g)
+    pgu, pdn = alignment.permute(gate_up, down, perm)
+    x = torch.randn(5, hidden, generator=g)
+
+    def forward(gu, dn):
+        return (torch.nn.functional.silu(x @ gu[:inter].T) * (x @ gu[inter:].T)) @ dn.T
+
+    torch.testing.assert_close(forward(pgu, pdn), forward(gate_up, down))
+    stack_gu, stack_dn = torch.stack([gate_up, pgu]), torch.stack([down, pdn])
+    agu, adn = alignment.align(stack_gu, stack_dn, pivot=0)
+    w = torch.tensor([0.5, 0.5])
+    torch.testing.assert_close(merge(agu, w, "average"), gate_up)
+    torch.testing.assert_close(merge(adn, w, "average"), down)
+    assert not torch.allclose(merge(stack_gu, w, "average"), gate_up), "unaligned, the copies average into something else"

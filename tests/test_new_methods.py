@@ -162,3 +162,99 @@ def test_hc_smoe_clusters_are_scipys_hierarchical_clustering_of_mean_outputs(che
     for m, members in enumerate(groups):
         w = freq[members] / freq[members].sum()
         torch.testing.assert_close(fused.gate_up_proj[m].double(), torch.einsum("n,nij->ij", w, original[members].double()), rtol=1e-5, atol=1e-6)
+
+
+def test_moequant_hessians_are_the_affinity_weighted_sum(checkpoint):
+    from moebench.sequential import Sequential
+
+    model = load(str(checkpoint("deepseek_v2")))
+    ctx = _ctx()
+    windows = ctx.calibration.windows(model.tokenizer)
+    block = next(model.blocks())
+    x = _block_inputs(model, windows)[block.layer]
+    with torch.no_grad():
+        _, weights, indices = model.adapter.route(block.router.forward(x))
+    affinity = torch.zeros(x.shape[0], block.num_experts, dtype=torch.float64)
+    affinity.scatter_add_(1, indices, weights.double())  # c[t, e]: the routing weight, 0 where e is not selected
+    expected = torch.einsum("te,ti,tj->eij", affinity, x.double(), x.double())
+    run = Sequential(model, windows, targets=["experts"], collect=["hessian"], batch_size=2, router_weighted=True, weight_power=0.5)
+    for step in run:
+        if step.index == block.layer:
+            gate_up = next(g for g in step.groups if g.attr == "gate_up_proj")
+            torch.testing.assert_close(gate_up.stats.hessian.double(), expected, rtol=1e-4, atol=1e-5)
+            break
+    else:
+        raise AssertionError("the MoE layer was not visited")
+
+
+def test_moequant_runs_on_balanced_self_samples(checkpoint):
+    model = load(str(checkpoint("deepseek_v2")))
+    changes = _apply(model, "moequant", _ctx(samples=2, seqlen=16), bits=4, group_size=32, candidates=2)
+    assert changes["variant"]["hessian"].startswith("affinity-weighted")
+    ebss = changes["ebss"]
+    assert ebss["sampled"] == 4 and ebss["kept"] == 2 and ebss["imbalance_kept"] <= ebss["imbalance_all"]
+    assert torch.isfinite(_logits(model.model)).all()
+
+
+def test_d2_moe_at_full_rank_reproduces_every_expert(checkpoint, tmp_path):
+    from moebench.models import load_pretrained
+    from moebench_plugins.fusion.d2_moe import fisher_base
+
+    model = load(str(checkpoint("mixtral")))
+    ref = _logits(model.model)
+    originals = {b.layer: (b.gate_up_proj.detach().clone(), b.down_proj.detach().clone()) for b in model.blocks()}
+    block = next(model.blocks())
+    inter = block.intermediate_size
+    full = min(inter, block.gate_up_proj.shape[-1])
+    changes = _apply(model, "d2_moe", rank=full)
+    assert all(f["full_rank"] for f in changes["layers"].values())
+    for layer, (gate_up, down) in originals.items():
+        fused = model.model.get_submodule(f"model.layers.{layer}.mlp").fusion
+        r = fused.rank
+        for e in range(gate_up.shape[0]):
+            a, b = fused.gate_up_a[e].double(), fused.gate_up_b[e].double()
+            gate = fused.core_gate_up[0, :inter].double() + b[:inter] @ a[:r]
+            up = fused.core_gate_up[0, inter:].double() + b[inter:] @ a[r:]
+            dn = fused.core_down[0].double() + fused.down_b[e].double() @ fused.down_a[e].double()
+            torch.testing.assert_close(torch.cat([gate, up]), gate_up[e].double(), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(dn, down[e].double(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_logits(model.model), ref, rtol=1e-3, atol=1e-4)
+    # the base is the Fisher-weighted mean (elementwise weights)
+    w = torch.stack([torch.full((2, 2), 1.0), torch.full((2, 2), 3.0)])
+    f = torch.stack([torch.tensor([[1.0, 0.0], [1.0, 3.0]]), torch.tensor([[1.0, 1.0], [0.0, 1.0]])])
+    assert fisher_base(w, f).tolist() == [[2.0, 3.0], [1.0, 1.5]]
+    model.save(tmp_path / "m")
+    torch.testing.assert_close(_logits(load_pretrained(tmp_path / "m")), _logits(model.model))
+
+
+def test_naee_exhaustive_search_finds_the_true_best_combination(checkpoint):
+    import itertools
+
+    model = load(str(checkpoint("mixtral")))
+    ctx = _ctx()
+    block = next(model.blocks())
+    io = ctx.stats(model, "moe_io")["moe_io"][block.layer]
+    x, target = io["input"].double(), io["output"].double()
+    router = block.router_weight.double()
+
+    def mixtral_block(keep):  # the Mixtral MoE block written out: softmax over the kept logits, top-k, renormalise
+        probs = (x @ router[keep].T).softmax(-1)
+        w, idx = probs.topk(min(block.top_k, len(keep)), dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for slot in range(idx.shape[1]):
+            for j, e in enumerate(keep):
+                gate, up, down = (t.double() for t in block.expert(e))
+                y = (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
+                out += (idx[:, slot] == j).double()[:, None] * w[:, slot, None] * y
+        return out
+
+    with torch.no_grad():
+        losses = {c: ((mixtral_block(list(c)) - target) ** 2).sum().item() for c in itertools.combinations(range(block.num_experts), 3)}
+    best = min(losses, key=losses.get)
+    assert sorted(losses.values())[1] > losses[best] * (1 + 1e-4), "the test needs a unique best combination"
+    changes = _apply(model, "naee", ctx, keep=3)
+    assert changes["search"][block.layer] == "exhaustive"
+    assert changes["kept"][block.layer] == list(best)
+    greedy = _apply(load(str(checkpoint("mixtral"))), "naee", _ctx(), keep=3, max_combinations=10)
+    assert greedy["search"][block.layer] == "greedy"

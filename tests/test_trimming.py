@@ -7,6 +7,8 @@ from __future__ import annotations
 import statistics
 import textwrap
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -72,12 +74,21 @@ def logits(model):
 def test_each_method_runs_from_a_suite_and_saved_models_reload(arch, checkpoint, tmp_path):
     path = tmp_path / "suite.toml"
     path.write_text(suite_text(checkpoint(arch)))
-    run_suite(load_suite(path), RunOptions(out=tmp_path / "out", save_models=tmp_path / "models", log=lambda m: None))
+    logged = []
+    run_suite(load_suite(path), RunOptions(out=tmp_path / "out", save_models=tmp_path / "models", log=logged.append))
     records = list(read_records(tmp_path / "out"))
     assert [r["status"] for r in records] == ["ok"] * 4, [r["error"] for r in records]
     base, expert, layer, piped = records
     assert expert["saved_model"]["loader"] == "transformers", "a uniform expert drop is a standard checkpoint"
     assert layer["saved_model"]["loader"] == "moebench.models.load_pretrained", "a skipped block is not"
+    # folders are named by run name and id, described by a model card, and the run says where and how to load
+    folder = Path(layer["saved_model"]["path"])
+    assert folder.name == f"{layer['name']}-{layer['run_id']}".replace("[", "_").replace("]", "")
+    card = (folder / "README.md").read_text()
+    assert "`layer_drop`" in card and "moebench.models.load_pretrained" in card and "| experts |" in card
+    assert "AutoModelForCausalLM.from_pretrained" in (Path(expert["saved_model"]["path"]) / "README.md").read_text()
+    said = "\n".join(logged)
+    assert f"saved to {folder}" in said and f"load_pretrained('{folder}')" in said
     assert layer["changes"]["layer_drop"]["skipped_moe"]
     assert piped["changes"]["block_drop"]["blocks_after"] == piped["changes"]["block_drop"]["blocks_before"] - 1
     assert all(k == 2 for k in piped["changes"]["expert_drop"]["top_k"].values())

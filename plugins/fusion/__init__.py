@@ -20,7 +20,7 @@ Methods (all edit the model through :class:`moebench.adapter.MoEModel`):
   plus a truncated SVD of its difference from the core; the original router picks
   experts as before. At full rank the layer is reproduced exactly.
 
-Methods from recent papers, built on the same pieces: ``hc_smoe`` (:mod:`.hc_smoe`).
+Methods from recent papers, built on the same pieces: ``hc_smoe`` (:mod:`.hc_smoe`), ``d2_moe`` (:mod:`.d2_moe`).
 
 Any of them heals by distillation (``heal = {steps = ..., ...}``, :mod:`.healing`).
 
@@ -40,6 +40,7 @@ from moebench.hookspecs import hookimpl
 
 from .merge import Merge, ProgressiveMerge
 from .modules import CLASS_PATH, FusedMoE
+from .d2_moe import D2MoE
 from .hc_smoe import HcSmoe
 from .statistics import Coactivation, ExpertMeanOutput, OutputSimilarity
 from .variants import FusedLoRA, MixtureOfLoRA, Multiplexage
@@ -49,7 +50,7 @@ __all__ = ["CLASS_PATH", "FusedMoE"]
 
 @hookimpl
 def register_methods():
-    return [Merge, ProgressiveMerge, Multiplexage, FusedLoRA, MixtureOfLoRA, HcSmoe]
+    return [Merge, ProgressiveMerge, Multiplexage, FusedLoRA, MixtureOfLoRA, HcSmoe, D2MoE]
 
 
 @hookimpl

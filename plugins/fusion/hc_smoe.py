@@ -36,6 +36,7 @@ class HcSmoeParams:
     metric: Literal["euclidean", "cosine"] = param("euclidean", help="distance between experts' mean outputs (ward needs euclidean)")
     operator: str = param("frequency_average", help="how a cluster's weights merge (the paper: frequency-weighted average)")
     operator_args: dict = param(default_factory=dict, help="options passed to the operator")
+    align: bool = param(False, help="permute members' neurons to the most-used member before merging (not in the paper)")
     heal: HealParams = param(default_factory=HealParams, help="optional distillation healing (the paper: none)")
     scope: Literal["layer"] = field(default="layer", metadata={"help": "the same count in every layer"})
 
@@ -78,7 +79,7 @@ class HcSmoe(_Variant):
         return hierarchical(stats["expert_mean_output"][block.layer]["mean"], n, params.linkage, params.metric, freq)
 
     def build(self, model, block, groups, freq, params, ctx):
-        gate_up, down = merged_experts(block, groups, freq, params.operator, params.operator_args)
+        gate_up, down = merged_experts(block, groups, freq, params.operator, params.operator_args, params.align)
         init = experts_init(model, block, groups)
         experts = GroupedExperts(**init)
         with torch.no_grad():

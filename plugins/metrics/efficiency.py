@@ -366,13 +366,13 @@ def fresh_process_peak(folder: Path, ids: torch.Tensor, decode: int, dtype: str,
 
 def _fresh_process_main(spec: dict) -> dict:
     """Child side of :func:`fresh_process_peak`: load, reset the peak mark where possible, run, report."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from moebench.models import DTYPES, load_pretrained
+    from moebench.models import DTYPES, load_config, load_pretrained
     from moebench.plugins import host
 
     host()  # plugins and the model's class imported first, so ``runtime`` holds all the code
-    AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(spec["folder"]))]
+    AutoModelForCausalLM._model_mapping[type(load_config(spec["folder"]))]
     gc.collect()
     runtime = rss_bytes()
     model = load_pretrained(spec["folder"], dtype=DTYPES[spec["dtype"]], device=spec["device"])

@@ -425,7 +425,8 @@ class _Quantizer(Method):
     def apply(self, model: MoEModel, params: QuantParams, ctx: Context) -> dict:
         if self.collect:
             run = from_context(model, ctx, self.name, targets=params.targets, collect=self.collect_for(params),
-                               router_weighted=params.router_weighted, **self.run_options(params))
+                               router_weighted=params.router_weighted, windows=self.calibration_windows(model, params, ctx),
+                               **self.run_options(params))
             steps = run
         else:
             run, steps = None, static_steps(model, params.targets)
@@ -438,11 +439,10 @@ class _Quantizer(Method):
             for group in step.sequential() if getattr(params, "true_sequential", False) else step.groups:
                 dtype = group.weight.dtype
                 q, in_scale = self.quantize(group, params, extra)
-                w = q.dequantize()
-                if in_scale is not None:
-                    w = w / in_scale[:, None, :]
                 tally.add(group, params, in_scale is not None)
-                group.write(w)
+                for c in group.chunks():  # dequantized a slice at a time: no float32 copy of the whole layer
+                    w = q.select(c).dequantize()
+                    group.weight[c] = (w if in_scale is None else w / in_scale[c, None, :]).to(dtype)
                 if params.storage == "int4":
                     packed.setdefault(group.path, {})[group.attr] = (group, q, in_scale)
             for path, parts in packed.items():
@@ -461,6 +461,10 @@ class _Quantizer(Method):
 
     def run_options(self, params) -> dict:
         return {}
+
+    def calibration_windows(self, model: MoEModel, params, ctx: Context) -> torch.Tensor | None:
+        """The token windows the layer-sequential pass runs (None: the suite's calibration windows)."""
+        return None
 
     def collect_for(self, params) -> tuple[str, ...]:
         """The statistics the calibration pass gathers for ``params``."""
@@ -506,7 +510,7 @@ class RTN(_Quantizer):
     name = "rtn"
 
     def quantize(self, group, params, extra):
-        return rtn(group.weight, params.bits, params.group_size), None
+        return Quantized.cat([rtn(group.weight[c], params.bits, params.group_size) for c in group.chunks()]), None
 
 
 class GPTQ(_Quantizer):
@@ -526,13 +530,18 @@ class GPTQ(_Quantizer):
     collect = ("hessian",)
 
     def quantize(self, group, params: GPTQParams, extra):
-        h = group.stats.hessian
-        unseen = group.stats.tokens == 0
-        if unseen.any():  # identity Hessian: no error feedback, i.e. round-to-nearest
-            h = h.clone()
-            h[unseen] = torch.eye(h.shape[-1], device=h.device)
-        q = gptq(group.weight, h, params.bits, params.group_size, params.act_order, params.damp, params.block_size)
-        return q, None
+        parts = []
+        for c in group.chunks():  # the solve's float32 copies (W, H, its inverse factor) for a slice of experts at a time
+            h = group.stats.hessian[c]
+            unseen = group.stats.tokens[c] == 0
+            if unseen.any():  # identity Hessian: no error feedback, i.e. round-to-nearest
+                h = h.clone()
+                h[unseen] = torch.eye(h.shape[-1], device=h.device)
+            parts.append(gptq(group.weight[c], h, params.bits, params.group_size, params.act_order, params.damp, params.block_size))
+        return Quantized.cat(parts), None
+
+    def run_options(self, params: GPTQParams) -> dict:
+        return {"staged": params.true_sequential}
 
     def variant(self, params: GPTQParams) -> dict:
         order = ("true sequential: each Hessian from the already-quantized earlier stages (reference)" if params.true_sequential
@@ -737,4 +746,6 @@ class Tally:
 
 @hookimpl
 def register_methods():
-    return [RTN, GPTQ, AWQ, Bnb4bit]
+    from .moequant import MoEQuant
+
+    return [RTN, GPTQ, AWQ, Bnb4bit, MoEQuant]

@@ -34,6 +34,16 @@ class Quantized:
     bits: int
     group_size: int
 
+    def select(self, index) -> "Quantized":
+        """The codes of some stacked matrices (``index`` into the leading dim)."""
+        return Quantized(self.codes[index], self.scale[index], self.zero[index], self.bits, self.group_size)
+
+    @staticmethod
+    def cat(parts: list["Quantized"]) -> "Quantized":
+        """Stacks of codes joined along the leading dim."""
+        return Quantized(torch.cat([q.codes for q in parts]), torch.cat([q.scale for q in parts]),
+                         torch.cat([q.zero for q in parts]), parts[0].bits, parts[0].group_size)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         cols = self.codes.shape[-1]
         scale = expand_groups(self.scale, self.group_size, cols)
@@ -154,14 +164,17 @@ def gptq(
         i2 = min(i1 + block, cols)
         W1 = W[:, :, i1:i2].clone()
         err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[:, i1:i2, i1:i2]
+        Hinv1 = Hinv[:, i1:i2, i1:i2].contiguous()  # rows read whole below: a compact copy, not a strided view
         for i in range(i2 - i1):
             col = i1 + i
-            if not act_order and col % g == 0:
-                s, z = group_params(W1[:, :, i : i + g], bits)
-                scale[:, :, col // g], zero[:, :, col // g] = s, z
-            grp = (perm[:, col] // g)[:, None, None].expand(B, rows, 1)
-            s, z = scale.gather(2, grp)[..., 0], zero.gather(2, grp)[..., 0]
+            if not act_order:
+                if col % g == 0:
+                    s, z = group_params(W1[:, :, i : i + g], bits)
+                    scale[:, :, col // g], zero[:, :, col // g] = s, z
+                s, z = scale[:, :, col // g], zero[:, :, col // g]
+            else:
+                grp = (perm[:, col] // g)[:, None, None].expand(B, rows, 1)
+                s, z = scale.gather(2, grp)[..., 0], zero.gather(2, grp)[..., 0]
             w_col = W1[:, :, i]
             q = torch.clamp(torch.round(w_col / s) + z, 0, maxq)
             codes[:, :, col] = q.to(torch.uint8)

@@ -1,5 +1,5 @@
 """Expert trimming: expert drop, layer drop, block drop (He, Dong et al., arXiv 2406.02500),
-and REAP (:mod:`.reap`).
+REAP (:mod:`.reap`) and NAEE's combination search (:mod:`.naee`).
 
 Reference code: the Unified-MoE-Compression repository (DaizeDong/Unified-MoE-Compression,
 ``compression/prune/{expert_drop,block_drop}.py``). Defaults follow it; moebench's own
@@ -301,9 +301,10 @@ class BlockDrop(Method):
 
 @hookimpl
 def register_methods():
+    from .naee import Naee
     from .reap import Reap
 
-    return [ExpertDrop, LayerDrop, BlockDrop, Reap]
+    return [ExpertDrop, LayerDrop, BlockDrop, Reap, Naee]
 
 
 @hookimpl
