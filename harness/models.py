@@ -135,8 +135,12 @@ def available_host_bytes() -> int:
 
 
 def reproducible_experts(model, device: str) -> None:
-    """On the CPU, run experts with the per-expert loop: bit-reproducible, where grouped_mm is not."""
-    if device == "cpu" and hasattr(model, "set_experts_implementation"):
+    """On the CPU, run experts with the per-expert loop: bit-reproducible, where grouped_mm is not.
+
+    ``auto`` without a GPU is the CPU too (spread over CPU memory and disk).
+    """
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if on_cpu and hasattr(model, "set_experts_implementation"):
         try:
             model.set_experts_implementation("eager")
         except (ValueError, NotImplementedError):
@@ -155,18 +159,21 @@ def load_pretrained(
     """Load a saved causal LM; rebuilds moebench structures recorded in ``config.moebench``."""
     from transformers import AutoModelForCausalLM
 
+    from . import placement
+
     config = config or load_config(path, trust_remote_code=trust_remote_code)
     structure = getattr(config, "moebench", None)
     if not structure:
         kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
         if device == "auto":
-            kwargs.update(device_map="auto", max_memory=max_memory)
+            folder = placement.offload_folder()
+            kwargs.update(device_map="auto", max_memory=placement.parse_max_memory(max_memory), offload_folder=folder)
         model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
         if device != "auto":
             model.to(device)
+        else:
+            placement.owned_by(model, folder)
         return model.eval()
-    if device == "auto":
-        raise MoebenchError("device='auto' is not supported for models with a moebench structure; name a device")
     from transformers.initialization import no_init_weights
 
     with no_init_weights():
@@ -184,6 +191,8 @@ def load_pretrained(
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     model.tie_weights()
+    if device == "auto":  # built whole in CPU memory, then spread like from_pretrained(device_map="auto")
+        return placement.dispatch(model.to(dtype=dtype), max_memory, dtype).eval()
     return model.to(device=device, dtype=dtype).eval()
 
 
