@@ -20,6 +20,19 @@ out = Console(width=None if sys.stdout.isatty() else 220)
 err = Console(stderr=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        out.print(f"moebench {__version__}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version, help="print moebench's version and exit")):
+    """Benchmark Mixture-of-Experts compression methods."""
+
+
 @app.command()
 def run(
     suite: Path = typer.Argument(..., help="suite TOML file"),
@@ -119,12 +132,18 @@ def _describe(kind: str, name: str | None) -> None:
 
 @zoo_app.command("list")
 def zoo_list():
-    """The zoo's models and whether each is built."""
+    """The zoo's models and whether each is built (in the cache, ready to load without training)."""
     from . import zoo
 
-    table = Table("name", "description")
+    table = Table("name", "built", "description")
     for name in zoo.names():
-        table.add_row(name + (" (default)" if name == zoo.DEFAULT else ""), zoo.ZOO[name].description)
+        builds = zoo.builds(name)
+        default = zoo.folder(name)
+        state = "yes" if default in builds else f"no (moebench zoo build {name})"
+        others = [p for p in builds if p != default]
+        if others:
+            state += f"; {len(others)} other build(s)"
+        table.add_row(name + (" (default)" if name == zoo.DEFAULT else ""), state, zoo.ZOO[name].description)
     out.print(table)
 
 
