@@ -92,10 +92,10 @@ def run_suite(suite: Suite, options: RunOptions) -> SuiteResult:
         baseline = _measure_only(suite, runs[0], needs_relative, calibration)
 
     with _interrupts() as interrupted:
-        for spec in todo:
+        for k, spec in enumerate(todo, 1):
             ctx = Context(seed=suite.info.seed, calibration=calibration, device=suite.model.device, baseline=baseline, suite=suite, log=options.log)
             host().notify("on_run_start", suite=suite, spec=spec)
-            options.log(f"run {spec.name} ({spec.run_id})")
+            options.log(f"run {k}/{len(todo)}: {spec.name} ({spec.run_id})")
             record = execute(suite, spec, ctx, options)
             store.append(record)
             host().notify("on_record", suite=suite, record=record)
