@@ -25,11 +25,13 @@ from typing import Any, Callable
 
 import torch
 
-from . import __version__
+from . import __version__, model_card, placement
 from .adapter import MoEModel
 from .calibration import Calibration
+from .executor import SerialExecutor
 from .method import Context
-from .models import load
+from .models import LOADER, load
+from .params import to_dict
 from .plugins import host
 from .store import ResultStore
 from .suite import RunSpec, Suite
@@ -42,8 +44,31 @@ class RunOptions:
     #: keep only these runs (e.g. a shard); the baseline is always kept when anything runs
     select: Callable[[list[RunSpec]], list[RunSpec]] | None = None
     log: Callable[[str], None] = print
-    #: write each compressed model here (one folder per run id) when set
+    #: write each compressed model here (one folder per run: ``<name>-<run id>`` with a README model card) when set
     save_models: Path | None = None
+    #: where the runs execute (:mod:`moebench.executor`); None runs them here, one after another
+    executor: Any = None
+
+
+@dataclass
+class Job:
+    """One run and all it needs, self-contained so it can execute in another process (a Ray worker)."""
+
+    suite: Suite
+    spec: RunSpec
+    calibration: Calibration | None = None
+    #: the baseline's metrics, for relative metrics (speedups)
+    baseline: dict[str, Any] | None = None
+    save_models: Path | None = None
+
+
+def run_job(job: Job, log: Callable[[str], None] = print) -> dict:
+    """Execute one run and return its record: the per-run unit every executor calls."""
+    suite = job.suite
+    if suite.hardware.threads:
+        torch.set_num_threads(suite.hardware.threads)
+    ctx = Context(seed=suite.info.seed, calibration=job.calibration, device=suite.model.device, baseline=job.baseline, suite=suite, log=log)
+    return execute(suite, job.spec, ctx, job.save_models)
 
 
 @dataclass
@@ -81,33 +106,48 @@ def run_suite(suite: Suite, options: RunOptions) -> SuiteResult:
         options.log(f"resume: {len(result.skipped)} finished run(s) skipped")
     calibration = Calibration(suite.calibration) if suite.calibration else None
     options.out.mkdir(parents=True, exist_ok=True)
+    executor = options.executor or SerialExecutor()
 
     if calibration is not None:
-        _precalibrate(suite, todo, calibration, options.log)
+        executor.precalibrate(suite, todo, calibration, options.log)
 
     baseline: dict[str, Any] | None = None
     needs_relative = [name for name in suite.evals if getattr(host().metric(name), "relative", False)]
     if todo and needs_relative and runs and runs[0].is_baseline and runs[0] not in todo:
-        options.log("re-measuring the baseline in this process for relative metrics: " + ", ".join(needs_relative))
-        baseline = _measure_only(suite, runs[0], needs_relative, calibration)
+        options.log("re-measuring the baseline for relative metrics: " + ", ".join(needs_relative))
+        baseline = executor.measure(suite, runs[0], needs_relative, calibration)
 
-    with _interrupts() as interrupted:
-        for k, spec in enumerate(todo, 1):
-            ctx = Context(seed=suite.info.seed, calibration=calibration, device=suite.model.device, baseline=baseline, suite=suite, log=options.log)
-            host().notify("on_run_start", suite=suite, spec=spec)
-            options.log(f"run {k}/{len(todo)}: {spec.name} ({spec.run_id})")
-            record = execute(suite, spec, ctx, options)
+    records = contextlib.closing(_records(executor, suite, todo, calibration, baseline, needs_relative, options))
+    with _interrupts() as interrupted, records as finished:  # closing cancels what an executor still has queued
+        for spec, record in finished:
             store.append(record)
             host().notify("on_record", suite=suite, record=record)
             result.records.append(record)
-            if spec.is_baseline and record["status"] == "ok":
-                baseline = record["metrics"]
             status = "ok" if record["status"] == "ok" else f"FAILED: {record['error']}"
             options.log(f"  {spec.name}: {status}")
             if interrupted.is_set():  # Ctrl-C landed in a finalizer, which swallows the exception
                 raise KeyboardInterrupt
     result.calibration = calibration.summary() if calibration else {}
     return result
+
+
+def _records(executor, suite: Suite, todo: list[RunSpec], calibration, baseline, needs_relative, options: RunOptions):
+    """(spec, record) as the executor finishes runs; with relative metrics the baseline runs alone
+    first and its figures go to every later run."""
+
+    count = iter(range(1, len(todo) + 1))
+
+    def started(spec: RunSpec) -> None:
+        host().notify("on_run_start", suite=suite, spec=spec)
+        options.log(f"run {next(count)}/{len(todo)}: {spec.name} ({spec.run_id})")
+
+    first = [r for r in todo if r.is_baseline] if needs_relative else []
+    for batch in (first, [r for r in todo if r not in first]):
+        jobs = [Job(suite, spec, calibration, baseline, options.save_models) for spec in batch]
+        for spec, record in executor.run(jobs, started, options.log):
+            if spec.is_baseline and record["status"] == "ok":
+                baseline = record["metrics"]
+            yield spec, record
 
 
 @contextlib.contextmanager
@@ -134,27 +174,16 @@ def _interrupts():
         signal.signal(signal.SIGINT, previous)
 
 
-def execute(suite: Suite, spec: RunSpec, ctx: Context, options: RunOptions) -> dict:
+def execute(suite: Suite, spec: RunSpec, ctx: Context, save_models: Path | None = None) -> dict:
     """One run: fresh model, pipeline, metrics. Exceptions become a failed record."""
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    record: dict[str, Any] = {
-        "run_id": spec.run_id,
-        "suite": suite.name,
-        "name": spec.name,
-        "entry": spec.entry,
-        "grid": spec.grid,
-        "status": "ok",
-        "pipeline": [s.to_dict() for s in spec.pipeline],
-        "model": {"source": suite.model.source, "dtype": suite.model.dtype},
-        "metrics": {},
-        "changes": {},
-        "notes": ctx.notes,
-        "error": None,
-    }
+    record = _new_record(suite, spec, ctx.notes)
     torch.manual_seed(suite.info.seed)
     model = None
     try:
         model = load_model(suite)
+        if spec.pipeline and placement.materialize(model.model):  # device = "auto" with offload
+            ctx.note("device=auto: offloaded layers were loaded into CPU memory to be edited, and ran there")
         t0 = time.perf_counter()
         steps: dict[str, float] = {}
         record["changes"] = apply_pipeline(model, spec, ctx, steps)
@@ -162,13 +191,12 @@ def execute(suite: Suite, spec: RunSpec, ctx: Context, options: RunOptions) -> d
             record["metrics"]["compress_seconds"] = time.perf_counter() - t0
         if len(steps) > 1:
             record["metrics"]["compress_seconds_by_step"] = steps
-        if options.save_models is not None and spec.pipeline:
-            folder = options.save_models / spec.run_id
+        if save_models is not None and spec.pipeline:
+            folder = save_models / model_card.folder_name(spec.name, spec.run_id)
             model.save(folder)
-            record["saved_model"] = {
-                "path": str(folder),
-                "loader": "moebench.models.load_pretrained" if model.needs_moebench_loader() else "transformers",
-            }
+            loader = LOADER if model.needs_moebench_loader() else model_card.TRANSFORMERS
+            record["saved_model"] = {"path": str(folder), "loader": loader}
+            ctx.log(f"  saved to {folder}; load it with:\n    " + model_card.how_to_load(folder, loader).replace("\n", "\n    "))
         record["metrics"].update(measure(model, suite, ctx))
     except KeyboardInterrupt:
         raise
@@ -181,11 +209,38 @@ def execute(suite: Suite, spec: RunSpec, ctx: Context, options: RunOptions) -> d
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    if record.get("saved_model"):
+        model_card.write(record["saved_model"]["path"], record)
     if ctx.calibration is not None and spec.pipeline:
         record["calibration"] = {**ctx.calibration.spec.key(), **ctx.calibration.summary()}
     record["started"] = started
     record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     record["env"] = environment(suite.model.device)
+    return record
+
+
+def _new_record(suite: Suite, spec: RunSpec, notes: list[str]) -> dict[str, Any]:
+    return {
+        "run_id": spec.run_id,
+        "suite": suite.name,
+        "name": spec.name,
+        "entry": spec.entry,
+        "grid": spec.grid,
+        "status": "ok",
+        "pipeline": [s.to_dict() for s in spec.pipeline],
+        "model": {"source": suite.model.source, "dtype": suite.model.dtype},
+        "evals": {name: to_dict(params) for name, params in suite.evals.items()},
+        "metrics": {},
+        "changes": {},
+        "notes": notes,
+        "error": None,
+    }
+
+
+def failed_record(suite: Suite, spec: RunSpec, error: str) -> dict[str, Any]:
+    """The record of a run that never returned one (its worker died): failed, with the cause."""
+    record = _new_record(suite, spec, [])
+    record.update(status="failed", error=error, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     return record
 
 
@@ -235,7 +290,7 @@ def measure(model: MoEModel, suite: Suite, ctx: Context, only: list[str] | None 
     return metrics
 
 
-def _measure_only(suite: Suite, spec: RunSpec, names: list[str], calibration) -> dict[str, Any]:
+def measure_only(suite: Suite, spec: RunSpec, names: list[str], calibration) -> dict[str, Any]:
     ctx = Context(seed=suite.info.seed, calibration=calibration, device=suite.model.device, suite=suite)
     torch.manual_seed(suite.info.seed)
     model = load_model(suite)
@@ -246,7 +301,7 @@ def _measure_only(suite: Suite, spec: RunSpec, names: list[str], calibration) ->
         gc.collect()
 
 
-def _precalibrate(suite: Suite, todo: list[RunSpec], calibration: Calibration, log) -> None:
+def precalibrate(suite: Suite, todo: list[RunSpec], calibration: Calibration, log) -> None:
     """Gather, in one pass, what every run's first step reads from the uncompressed model."""
     needs: list[str] = []
     for spec in todo:

@@ -31,6 +31,15 @@ def test_tcess_marks_top_k_logits_and_applies_the_threshold():
         premoe.tcess(torch.zeros(0, 4), 2)
 
 
+def test_tcess_with_the_reference_k_of_one_marks_only_each_tokens_best_expert():
+    logits = torch.tensor([[4.0, 3.0, 0.0, -1.0], [0.0, 2.0, 2.1, -5.0], [1.0, 0.5, 0.0, 0.2]])
+    # k = 1: token 0 -> expert 0 (4.0), token 1 -> expert 2 (2.1), token 2 -> expert 0 (1.0); mean over 3 tokens
+    expected = torch.tensor([5.0 / 3, 0.0, 2.1 / 3, 0.0])
+    torch.testing.assert_close(premoe.layer_scores({0: logits}, {0: 2})[0], expected)
+    torch.testing.assert_close(premoe.layer_scores({0: logits}, {0: 2}, k=0)[0], premoe.tcess(logits, 2))
+    assert premoe.IndexSettings().k == 1
+
+
 def test_pattern_permutations_reconstruct_every_layer_ranking():
     g = torch.Generator().manual_seed(0)
     scores = [torch.randn(16, generator=g) for _ in range(5)]
@@ -348,8 +357,18 @@ def test_cli_builds_the_index_streaming_and_prunes_a_checkpoint_for_a_prompt(che
     result = runner.invoke(app, ["premoe", "prune", str(path), "--index", str(tmp_path / "streamed"), "--keep", "4",
                                  "--query", f"@{query}", "--out", str(tmp_path / "pruned")])
     assert result.exit_code == 0, result.output
-    assert "retrieved task" in result.output and "/4 (" in result.output and "MiB of the checkpoint" in result.output
+    assert "retrieved task" in result.output and "kept 4 of 16 routed experts per layer, top-4 (" in result.output
+    assert "MiB of the checkpoint" in result.output and "load it with:" in result.output
     assert {b.num_experts for b in models.load(str(tmp_path / "pruned")).blocks()} == {4}
+
+    # --keep outside 1..experts is one line naming the flag and the range; below top-k needs --lower-top-k
+    for keep, message in (("40", "--keep 40: expected 1..16"), ("0", "--keep 0: expected 1..16"),
+                          ("2", "--keep 2 is below the model's top-k 4")):
+        result = runner.invoke(app, ["premoe", "prune", str(path), "--index", str(tmp_path / "streamed"), "--keep", keep, "--query", "x y"])
+        assert result.exit_code != 0 and message in str(result.exception), (keep, result.output)
+    result = runner.invoke(app, ["premoe", "prune", str(path), "--index", str(tmp_path / "streamed"), "--keep", "2",
+                                 "--lower-top-k", "--query", f"@{query}"])
+    assert result.exit_code == 0 and "top-2 (lowered from 4)" in result.output, result.output
 
     result = runner.invoke(app, ["premoe", "prune", str(path), "--index", str(tmp_path / "none"), "--keep", "4", "--query", "x y"])
     assert result.exit_code != 0 and "missing index.faiss" in str(result.output) + str(result.exception)

@@ -106,7 +106,7 @@ def teacher_for(model: MoEModel, ctx: Context) -> tuple[torch.nn.Module, str]:
 
 def windows_for(model: MoEModel, spec: HealParams, ctx: Context) -> torch.Tensor:
     """Training windows: the heal data if named, else the suite's calibration windows."""
-    from moebench.data import encode, load_text, random_windows
+    from moebench.data import calibration_windows
 
     cal = ctx.calibration.spec if ctx.calibration is not None else None
     seqlen = spec.seqlen or (cal.seqlen if cal else 128)
@@ -116,8 +116,7 @@ def windows_for(model: MoEModel, spec: HealParams, ctx: Context) -> torch.Tensor
     data = spec.data or (cal.data if cal else None)
     if data is None:
         raise RuntimeError("healing needs training text: set heal.data or add a [calibration] table")
-    ids = encode(model.tokenizer, load_text(data, "train"))
-    return random_windows(ids, seqlen, samples, spec.seed)
+    return calibration_windows(data, model.tokenizer, seqlen, samples, spec.seed)
 
 
 def heal(

@@ -14,7 +14,6 @@ as zeros in the dense tensors (no sparse kernel), which every record notes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -86,19 +85,9 @@ class SparseGPTParams(PruneParams):
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
 
 
-#: experts pruned together: bounds the float32 temporaries to a few experts' worth
-EXPERT_CHUNK = 8
-
-
 def parts_of(group: Group) -> int:
     """How many ``nn.Linear`` a group's matrices stack: a packed ``gate_up`` is gate and up."""
     return 2 if group.attr == "gate_up_proj" else 1
-
-
-def chunks(group: Group, size: int = EXPERT_CHUNK) -> Iterator[slice]:
-    n = group.weight.shape[0]
-    for i in range(0, n, size):
-        yield slice(i, min(i + size, n))
 
 
 class _Pruner(Method):
@@ -157,7 +146,7 @@ class Magnitude(_Pruner):
 
     def prune(self, group: Group, params: MagnitudeParams) -> None:
         weight = group.weight
-        for c in chunks(group):
+        for c in group.chunks():
             w = weight[c]
             w.masked_fill_(mask_for(w.float().abs(), params.sparsity, params.pattern, params.scope, parts_of(group)), 0.0)
 
@@ -181,7 +170,7 @@ class Wanda(_Pruner):
         weight = group.weight
         sq = group.stats.sq.clone()
         sq[group.stats.tokens == 0] = 1.0  # no routed tokens: plain magnitude
-        for c in chunks(group):
+        for c in group.chunks():
             w = weight[c]
             w.masked_fill_(mask_for(wanda_score(w, sq[c]), params.sparsity, params.pattern), 0.0)
 
@@ -208,7 +197,7 @@ class SparseGPT(_Pruner):
 
     def prune(self, group: Group, params: SparseGPTParams) -> None:
         weight = group.weight
-        for c in chunks(group):
+        for c in group.chunks():
             h = group.stats.hessian[c]
             unseen = group.stats.tokens[c] == 0
             if unseen.any():  # identity Hessian: magnitude saliency, no compensation
