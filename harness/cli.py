@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
+
+# Third-party progress bars (transformers' weight loading and saving, datasets, lm-eval's
+# tqdm loops) would interleave with moebench's own log; set before any of them is imported,
+# and only where the user has not chosen. tqdm reads TQDM_* overrides from the environment.
+for _var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
+    os.environ.setdefault(_var, "1")
 
 import typer
 from rich.table import Table
@@ -15,6 +22,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmark Mi
 zoo_app = typer.Typer(no_args_is_help=True, help="Tiny trained MoE checkpoints for every adapted architecture.")
 app.add_typer(zoo_app, name="zoo")
 from .console import err, out  # noqa: E402  (re-exported: plugins' commands print with moebench.cli.out/err)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        out.print(f"moebench {__version__}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version, help="print moebench's version and exit")):
+    """Benchmark Mixture-of-Experts compression methods."""
 
 
 @app.command()
@@ -116,12 +136,18 @@ def _describe(kind: str, name: str | None) -> None:
 
 @zoo_app.command("list")
 def zoo_list():
-    """The zoo's models and whether each is built."""
+    """The zoo's models and whether each is built (in the cache, ready to load without training)."""
     from . import zoo
 
-    table = Table("name", "description")
+    table = Table("name", "built", "description")
     for name in zoo.names():
-        table.add_row(name + (" (default)" if name == zoo.DEFAULT else ""), zoo.ZOO[name].description)
+        builds = zoo.builds(name)
+        default = zoo.folder(name)
+        state = "yes" if default in builds else f"no (moebench zoo build {name})"
+        others = [p for p in builds if p != default]
+        if others:
+            state += f"; {len(others)} other build(s)"
+        table.add_row(name + (" (default)" if name == zoo.DEFAULT else ""), state, zoo.ZOO[name].description)
     out.print(table)
 
 
