@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
+
+# Third-party progress bars (transformers' weight loading and saving, datasets, lm-eval's
+# tqdm loops) would interleave with moebench's own log; set before any of them is imported,
+# and only where the user has not chosen. tqdm reads TQDM_* overrides from the environment.
+for _var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
+    os.environ.setdefault(_var, "1")
 
 import typer
 from rich.console import Console

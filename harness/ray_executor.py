@@ -172,8 +172,8 @@ class RayExecutor:
 
         try:
             return ray.get(ref)
-        except ray.exceptions.RayTaskError as exc:
-            raise exc.as_instanceof_cause() from None
+        except ray.exceptions.RayTaskError as exc:  # the task's own exception, as the serial runner would raise it
+            raise (exc.cause or exc) from None
 
     def precalibrate(self, suite, todo, calibration, log) -> None:
         summary = self._get(self._call(_precalibrate, suite, "moebench calibration", suite, todo, calibration.spec))
@@ -202,7 +202,7 @@ class RayExecutor:
                 try:
                     record = ray.get(done[0])
                 except ray.exceptions.RayTaskError as exc:  # raised outside the run's own error handling
-                    record = failed_record(job.suite, job.spec, cause(exc.as_instanceof_cause()))
+                    record = failed_record(job.suite, job.spec, cause(exc.cause or exc))
                 except ray.exceptions.RayError as exc:  # the worker died, after its retries
                     record = failed_record(job.suite, job.spec, f"{cause(exc)} (tried {self.retries + 1} time(s))")
                 yield job.spec, record

@@ -135,9 +135,11 @@ def _records(executor, suite: Suite, todo: list[RunSpec], calibration, baseline,
     """(spec, record) as the executor finishes runs; with relative metrics the baseline runs alone
     first and its figures go to every later run."""
 
+    count = iter(range(1, len(todo) + 1))
+
     def started(spec: RunSpec) -> None:
         host().notify("on_run_start", suite=suite, spec=spec)
-        options.log(f"run {spec.name} ({spec.run_id})")
+        options.log(f"run {next(count)}/{len(todo)}: {spec.name} ({spec.run_id})")
 
     first = [r for r in todo if r.is_baseline] if needs_relative else []
     for batch in (first, [r for r in todo if r not in first]):

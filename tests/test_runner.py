@@ -28,9 +28,11 @@ def test_records_and_failed_run_does_not_stop_the_suite(tmp_path, checkpoint, is
         params = { keep_ratio = 0.5 }
     """)
     out = tmp_path / "out"
-    result = run_suite(load_suite(path), RunOptions(out=out, log=lambda m: None))
+    logged: list[str] = []
+    result = run_suite(load_suite(path), RunOptions(out=out, log=logged.append))
     records = list(read_records(out / "results.jsonl"))
     assert [r["name"] for r in records] == ["baseline", "too-many", "drop"]
+    assert [m.split(" (")[0] for m in logged if m.startswith("run ")] == ["run 1/3: baseline", "run 2/3: too-many", "run 3/3: drop"]
     base, bad, drop = records
     assert base["status"] == "ok" and base["pipeline"] == [] and base["metrics"]["perplexity"]["value"] > 1
     assert bad["status"] == "failed" and "n=10 would remove all" in bad["error"]
