@@ -11,8 +11,10 @@ of silently re-initialising the weights it cannot place; :func:`load_config` rea
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -83,6 +85,53 @@ def load(
         raise MoebenchError(f"model {source!r} has no usable tokenizer: {exc}") from None
     identity = f"{source}@{fingerprint(path)}" if Path(path).is_dir() else source
     return MoEModel(model, adapter, tokenizer=tokenizer, source=source, identity=identity)
+
+
+#: a snapshot is kept only while its copy fits in this share of the available host memory
+SNAPSHOT_SHARE = 0.4
+
+
+def snapshot(model: MoEModel) -> MoEModel | None:
+    """A host-memory copy of a freshly loaded model, or None when it would not fit comfortably.
+
+    :func:`restore` turns it into a clean model for the next run in the time of a memory
+    copy, where a reload re-reads, converts and re-packs the checkpoint (about a minute
+    for DeepSeek-V2-Lite). The copy's parameters live on the CPU; a model on a GPU is
+    moved to the host once, copied and moved back, so GPU memory never holds two copies.
+    """
+    module = model.model
+    size = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+    if size > SNAPSHOT_SHARE * available_host_bytes():
+        return None
+    device = model.device
+    if device.type != "cpu":
+        module.to("cpu")
+    try:
+        copy_ = copy.deepcopy(module)
+    finally:
+        if device.type != "cpu":
+            module.to(device)
+    return MoEModel(copy_, model.adapter, tokenizer=model.tokenizer, source=model.source, identity=model.identity)
+
+
+def restore(pristine: MoEModel, device: str) -> MoEModel:
+    """A fresh copy of a :func:`snapshot`, on ``device``, as :func:`load` would return it."""
+    module = copy.deepcopy(pristine.model)
+    if device not in ("cpu", "auto"):
+        module.to(device)
+    return MoEModel(module, pristine.adapter, tokenizer=pristine.tokenizer, source=pristine.source, identity=pristine.identity)
+
+
+def available_host_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else physical memory."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def reproducible_experts(model, device: str) -> None:
