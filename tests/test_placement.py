@@ -49,7 +49,7 @@ def test_auto_device_compresses_evaluates_and_reloads_saved_structure(tmp_path, 
         [[methods]]
         name = "drop"
         method = "expert_drop"
-        params = { keep_ratio = 0.5 }
+        params = { keep_ratio = 0.5, scope = "global" }   # expert counts differ per layer
         [[methods]]
         name = "wanda"
         method = "wanda"
