@@ -56,7 +56,7 @@ def _write(text: str, path: Optional[Path]) -> None:
 
 def report(
     results: list[Path] = typer.Argument(..., help="results.jsonl files or run directories (several merge into one report)"),
-    format: str = typer.Option("terminal", "--format", "-f", help="terminal | markdown | csv | html (default: from --out's extension, else terminal)"),
+    format: str = typer.Option("terminal", "--format", "-f", help="terminal | markdown | csv | html (default: from --out's extension, else terminal) | lm-eval (lm-eval's results JSON per run, into the --out folder)"),
     out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="write to this file instead of standard output"),
     title: str = typer.Option("moebench report", "--title", help="page title (markdown, html)"),
     columns: Optional[str] = typer.Option(None, "--columns", help="metric columns to show, comma-separated globs (e.g. 'perplexity,weight_bytes,lm_eval.*.acc')"),
@@ -65,8 +65,18 @@ def report(
     from . import render
     from .report import terminal_table
 
+    if format == "lm-eval":
+        from . import lmeval_export
+
+        if out_path is None:
+            raise MoebenchError("--format lm-eval: name a folder with --out; one results JSON per run is written there")
+        written = lmeval_export.write(read_all(results), out_path)
+        if not written:
+            raise MoebenchError("--format lm-eval: no record has lm-eval scores (add an [eval.lm_eval] table to the suite)")
+        out.print(f"{len(written)} lm-eval results file(s) under {out_path}", markup=False)
+        return
     if format not in render.FORMATS:
-        raise MoebenchError(f"--format {format!r}: expected one of {', '.join(render.FORMATS)}")
+        raise MoebenchError(f"--format {format!r}: expected one of {', '.join(render.FORMATS)}, lm-eval")
     if format == "terminal" and out_path is not None:
         format = render.EXTENSIONS.get(out_path.suffix.lower(), "markdown")
     records = read_all(results)

@@ -107,10 +107,18 @@ def parameter_counts(model: MoEModel) -> dict[str, int]:
     total += sum(getattr(m, "stored_numel", 0) for m in model.model.modules())
     inactive = 0
     for block in model.blocks():
-        per_expert = (block.gate_up_proj.numel() + block.down_proj.numel()) // max(block.num_experts, 1)
+        per_expert = _expert_numel(block)
         inactive += per_expert * (block.num_experts - min(block.top_k, block.num_experts))
     inactive += sum(m.inactive_numel() for m in model.model.modules() if callable(getattr(m, "inactive_numel", None)))
     return {"total": total, "active": total - inactive}
+
+
+def _expert_numel(block) -> int:
+    """Weights of one routed expert, read from shapes: quantized storage is never dequantized to count it."""
+    shapes = getattr(block.experts, "shapes", None) if getattr(block.experts, "quantized", False) else None
+    if shapes:
+        return sum(rows * cols for rows, cols in shapes.values())
+    return (block.gate_up_proj.numel() + block.down_proj.numel()) // max(block.num_experts, 1)
 
 
 def routed_experts(model: MoEModel) -> int:
