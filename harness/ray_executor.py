@@ -31,7 +31,10 @@ from typing import Any
 from .errors import MoebenchError
 
 #: environment the workers need to find the same caches and stay offline
-FORWARDED_ENV = ("MOEBENCH_HOME", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "OMP_WAIT_POLICY")
+FORWARDED_ENV = (
+    "MOEBENCH_HOME", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "OMP_WAIT_POLICY",
+    "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE",  # as the CLI sets them
+)
 #: object store of a local cluster: only small records and jobs pass through it
 LOCAL_OBJECT_STORE_BYTES = 100 * 2**20
 
@@ -172,8 +175,8 @@ class RayExecutor:
 
         try:
             return ray.get(ref)
-        except ray.exceptions.RayTaskError as exc:
-            raise exc.as_instanceof_cause() from None
+        except ray.exceptions.RayTaskError as exc:  # the task's own exception, as the serial runner would raise it
+            raise (exc.cause or exc) from None
 
     def precalibrate(self, suite, todo, calibration, log) -> None:
         summary = self._get(self._call(_precalibrate, suite, "moebench calibration", suite, todo, calibration.spec))
@@ -202,7 +205,7 @@ class RayExecutor:
                 try:
                     record = ray.get(done[0])
                 except ray.exceptions.RayTaskError as exc:  # raised outside the run's own error handling
-                    record = failed_record(job.suite, job.spec, cause(exc.as_instanceof_cause()))
+                    record = failed_record(job.suite, job.spec, cause(exc.cause or exc))
                 except ray.exceptions.RayError as exc:  # the worker died, after its retries
                     record = failed_record(job.suite, job.spec, f"{cause(exc)} (tried {self.retries + 1} time(s))")
                 yield job.spec, record

@@ -136,3 +136,44 @@ def test_cli_ray_address_errors_are_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "--address 127.0.0.1:1: could not connect to a Ray cluster" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _our_tasks() -> list[str]:
+    titles = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv0 = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                continue
+            if argv0.startswith("ray::moebench") and _descends_from_us(int(entry.name)):
+                titles.append(argv0)
+    return titles
+
+
+def test_ctrl_c_cancels_outstanding_tasks_and_keeps_finished_records(cluster, tmp_path, isolated_cache):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moebench.cli", "run", str(CI_SUITE), "--out", str(out), "--executor", "ray", "--address", cluster.address],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.time() + 900
+        while not ((out / "results.jsonl").exists() and (out / "results.jsonl").read_text().count("\n") >= 1):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < deadline, "no record appeared"
+            time.sleep(0.5)
+        assert _our_tasks(), "runs were still queued or running when Ctrl-C came"
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, proc.stderr.read()
+    assert "--resume" in proc.stderr.read()
+    records = list(read_records(out / "results.jsonl"))
+    assert 1 <= len(records) < 4 and all(r["status"] == "ok" for r in records), "finished records kept, whole"
+    deadline = time.time() + 60
+    while _our_tasks() and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _our_tasks(), "no task of the interrupted suite runs on"

@@ -39,6 +39,7 @@ CASES = {
     "merge": ("merge", {"keep_ratio": 0.5}),
     "progressive_merge": ("progressive_merge", {"keep_ratio": 0.5}),
     "hc_smoe": ("hc_smoe", {"keep_ratio": 0.5}),
+    "mc_smoe": ("mc_smoe", {"keep_ratio": 0.5}),
     "d2_moe": ("d2_moe", {"rank": 4}),
     "multiplexage": ("multiplexage", {"keep_ratio": 0.5}),
     "fused_lora": ("fused_lora", {"keep_ratio": 0.5, "rank": 4}),
@@ -96,5 +97,5 @@ def test_every_built_in_method_saves_a_model_plain_transformers_loads_right_or_r
     refused = {k for k, v in verdicts.items() if v == "refused"}
     assert refused == {
         "expert_drop_global", "layer_drop", "gptq_int4", "awq_int4", "rtn_int4", "bnb_4bit",
-        "multiplexage", "fused_lora", "mixture_of_lora", "dynamic_topk", "expert_skip", "hc_smoe", "d2_moe",
+        "multiplexage", "fused_lora", "mixture_of_lora", "dynamic_topk", "expert_skip", "hc_smoe", "d2_moe", "mc_smoe",
     }, verdicts
