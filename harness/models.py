@@ -11,8 +11,10 @@ of silently re-initialising the weights it cannot place; :func:`load_config` rea
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -85,6 +87,53 @@ def load(
     return MoEModel(model, adapter, tokenizer=tokenizer, source=source, identity=identity)
 
 
+#: a snapshot is kept only while its copy fits in this share of the available host memory
+SNAPSHOT_SHARE = 0.4
+
+
+def snapshot(model: MoEModel) -> MoEModel | None:
+    """A host-memory copy of a freshly loaded model, or None when it would not fit comfortably.
+
+    :func:`restore` turns it into a clean model for the next run in the time of a memory
+    copy, where a reload re-reads, converts and re-packs the checkpoint (about a minute
+    for DeepSeek-V2-Lite). The copy's parameters live on the CPU; a model on a GPU is
+    moved to the host once, copied and moved back, so GPU memory never holds two copies.
+    """
+    module = model.model
+    size = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+    if size > SNAPSHOT_SHARE * available_host_bytes():
+        return None
+    device = model.device
+    if device.type != "cpu":
+        module.to("cpu")
+    try:
+        copy_ = copy.deepcopy(module)
+    finally:
+        if device.type != "cpu":
+            module.to(device)
+    return MoEModel(copy_, model.adapter, tokenizer=model.tokenizer, source=model.source, identity=model.identity)
+
+
+def restore(pristine: MoEModel, device: str) -> MoEModel:
+    """A fresh copy of a :func:`snapshot`, on ``device``, as :func:`load` would return it."""
+    module = copy.deepcopy(pristine.model)
+    if device not in ("cpu", "auto"):
+        module.to(device)
+    return MoEModel(module, pristine.adapter, tokenizer=pristine.tokenizer, source=pristine.source, identity=pristine.identity)
+
+
+def available_host_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else physical memory."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def reproducible_experts(model, device: str) -> None:
     """On the CPU, run experts with the per-expert loop: bit-reproducible, where grouped_mm is not.
 
@@ -148,24 +197,7 @@ def load_pretrained(
 
 
 #: what a plain loader is told to use instead (part of the refusal message)
-LOADER = "moebench.models.load_pretrained"
-
-
-def refuse_plain_loaders(folder, model_type: str) -> None:
-    """Make a saved folder's ``config.json`` unloadable by plain transformers, with an error naming :data:`LOADER`.
-
-    Plain transformers would build the architecture's stock modules, report the moebench
-    tensors as unexpected and initialise the missing weights at random (wrong logits, no
-    error). An unknown ``model_type`` stops ``AutoConfig`` (so ``AutoModel*``, pipelines and
-    other engines that read the config) with "The checkpoint you are trying to load has
-    model type `<this text>` but Transformers does not recognize this architecture";
-    the real type is kept in ``moebench.model_type`` for :func:`load_config`.
-    """
-    file = Path(folder) / "config.json"
-    raw = json.loads(file.read_text())
-    raw["moebench"] = {**(raw.get("moebench") or {}), "model_type": model_type}
-    raw["model_type"] = f"{model_type}-moebench: load this folder with {LOADER}(folder), not transformers alone"
-    file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+from .saved import LOADER, refuse_plain_loaders  # noqa: E402,F401  (re-exported: moebench.models.LOADER)
 
 
 def load_config(path, *, trust_remote_code: bool = False):
@@ -204,7 +236,7 @@ def apply_structure(model, structure: dict) -> None:
         if hasattr(moe.block(int(layer)).module, "top_k"):
             moe.block(int(layer)).module.top_k = k
     for layer in structure.get("skip_moe", []):
-        moe.layers[layer].mlp = PassThrough()
+        moe.adapter.set_moe_block(moe.layers[layer], PassThrough())
     for path, spec in structure.get("modules", {}).items():
         module_name, _, cls_name = spec["class"].partition(":")
         cls = getattr(importlib.import_module(module_name), cls_name)

@@ -31,7 +31,10 @@ from typing import Any
 from .errors import MoebenchError
 
 #: environment the workers need to find the same caches and stay offline
-FORWARDED_ENV = ("MOEBENCH_HOME", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "OMP_WAIT_POLICY")
+FORWARDED_ENV = (
+    "MOEBENCH_HOME", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "OMP_WAIT_POLICY",
+    "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE",  # as the CLI sets them
+)
 #: object store of a local cluster: only small records and jobs pass through it
 LOCAL_OBJECT_STORE_BYTES = 100 * 2**20
 

@@ -29,6 +29,7 @@ from . import __version__, model_card, placement
 from .adapter import MoEModel
 from .calibration import Calibration
 from .executor import SerialExecutor
+from .memory import PeakMemory
 from .method import Context
 from .models import LOADER, load
 from .params import to_dict
@@ -112,7 +113,7 @@ def run_suite(suite: Suite, options: RunOptions) -> SuiteResult:
         executor.precalibrate(suite, todo, calibration, options.log)
 
     baseline: dict[str, Any] | None = None
-    needs_relative = [name for name in suite.evals if getattr(host().metric(name), "relative", False)]
+    needs_relative = [name for name in suite.evals if host().metric(name).relative]
     if todo and needs_relative and runs and runs[0].is_baseline and runs[0] not in todo:
         options.log("re-measuring the baseline for relative metrics: " + ", ".join(needs_relative))
         baseline = executor.measure(suite, runs[0], needs_relative, calibration)
@@ -127,6 +128,7 @@ def run_suite(suite: Suite, options: RunOptions) -> SuiteResult:
             options.log(f"  {spec.name}: {status}")
             if interrupted.is_set():  # Ctrl-C landed in a finalizer, which swallows the exception
                 raise KeyboardInterrupt
+    _PRISTINE.clear()  # the model snapshot lives for one suite
     result.calibration = calibration.summary() if calibration else {}
     return result
 
@@ -181,14 +183,17 @@ def execute(suite: Suite, spec: RunSpec, ctx: Context, save_models: Path | None 
     torch.manual_seed(suite.info.seed)
     model = None
     try:
-        model = load_model(suite)
+        model = load_model(suite, keep=True)
         if spec.pipeline and placement.materialize(model.model):  # device = "auto" with offload
             ctx.note("device=auto: offloaded layers were loaded into CPU memory to be edited, and ran there")
         t0 = time.perf_counter()
         steps: dict[str, float] = {}
-        record["changes"] = apply_pipeline(model, spec, ctx, steps)
+        with PeakMemory(suite.model.device) as peak:
+            record["changes"] = apply_pipeline(model, spec, ctx, steps)
         if spec.pipeline:
             record["metrics"]["compress_seconds"] = time.perf_counter() - t0
+            if peak.bytes is not None:
+                record["metrics"].update(compress_peak_bytes=peak.bytes, compress_peak_kind=peak.kind)
         if len(steps) > 1:
             record["metrics"]["compress_seconds_by_step"] = steps
         if save_models is not None and spec.pipeline:
@@ -244,7 +249,36 @@ def failed_record(suite: Suite, spec: RunSpec, error: str) -> dict[str, Any]:
     return record
 
 
-def load_model(suite: Suite) -> MoEModel:
+#: the suite's model as loaded, in host memory: (load arguments, snapshot); see load_model
+_PRISTINE: list = []
+
+
+def load_model(suite: Suite, keep: bool = False) -> MoEModel:
+    """A clean model for one run: with ``keep`` (the runs of a suite), loaded once and then
+    restored from a host-memory snapshot.
+
+    Restoring is a memory copy instead of re-reading the checkpoint; a model too large for
+    a second host copy (see :func:`moebench.models.snapshot`) is reloaded every run as before.
+    """
+    from .models import fingerprint, restore, snapshot
+
+    if not keep:
+        return _load(suite)
+    m = suite.model
+    local = fingerprint(m.source) if os.path.isdir(m.source) else None
+    key = (m.source, local, m.dtype, m.device, m.trust_remote_code, str(suite.hardware.max_memory))
+    if _PRISTINE and _PRISTINE[0][0] == key and m.device != "auto":
+        return restore(_PRISTINE[0][1], m.device)
+    _PRISTINE.clear()
+    model = _load(suite)
+    if m.device != "auto":
+        pristine = snapshot(model)
+        if pristine is not None:
+            _PRISTINE.append((key, pristine))
+    return model
+
+
+def _load(suite: Suite) -> MoEModel:
     m = suite.model
     return load(m.source, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code, max_memory=suite.hardware.max_memory, threads=suite.hardware.threads)
 
@@ -255,7 +289,7 @@ def apply_pipeline(model: MoEModel, spec: RunSpec, ctx: Context, seconds: dict[s
     ``seconds``, when given, receives each step's wall time under the same key (device
     work included: CUDA is synchronised before the clock stops).
     """
-    changes: dict[str, Any] = {}
+    changes: dict[str, Any] = ctx.changes  # the run's metrics and later steps read it
     for step in spec.pipeline:
         method = host().method(step.method)()
         key = step.method
@@ -264,6 +298,7 @@ def apply_pipeline(model: MoEModel, spec: RunSpec, ctx: Context, seconds: dict[s
             key, n = f"{step.method}#{n}", n + 1
         t0 = time.perf_counter()
         changes[key] = method.apply(model, step.params, ctx) or {}
+        model.record_step(step.method, step.params)  # later steps never read statistics of the model before this one
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()
         if seconds is not None:
@@ -293,7 +328,7 @@ def measure(model: MoEModel, suite: Suite, ctx: Context, only: list[str] | None 
 def measure_only(suite: Suite, spec: RunSpec, names: list[str], calibration) -> dict[str, Any]:
     ctx = Context(seed=suite.info.seed, calibration=calibration, device=suite.model.device, suite=suite)
     torch.manual_seed(suite.info.seed)
-    model = load_model(suite)
+    model = load_model(suite, keep=True)
     try:
         return measure(model, suite, ctx, only=names)
     finally:
@@ -307,11 +342,11 @@ def precalibrate(suite: Suite, todo: list[RunSpec], calibration: Calibration, lo
     for spec in todo:
         if spec.pipeline:
             first = spec.pipeline[0]
-            needs.extend(host().method(first.method)().needs(first.params))
+            needs.extend(host().method(first.method)().requires(first.params).stats)
     needs = list(dict.fromkeys(needs))
     if not needs:
         return
-    model = load_model(suite)
+    model = load_model(suite, keep=True)
     try:
         calibration.stats(model, needs)
     finally:
