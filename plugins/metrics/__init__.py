@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from moebench.adapter import MoEModel
+from moebench.columns import Column
 from moebench.data import SPLITS, encode, load_text, windows
 from moebench.hookspecs import hookimpl
 from moebench.method import Context, Metric
@@ -68,6 +69,13 @@ class Perplexity(Metric):
 
     name = "perplexity"
     Params = PerplexityParams
+    columns = (
+        Column("perplexity", label="ppl", order=10, delta=True, tolerance={"rel": 0.01}),
+        # the evaluation setting stored beside the value, not figures to compare
+        Column("perplexity.seqlen", skip=True),
+        Column("perplexity.windows", skip=True),
+        Column("perplexity.tokens", skip=True),
+    )
 
     def measure(self, model: MoEModel, params: PerplexityParams, ctx: Context) -> dict:
         ids = windows(encode(model.tokenizer, load_text(params.data, params.split)), params.seqlen, params.max_samples)
@@ -135,6 +143,14 @@ class ModelSize(Metric):
 
     name = "size"
     always = True
+    # sizes are deterministic: gated exactly
+    columns = (
+        Column("params.total", label="params", order=20, delta=True, tolerance={"rel": 0.0}, si=True),
+        Column("params.active", label="active", order=21, delta=True, tolerance={"rel": 0.0}, si=True),
+        Column("weight_bytes", label="weights", order=30, delta=True, tolerance={"rel": 0.0}),
+        Column("experts", order=40, tolerance={"rel": 0.0}),
+        Column("blocks", order=60, tolerance={"rel": 0.0}),
+    )
 
     def measure(self, model: MoEModel, params, ctx: Context) -> dict:
         return {
