@@ -39,6 +39,18 @@ def register_statistics():
 
 
 @hookspec
+def register_module_classes():
+    """Return :class:`torch.nn.Module` subclasses a saved model's ``config.moebench`` may name.
+
+    The allow-list for reloading: a checkpoint's ``modules`` entry names a class as
+    ``"package.module:Class"`` and the loader builds only classes registered here (looked
+    up by that name, or by the class's ``class_path`` attribute when it sets one), never
+    importing anything the file names. A plugin opts in per class; init arguments must
+    be plain JSON data.
+    """
+
+
+@hookspec
 def register_commands(cli):
     """Add commands to the ``moebench`` CLI: ``cli`` is its :class:`typer.Typer` app
     (``cli.command()(fn)`` or ``cli.add_typer(group, name=...)``), as simonw/llm does."""

@@ -64,6 +64,12 @@ class Method:
         """Statistics needed for these parameters (override when they depend on a criterion)."""
         return self.stats
 
+    @classmethod
+    def check_model(cls, params, shape) -> None:
+        """Refuse parameters that do not fit the model before any work (``shape``: a
+        :class:`moebench.preflight.ModelShape` read from its config); raise
+        :class:`moebench.params.ParamError` naming the parameter. Default: no check."""
+
     def apply(self, model: "MoEModel", params, ctx: Context) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -80,6 +86,11 @@ class Metric:
     def measure(self, model: "MoEModel", params, ctx: Context) -> dict[str, Any]:
         """Return entries to merge into the record's ``metrics``."""
         raise NotImplementedError
+
+    @classmethod
+    def preflight(cls, params, suite) -> None:
+        """Checks that need no model, run by ``validate`` and before a suite starts (e.g. task names);
+        raise :class:`moebench.errors.MoebenchError` or :class:`moebench.params.ParamError`. Default: none."""
 
 
 def summary_of(cls) -> str:

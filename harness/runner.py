@@ -67,9 +67,15 @@ def latest_out(suite: Suite, reports: str | os.PathLike = "reports") -> Path | N
 
 
 def run_suite(suite: Suite, options: RunOptions) -> SuiteResult:
+    from .preflight import check_output, check_suite, inside
+
+    check_suite(suite)  # every bad input that can be known without weights, before any work
+    check_output(options.out, create=True)
+    if options.save_models is not None:
+        check_output(options.save_models, "--save-models", create=True)
     if suite.hardware.threads:
         torch.set_num_threads(suite.hardware.threads)
-    store = ResultStore(options.out / "results.jsonl")
+    store = ResultStore(inside(options.out, options.out / "results.jsonl", "results file"))
     runs = suite.runs()
     if options.select is not None:
         chosen = options.select(runs)
@@ -97,7 +103,7 @@ def run_suite(suite: Suite, options: RunOptions) -> SuiteResult:
             host().notify("on_run_start", suite=suite, spec=spec)
             options.log(f"run {spec.name} ({spec.run_id})")
             record = execute(suite, spec, ctx, options)
-            store.append(record)
+            store.append(record)  # a disk that refuses it stops the suite here (DiskFull), the file left whole
             host().notify("on_record", suite=suite, record=record)
             result.records.append(record)
             if spec.is_baseline and record["status"] == "ok":
@@ -106,6 +112,10 @@ def run_suite(suite: Suite, options: RunOptions) -> SuiteResult:
             options.log(f"  {spec.name}: {status}")
             if interrupted.is_set():  # Ctrl-C landed in a finalizer, which swallows the exception
                 raise KeyboardInterrupt
+            if ctx.extras.get("disk_error"):
+                from .store import DiskFull
+
+                raise DiskFull(f"run {spec.name!r}: the disk refused data ({ctx.extras['disk_error']}); stopped after this run, finished runs are in {store.path}; free space, then continue with --resume")
     result.calibration = calibration.summary() if calibration else {}
     return result
 
@@ -163,7 +173,9 @@ def execute(suite: Suite, spec: RunSpec, ctx: Context, options: RunOptions) -> d
         if len(steps) > 1:
             record["metrics"]["compress_seconds_by_step"] = steps
         if options.save_models is not None and spec.pipeline:
-            folder = options.save_models / spec.run_id
+            from .preflight import inside
+
+            folder = inside(options.save_models, options.save_models / spec.run_id, "saved model folder")
             model.save(folder)
             record["saved_model"] = {
                 "path": str(folder),
@@ -176,6 +188,10 @@ def execute(suite: Suite, spec: RunSpec, ctx: Context, options: RunOptions) -> d
         record["status"] = "failed"
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["traceback"] = traceback.format_exc(limit=8)
+        from .preflight import disk_error
+
+        if disk_error(exc):  # a full or failing disk: record this run, then stop the suite
+            ctx.extras["disk_error"] = f"{type(exc).__name__}: {exc}"
     finally:
         del model
         gc.collect()
