@@ -39,7 +39,7 @@ def run(
     s = load_suite(suite)
     select = parse_shard(shard).selector() if shard else None
     if out_dir is not None:
-        check_output(out_dir)  # an existing file, an unwritable place: said before anything else
+        check_output(out_dir, create=True)  # an existing file, an unwritable place: said before anything else
     target = out_dir or (latest_out(s) if resume else None) or default_out(s)
     err.print(f"suite {s.name}: {len(s.runs())} run(s){f', shard {shard}' if shard else ''} -> {target / 'results.jsonl'}")
     try:

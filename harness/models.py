@@ -254,7 +254,7 @@ def check_structure(structure, where: str = "config.moebench") -> dict:
         raise MoebenchError(f"{where}.modules: expected a table of module path -> {{class, init}}")
     for path, spec in modules.items():
         entry = f"{where}.modules[{path!r}]"
-        if not path or not all(part.isidentifier() or part.isdigit() for part in path.split(".")):
+        if not path or not all((part.isidentifier() and not part.startswith("_")) or part.isdigit() for part in path.split(".")):
             raise MoebenchError(f"{entry}: expected a dotted module path like model.layers.0.mlp")
         if not isinstance(spec, dict) or not isinstance(spec.get("class"), str) or set(spec) - {"class", "init"}:
             raise MoebenchError(f"{entry}: expected {{class = 'package.module:Class', init = {{...}}}}")

@@ -14,6 +14,7 @@ import errno
 import os
 import shutil
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +119,7 @@ def check_model_source(suite) -> ModelShape | None:
         from . import zoo
 
         name, _ = zoo.parse_source(source[4:])
-        return shape_of(zoo.config(name), source)
+        return _zoo_shape(name)
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -161,6 +162,14 @@ def check_tokenizer(path: Path, suite_path: str, trust_remote_code: bool = False
     except Exception as exc:  # noqa: BLE001 (any failure means the tokenizer is unusable; said in one line)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SuiteError(suite_path, "model.source", f"{path}: tokenizer cannot be loaded ({first})") from None
+
+
+@lru_cache(maxsize=16)
+def _zoo_shape(name: str) -> ModelShape:
+    """A zoo model's shape (its config is fixed by its name; build options do not change it)."""
+    from . import zoo
+
+    return shape_of(zoo.config(name), f"zoo:{name}")
 
 
 def shape_of(config, source: str) -> ModelShape:

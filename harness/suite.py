@@ -134,9 +134,12 @@ def read_toml(path: str | os.PathLike) -> dict[str, Any]:
     if not text.strip():
         raise SuiteError(path, "toml", "empty file; expected a suite with at least a [model] table")
     try:
-        return tomllib.loads(text)
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SuiteError(path, "toml", f"not valid TOML ({exc})") from None
+    if not raw:
+        raise SuiteError(path, "toml", "empty file (only comments or blank lines); expected a suite with at least a [model] table")
+    return raw
 
 
 def load_suite(path: str | os.PathLike) -> Suite:
@@ -168,12 +171,20 @@ def parse_suite(raw: dict, path: str = "<suite>") -> Suite:
 
     calibration = None
     if "calibration" in raw:
+        if not isinstance(raw["calibration"], dict):
+            raise err("calibration", f"expected a [calibration] table, got {type(raw['calibration']).__name__}")
         cal = dict(raw["calibration"])
+        if "seed" in cal and (not isinstance(cal["seed"], int) or isinstance(cal["seed"], bool)):
+            raise err("calibration.seed", f"expected an integer, got {cal['seed']!r}")
         calibration = _dataclass(CalibrationSpec, cal, "calibration", err)
         calibration.seed = cal.get("seed", info.seed)
         _check_positive(calibration, ("samples", "seqlen", "batch_size"), "calibration", err)
         _check_data(calibration.data, "calibration.data", err)
 
+    for table_name, kind in (("eval", dict), ("methods", list), ("tasks", dict), ("compare", dict)):
+        if table_name in raw and not isinstance(raw[table_name], kind):
+            what = "a list of [[methods]] tables" if kind is list else f"a [{table_name}] table"
+            raise err(table_name, f"expected {what}, got {type(raw[table_name]).__name__}")
     evals = {}
     metrics = host().metrics
     for name, table in (raw.get("eval") or {}).items():
