@@ -13,6 +13,7 @@ reloads with the same structure (see :mod:`moebench.models`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,6 +61,33 @@ class Adapter:
     def probabilities(self, block: nn.Module, logits: torch.Tensor) -> torch.Tensor:
         """Per-expert routing scores the router ranks by (softmax for most families)."""
         return logits.float().softmax(dim=-1)
+
+    def reroute(self, router_output, weights: torch.Tensor, indices: torch.Tensor):
+        """The router's output with new ``weights``/``indices`` (inverse of :meth:`route`)."""
+        logits, _, _ = router_output
+        return logits, weights, indices
+
+    def wrap_router(self, router: nn.Module, rule: "RoutingRule"):
+        """Make ``rule`` change what ``router`` returns (a forward hook); returns the hook handle.
+
+        Skipped slots get the sentinel index ``E`` (the expert count) and weight 0: every
+        transformers 5 experts implementation, and moebench's own, skips that index, so a
+        skipped expert costs no compute.
+        """
+
+        def hook(module, args, output):
+            logits, weights, indices = self.route(output)
+            probs = self.probabilities(module, logits)
+            keep = rule.keep(probs, weights, indices)
+            keep[:, :1] |= ~keep.any(dim=-1, keepdim=True)  # a token keeps at least one expert
+            sentinel = router.weight.shape[0]
+            new = torch.where(keep, weights, torch.zeros_like(weights))
+            if rule.renormalize:
+                new = new * (weights.sum(-1, keepdim=True) / new.sum(-1, keepdim=True).clamp_min(1e-20))
+            rule.observe(keep)
+            return self.reroute(output, new.to(weights.dtype), torch.where(keep, indices, torch.full_like(indices, sentinel)))
+
+        return router.register_forward_hook(hook)
 
     #: router buffers indexed by expert (sliced with the router rows)
     expert_buffers: ClassVar[tuple[str, ...]] = ()
@@ -150,6 +178,58 @@ class MoEBlock:
         return self.adapter.probabilities(self.module, logits)
 
 
+class RoutingRule(nn.Module):
+    """A runtime routing change: which of a token's selected experts actually run.
+
+    Installed by :meth:`MoEModel.set_routing` as the router's child ``routing_rule``
+    (no weights, so checkpoints keep their keys) and applied by the adapter's
+    :meth:`Adapter.wrap_router`; recorded in ``config.moebench`` like any moebench module,
+    so a saved model reloads with the same routing. ``tokens``/``slots`` count what ran
+    since the last :meth:`reset` (realised experts per token, for FLOPs).
+    """
+
+    #: scale the kept weights back to the selected experts' total weight
+    renormalize: bool = True
+
+    def __init__(self):
+        super().__init__()
+        self.tokens = 0
+        self.slots = 0
+
+    def keep(self, probs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """``[T, k]`` bool: which selected slots run, from the router's scores ``probs [T, E]``."""
+        raise NotImplementedError
+
+    def observe(self, keep: torch.Tensor) -> None:
+        self.tokens += keep.shape[0]
+        self.slots += int(keep.sum())
+
+    def reset(self) -> None:
+        self.tokens = self.slots = 0
+
+    def realised_top_k(self) -> float | None:
+        """Mean experts run per token since the last reset (None before any token)."""
+        return self.slots / self.tokens if self.tokens else None
+
+
+#: the router's child attribute that holds its :class:`RoutingRule`
+ROUTING_ATTR = "routing_rule"
+
+
+def install_routing(model: nn.Module, adapter: Adapter) -> int:
+    """Hook every :class:`RoutingRule` found under a router into it (after a load); returns how many."""
+    found = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, RoutingRule) and name.endswith("." + ROUTING_ATTR):
+            router = model.get_submodule(name.rpartition(".")[0])
+            old = getattr(router, "_moebench_routing_handle", None)
+            if old is not None:
+                old.remove()
+            router._moebench_routing_handle = adapter.wrap_router(router, module)
+            found += 1
+    return found
+
+
 class PassThrough(nn.Module):
     """Stands in for a skipped MoE block: contributes nothing, so the residual stream passes through."""
 
@@ -213,6 +293,16 @@ class MoEModel:
         notes = slice_experts(block, keep)
         self._record(f"keep_experts({layer},{list(keep)})")
         return notes
+
+    def zero_experts(self, layer: int, experts: Sequence[int]) -> None:
+        """Zero the weights of ``experts`` in ``layer``, router untouched: a token routed to one
+        loses that expert's contribution (a gated MLP of zero weights outputs exactly zero)."""
+        block = self._moe(layer)
+        index = torch.as_tensor(list(experts), dtype=torch.long, device=block.gate_up_proj.device)
+        with torch.no_grad():
+            block.experts.gate_up_proj.index_fill_(0, index, 0)
+            block.experts.down_proj.index_fill_(0, index, 0)
+        self._record(f"zero_experts({layer},{list(experts)})")
 
     def replace_experts(
         self,
@@ -306,6 +396,26 @@ class MoEModel:
         self._write_structure({"modules": modules})
         self._record(f"replace_module({path},{spec.get('class')},{_digest(*module.state_dict().values())})")
 
+    def set_routing(self, layer: int, rule: RoutingRule, spec: dict) -> None:
+        """Install a runtime routing rule on ``layer``'s router (replacing any earlier one).
+
+        ``spec`` is the rule's ``{"class": ..., "init": {...}}`` (see :meth:`replace_module`),
+        so the saved model reloads with the same routing.
+        """
+        block = self._moe(layer)
+        path = _path_of(self.model, block.router)
+        self.replace_module(f"{path}.{ROUTING_ATTR}", rule, spec)
+        router = block.router
+        old = getattr(router, "_moebench_routing_handle", None)
+        if old is not None:
+            old.remove()
+        router._moebench_routing_handle = self.adapter.wrap_router(router, rule)
+        self._record(f"set_routing({layer},{json.dumps(spec, sort_keys=True)})")
+
+    def routing_rules(self) -> dict[int, RoutingRule]:
+        """The routing rules installed, by layer."""
+        return {b.layer: rule for b in self.blocks() if isinstance(rule := getattr(b.router, ROUTING_ATTR, None), RoutingRule)}
+
     # -- structure (what the loader must rebuild) --------------------------------------
     def structure(self) -> dict:
         """The structure in ``config.moebench``: per-layer expert counts and top-k, skipped blocks, custom modules."""
@@ -367,11 +477,17 @@ class MoEModel:
 
         A model plain transformers can rebuild is saved in its family's original
         checkpoint format; one with a moebench structure keeps the in-memory (packed)
-        names, which is what :func:`moebench.models.load_pretrained` reads back.
+        names, which is what :func:`moebench.models.load_pretrained` reads back, and its
+        config refuses plain loaders (:func:`moebench.models.refuse_plain_loaders`).
         """
-        if self.needs_moebench_loader():
+        own_layout = self.needs_moebench_loader()
+        if own_layout:
             kwargs.setdefault("save_original_format", False)
         self.model.save_pretrained(path, **kwargs)
+        if own_layout:
+            from .models import refuse_plain_loaders
+
+            refuse_plain_loaders(path, self.config.model_type)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
 
@@ -466,6 +582,13 @@ def _router_state(router: nn.Module) -> dict:
 
 def _param_like(old: nn.Parameter, data: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(data.detach().to(old.dtype).to(old.device).contiguous(), requires_grad=old.requires_grad)
+
+
+def _path_of(root: nn.Module, module: nn.Module) -> str:
+    for name, m in root.named_modules():
+        if m is module:
+            return name
+    raise ValueError("module is not part of the model")
 
 
 def _layer_of(path: str) -> int | None:

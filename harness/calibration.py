@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from . import paths
-from .data import encode, load_text, random_windows
+from .data import calibration_windows
 
 if TYPE_CHECKING:
     from .adapter import MoEModel
@@ -78,11 +78,10 @@ class Calibration:
     _windows: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def windows(self, tokenizer) -> torch.Tensor:
-        """The calibration token windows ``[samples, seqlen]`` (train split, seeded offsets)."""
+        """The calibration token windows ``[samples, seqlen]`` (train split, seeded; large splits sampled by document)."""
         key = id(tokenizer)
         if key not in self._windows:
-            ids = encode(tokenizer, load_text(self.spec.data, "train"))
-            self._windows[key] = random_windows(ids, self.spec.seqlen, self.spec.samples, self.spec.seed)
+            self._windows[key] = calibration_windows(self.spec.data, tokenizer, self.spec.seqlen, self.spec.samples, self.spec.seed)
         return self._windows[key]
 
     def stats(self, model: "MoEModel", names) -> dict[str, Any]:

@@ -320,13 +320,13 @@ class LoadReport:
 
 def skeleton(path, *, dtype: torch.dtype = torch.float32, config=None) -> tuple[MoEModel, Any]:
     """The model of checkpoint ``path`` built on the meta device (no memory), with its adapter and config."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    from .models import apply_structure
+    from .models import apply_structure, load_config
     from .plugins import host
 
-    config = config or AutoConfig.from_pretrained(path)
+    config = config or load_config(path)
     fp8_block(config)  # refuse other quantization formats up front
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # dequantized on read; the model itself is plain
@@ -464,16 +464,16 @@ def _init_buffers(model: nn.Module, root: nn.Module, skip: Sequence[nn.Module] =
 
 
 def _config(path):
-    from transformers import AutoConfig
+    from .models import load_config
 
-    return AutoConfig.from_pretrained(path)
+    return load_config(path)
 
 
 def _tokenizer(path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, config=_config(path))
     except (OSError, ValueError):
         return None
 

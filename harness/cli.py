@@ -136,14 +136,17 @@ def zoo_build(
     all_: bool = typer.Option(False, "--all", help="build every zoo model"),
     force: bool = typer.Option(False, "--force", help="rebuild even if cached"),
     steps: Optional[int] = typer.Option(None, "--steps", help="training steps (default: each model's recipe); a suite names the result zoo:NAME?steps=N"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads to train on (default 2; a suite's [hardware] threads picks the build trained on that many)"),
 ):
     """Build (train) zoo checkpoints into the cache."""
     from . import zoo
 
     if steps is not None and steps < 1:
         raise MoebenchError(f"--steps {steps}: expected a positive number of training steps")
+    if threads is not None and threads < 1:
+        raise MoebenchError(f"--threads {threads}: expected a positive number of CPU threads")
     for name in zoo.names() if all_ else (names or [zoo.DEFAULT]):
-        path = zoo.build(name, force=force, steps=steps)
+        path = zoo.build(name, force=force, steps=steps, threads=threads)
         out.print(f"{name}: {path}")
 
 

@@ -6,7 +6,9 @@ the suite's ``[compare]`` table, then the built-in defaults — in the metric's 
 direction (lower perplexity is better, higher accuracy is better). A change beyond the
 tolerance in the bad direction is a regression; in the good direction, an improvement.
 A run that failed, or is missing from the new results, is a regression too (unless
-``missing = "warn"``). Timings are not gated unless a tolerance names them: they are
+``missing = "warn"``). A run measured with another model or evaluation spec (eval data,
+split, seqlen, sample count: :mod:`moebench.comparable`) is not compared at all: it is
+reported as ``incomparable`` and fails the gate. Timings are not gated unless a tolerance names them: they are
 noise on shared machines.
 
 The ``[compare]`` table of a suite::
@@ -31,6 +33,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from . import comparable
 from .errors import MoebenchError, SuiteError, did_you_mean
 from .report import better as default_better
 from .report import flatten
@@ -206,7 +209,7 @@ class _FieldError(ValueError):
 # --------------------------------------------------------------------------- comparing
 
 #: finding kinds that fail the gate (missing ones only when the spec says missing = "fail")
-REGRESSIONS = {"regressed", "failed", "missing_run", "missing_metric"}
+REGRESSIONS = {"regressed", "failed", "missing_run", "missing_metric", "incomparable"}
 IMPROVEMENTS = {"improved", "fixed"}
 
 
@@ -214,7 +217,7 @@ IMPROVEMENTS = {"improved", "fixed"}
 class Finding:
     """One thing the gate noticed about a run or one of its metrics."""
 
-    kind: str  # regressed | improved | same | failed | fixed | still_failed | new_run | missing_run | new_metric | missing_metric | config_changed
+    kind: str  # regressed | improved | same | failed | fixed | still_failed | new_run | missing_run | new_metric | missing_metric | config_changed | incomparable
     suite: str
     run: str
     metric: str = ""
@@ -260,6 +263,7 @@ class Comparison:
         counts = {
             "regressed": len(self.of("regressed")),
             "failed": len(self.of("failed")),
+            "incomparable": len(self.of("incomparable")),
             "missing": len(self.of("missing_run", "missing_metric")),
             "improved": len(self.improvements),
             "new": len(self.of("new_run", "new_metric")),
@@ -305,9 +309,11 @@ def compare(new: Iterable[dict[str, Any]], baseline: Iterable[dict[str, Any]], s
             result.findings.append(
                 Finding("config_changed", suite, name, message=f"run id {base.get('run_id')} → {rec.get('run_id')}: the suite or method parameters changed; compared anyway")
             )
-        b_model, n_model = base.get("model") or {}, rec.get("model") or {}
-        if b_model and n_model and b_model != n_model:
-            result.findings.append(Finding("config_changed", suite, name, message=f"model {b_model} → {n_model}; compared anyway"))
+        differ = comparable.differences(comparable.spec(base), comparable.spec(rec))
+        if differ:  # another model or evaluation: the figures say nothing about a regression
+            message = "measured differently (" + "; ".join(differ) + "): not compared; rerun with the baseline's settings or refresh the baseline"
+            result.findings.append(Finding("incomparable", suite, name, message=message, blocking=True))
+            continue
         bm, nm = flatten(base.get("metrics") or {}), flatten(rec.get("metrics") or {})
         for metric in sorted(set(bm) | set(nm)):
             tol = spec.tolerance_for(metric)
@@ -364,8 +370,9 @@ TITLES = {
     "new_run": "new run",
     "new_metric": "new metric",
     "config_changed": "configuration changed",
+    "incomparable": "measured differently",
 }
-ORDER = ["regressed", "failed", "missing_run", "missing_metric", "improved", "fixed", "new_run", "new_metric", "config_changed", "still_failed"]
+ORDER = ["regressed", "failed", "incomparable", "missing_run", "missing_metric", "improved", "fixed", "new_run", "new_metric", "config_changed", "still_failed"]
 
 
 def rows(result: Comparison) -> list[list[str]]:

@@ -12,7 +12,7 @@ import random
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, Sequence
 
 import torch
 
@@ -46,23 +46,32 @@ class DataSource(Protocol):
 
     scheme: ClassVar[str]
 
-    def documents(self, arg: str, split: str) -> list[str]:
-        """The split's documents, in a fixed order."""
+    def documents(self, arg: str, split: str) -> Sequence[str]:
+        """The split's documents, in a fixed order.
+
+        A list, or for large data any lazy sequence (``len`` and indexing) that reads a
+        document when it is indexed, so calibration can sample a few documents of a
+        large split without holding it (:func:`calibration_windows`).
+        """
         ...
 
 
-def load_text(spec: str | DataSpec, split: str) -> str:
-    """The whole split of a data spec as one string (documents separated by blank lines)."""
+def documents(spec: str | DataSpec, split: str) -> Sequence[str]:
+    """The split's documents from the spec's data source (possibly a lazy sequence)."""
     from .plugins import host
 
     spec = DataSpec.parse(spec) if isinstance(spec, str) else spec
     if split not in SPLITS:
         raise MoebenchError(f"data split {split!r}: expected one of {', '.join(SPLITS)}")
-    source = host().data_source(spec.scheme)
-    docs = source.documents(spec.arg, split)
-    if not docs:
+    docs = host().data_source(spec.scheme).documents(spec.arg, split)
+    if not len(docs):
         raise MoebenchError(f"data {spec} has no text in split {split!r}")
-    return "\n\n".join(docs)
+    return docs
+
+
+def load_text(spec: str | DataSpec, split: str) -> str:
+    """The whole split of a data spec as one string (documents separated by blank lines)."""
+    return "\n\n".join(documents(spec, split))
 
 
 #: token streams of recent (tokenizer, text) pairs: every run of a suite evaluates the same
@@ -129,3 +138,65 @@ def random_windows(ids: torch.Tensor, seqlen: int, samples: int, seed: int) -> t
     rng = random.Random(seed)
     starts = [rng.randrange(0, ids.numel() - seqlen) for _ in range(samples)]
     return torch.stack([ids[s : s + seqlen] for s in starts])
+
+
+#: splits up to this many characters are tokenized whole and windows cut from the stream
+#: (every embedded split; the windows existing results were measured on). Larger ones,
+#: and lazy sequences, are sampled document by document (:func:`sample_windows`).
+WHOLE_SPLIT_CHARS = 8_000_000
+
+
+def calibration_windows(spec: str | DataSpec, tokenizer, seqlen: int, samples: int, seed: int) -> torch.Tensor:
+    """``samples`` calibration windows of ``seqlen`` tokens from the spec's train split.
+
+    Small splits: tokenized whole, windows at seeded random offsets (:func:`random_windows`).
+    Large splits (C4, WikiText-2, big local files): documents are sampled first and only
+    those are tokenized, so time and peak memory do not grow with the dataset.
+    """
+    docs = documents(spec, "train")
+    if isinstance(docs, list) and sum(map(len, docs)) <= WHOLE_SPLIT_CHARS:
+        return random_windows(encode(tokenizer, "\n\n".join(docs)), seqlen, samples, seed)
+    return sample_windows(docs, tokenizer, seqlen, samples, seed)
+
+
+def sample_windows(docs: Sequence[str], tokenizer, seqlen: int, samples: int, seed: int) -> torch.Tensor:
+    """GPTQ-style calibration sampling: a random document, then a random ``seqlen`` window in it.
+
+    As in the GPTQ reference (``get_c4``: uniform document, uniform offset), except that
+    a document shorter than a window is continued with the documents after it (joined by
+    a blank line, as :func:`load_text` joins them) instead of being redrawn, so short-
+    document sources (WikiText-2's paragraphs) work too; and a document much longer than
+    a window is cut to a random character span first (its first, possibly partial, token
+    dropped), so a single multi-gigabyte document costs no more than a short one.
+    """
+    rng = random.Random(seed)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+
+    def ids_of(text: str) -> list[int]:
+        if backend is not None:
+            return backend.encode(text, add_special_tokens=False).ids
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    n = len(docs)
+    out = []
+    for _ in range(samples):
+        i = rng.randrange(n)
+        need = seqlen * 8  # characters: about twice a window at 4 characters per token
+        while True:
+            text, j = docs[i], i + 1
+            while len(text) < need and j < i + n:
+                text += "\n\n" + docs[j % n]
+                j += 1
+            cut = 0
+            if len(text) > 2 * need:
+                cut = rng.randrange(len(text) - need)
+                text = text[cut : cut + need]
+            ids = ids_of(text)[1 if cut else 0 :]
+            if len(ids) > seqlen or need > 64 * seqlen * 8 or j >= i + n:
+                break
+            need *= 4
+        if len(ids) <= seqlen:
+            raise MoebenchError(f"calibration text has {len(ids)} tokens from document {i} onwards, needs more than seqlen={seqlen}")
+        start = rng.randrange(0, len(ids) - seqlen)
+        out.append(torch.tensor(ids[start : start + seqlen], dtype=torch.long))
+    return torch.stack(out)

@@ -1,8 +1,9 @@
 """The leaderboard: many result files, one row per method configuration, best result per model.
 
-Results are grouped into boards by model and by what the ranking metric measured
-(perplexity on which data, split and window length), since figures from different
-evaluation settings are not comparable. On each board a method configuration (its
+Results are grouped into boards by model and by the evaluation spec of the ranking
+metric (its data, split, window length, sample count: :mod:`moebench.comparable`),
+since figures from different evaluation settings are not comparable; boards of one
+model name the setting that tells them apart. On each board a method configuration (its
 pipeline with parameters, whatever the run was called) keeps its best record; the row
 carries that record's provenance — commit, versions, device, date — so any figure can
 be traced and reproduced.
@@ -17,6 +18,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from . import comparable
 from .render import accuracy_columns, esc, html_figure, html_page, html_table, label, md_table, origin, pareto_front, plot_perplexity_vs_bytes, versions
 from .report import better, flatten, fmt
 
@@ -78,19 +80,21 @@ def setting_of(record: dict[str, Any], metric: str) -> str:
 def boards(records: Iterable[dict[str, Any]], metric: str = "perplexity") -> list[Board]:
     """Group ok records into boards by (model, evaluation setting) and keep each configuration's best."""
     lower = better(metric) == "lower"
-    groups: dict[tuple, list[dict]] = {}
-    for r in records:
-        if r.get("status") != "ok":
-            continue
-        flat = flatten(r.get("metrics") or {})
-        if not _finite(flat.get(metric)):
-            continue
+    ranked = [r for r in records if r.get("status") == "ok" and _finite(flatten(r.get("metrics") or {}).get(metric))]
+
+    def model_of(r: dict[str, Any]) -> str:
         model = (r.get("model") or {}).get("source") or "?"
         dtype = (r.get("model") or {}).get("dtype")
-        groups.setdefault((model + (f" ({dtype})" if dtype and dtype != "float32" else ""), setting_of(r, metric)), []).append(r)
+        return model + (f" ({dtype})" if dtype and dtype != "float32" else "")
 
     out = []
-    for (model, setting), recs in groups.items():
+    # one board per model and evaluation spec of the ranking metric (data, split, seqlen, samples...)
+    groups = comparable.group(ranked, key=model_of, tables=lambda r: [comparable.table_of(metric)])
+    settings = [setting_of(g.records[0], metric) for g in groups]
+    for g, setting in zip(groups, settings):
+        model, recs = g.key, g.records
+        if sum(1 for h, s in zip(groups, settings) if h.key == g.key and s == setting) > 1:  # the text does not tell them apart
+            setting = f"{setting}; {g.label}" if setting else g.label
         baselines = {(r.get("suite"), origin(r)): r for r in recs if not r.get("pipeline")}
         best: dict[str, Entry] = {}
         for r in recs:

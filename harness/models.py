@@ -3,7 +3,10 @@
 ``load(source)`` returns a :class:`MoEModel` (the model with its architecture adapter).
 ``load_pretrained(path)`` reloads a model moebench saved, including structures plain
 transformers cannot rebuild from its config (expert counts that differ per layer,
-skipped MoE blocks, moebench module classes).
+skipped MoE blocks, moebench module classes). Such a folder's ``config.json`` carries a
+model type no transformers release knows (:func:`refuse_plain_loaders`), so a plain
+``AutoModelForCausalLM.from_pretrained`` stops with an error naming this loader instead
+of silently re-initialising the weights it cannot place; :func:`load_config` reads it.
 """
 
 from __future__ import annotations
@@ -15,20 +18,29 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .adapter import MoEModel, PassThrough
+from .adapter import MoEModel, PassThrough, install_routing
 from .errors import MoebenchError
 from .plugins import host
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve(source: str) -> str:
-    """A model source as a local folder or hub id; ``zoo:NAME`` builds (or finds) the zoo checkpoint."""
+def resolve(source: str, threads: int | None = None, dtype: str = "bfloat16") -> str:
+    """A model source as a local folder or hub id; ``zoo:NAME`` builds (or finds) the zoo checkpoint.
+
+    ``threads``: the suite's ``[hardware] threads``, which a zoo build trains on too.
+    ``twin:NAME?layers=N`` writes (or finds) a shape twin stored in ``dtype`` (see :mod:`moebench.twin`).
+    """
     if source.startswith("zoo:"):
         from . import zoo
 
         name, options = zoo.parse_source(source[4:])
-        return str(zoo.path(name, **options))
+        return str(zoo.path(name, threads=threads, **options))
+    if source.startswith("twin:"):
+        from . import twin
+
+        name, options = twin.parse_source(source[5:])
+        return str(twin.build(name, dtype=dtype, **options))
     return source
 
 
@@ -39,15 +51,19 @@ def load(
     device: str = "cpu",
     trust_remote_code: bool = False,
     max_memory: dict | None = None,
+    threads: int | None = None,
 ) -> MoEModel:
-    """Load a causal LM from a zoo name, local folder or hub id, and attach its adapter."""
+    """Load a causal LM from a zoo name, local folder or hub id, and attach its adapter.
+
+    ``threads`` (a suite's ``[hardware] threads``) is what a zoo build, if one is needed, trains on.
+    """
     if dtype not in DTYPES:
         raise MoebenchError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    path = resolve(source)
-    from transformers import AutoConfig, AutoTokenizer
+    path = resolve(source, threads, dtype)
+    from transformers import AutoTokenizer
 
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = load_config(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MoebenchError(f"model {source!r} could not be loaded: {first}") from None
@@ -62,7 +78,7 @@ def load(
     )
     reproducible_experts(model, device)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, config=config, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise MoebenchError(f"model {source!r} has no usable tokenizer: {exc}") from None
     identity = f"{source}@{fingerprint(path)}" if Path(path).is_dir() else source
@@ -88,9 +104,9 @@ def load_pretrained(
     config=None,
 ):
     """Load a saved causal LM; rebuilds moebench structures recorded in ``config.moebench``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = config or AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = config or load_config(path, trust_remote_code=trust_remote_code)
     structure = getattr(config, "moebench", None)
     if not structure:
         kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
@@ -120,6 +136,45 @@ def load_pretrained(
         )
     model.tie_weights()
     return model.to(device=device, dtype=dtype).eval()
+
+
+#: what a plain loader is told to use instead (part of the refusal message)
+LOADER = "moebench.models.load_pretrained"
+
+
+def refuse_plain_loaders(folder, model_type: str) -> None:
+    """Make a saved folder's ``config.json`` unloadable by plain transformers, with an error naming :data:`LOADER`.
+
+    Plain transformers would build the architecture's stock modules, report the moebench
+    tensors as unexpected and initialise the missing weights at random (wrong logits, no
+    error). An unknown ``model_type`` stops ``AutoConfig`` (so ``AutoModel*``, pipelines and
+    other engines that read the config) with "The checkpoint you are trying to load has
+    model type `<this text>` but Transformers does not recognize this architecture";
+    the real type is kept in ``moebench.model_type`` for :func:`load_config`.
+    """
+    file = Path(folder) / "config.json"
+    raw = json.loads(file.read_text())
+    raw["moebench"] = {**(raw.get("moebench") or {}), "model_type": model_type}
+    raw["model_type"] = f"{model_type}-moebench: load this folder with {LOADER}(folder), not transformers alone"
+    file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+
+def load_config(path, *, trust_remote_code: bool = False):
+    """A folder's (or hub id's) config, including folders marked by :func:`refuse_plain_loaders`."""
+    from transformers import AutoConfig
+
+    file = Path(path) / "config.json"
+    raw = json.loads(file.read_text()) if file.is_file() else {}
+    real = (raw.get("moebench") or {}).get("model_type")
+    if not real or raw.get("model_type") == real:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if real not in CONFIG_MAPPING:
+        raise MoebenchError(f"{file}: model type {real!r} is not known to this transformers version")
+    raw["model_type"] = real
+    raw["moebench"] = {k: v for k, v in raw["moebench"].items() if k != "model_type"}
+    return CONFIG_MAPPING[real].from_dict(raw)
 
 
 def apply_structure(model, structure: dict, where: str = "config.moebench") -> None:
@@ -183,6 +238,7 @@ def apply_structure(model, structure: dict, where: str = "config.moebench") -> N
         except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as exc:
             raise MoebenchError(f"{entry}: {spec['class']} could not be built from its init ({type(exc).__name__}: {exc})") from None
         setattr(parent, attr, module)
+    install_routing(model, moe.adapter)  # routing rules rebuilt above act on their routers again
 
 
 PLAIN = (str, int, float, bool, type(None))
@@ -219,7 +275,7 @@ def check_structure(structure, where: str = "config.moebench") -> dict:
     """``config.moebench`` checked against its schema, every value plain data; one-line error otherwise."""
     if not isinstance(structure, dict):
         raise MoebenchError(f"{where}: expected a table, got {type(structure).__name__}")
-    known = ("num_experts", "top_k", "router", "skip_moe", "modules")
+    known = ("num_experts", "top_k", "router", "skip_moe", "modules", "model_type")
     for key in structure:
         if key not in known:
             raise MoebenchError(f"{where}.{key}: unknown field; expected one of {', '.join(known)}")

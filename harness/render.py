@@ -52,10 +52,16 @@ class SuiteTable:
 
 
 def suite_tables(records: Iterable[dict[str, Any]]) -> list[SuiteTable]:
-    """One table per suite, in order of first appearance."""
+    """One table per suite and evaluation spec, in order of first appearance.
+
+    A suite whose records were measured with different evaluation specs (model, eval data,
+    split, seqlen, sample count) becomes one table per spec, titled with what differs.
+    """
+    from .comparable import group
+
     by_suite: dict[str, list[dict]] = {}
-    for r in records:
-        by_suite.setdefault(r.get("suite"), []).append(r)
+    for g in group(records, key=lambda r: r.get("suite")):
+        by_suite[f"{g.key} [{g.label}]" if g.label else g.key] = g.records
     tables = []
     for suite, recs in by_suite.items():
         origins = list(dict.fromkeys(origin(r) for r in recs))

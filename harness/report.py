@@ -45,13 +45,25 @@ def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 def frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """One row per record (suite, name, status, metric columns); later records of a run id win."""
+    """One row per record (suite, name, status, metric columns); later records of a run id win.
+
+    Records of one suite name measured with different evaluation specs (model, eval
+    data, split, seqlen, sample count: :mod:`moebench.comparable`) are never one table:
+    their ``suite`` is suffixed with the settings that differ, e.g. ``ci [perplexity.windows=8]``.
+    """
+    from .comparable import group
+
+    records = list(records)
+    labels = {}
+    for g in group(records, key=lambda r: r.get("suite")):
+        for r in g.records:
+            labels[id(r)] = f"{g.key} [{g.label}]" if g.label else g.key
     rows: dict[tuple, dict] = {}
     for r in records:
-        row = {"suite": r.get("suite"), "name": r.get("name"), "run_id": r.get("run_id"), "status": r.get("status")}
+        row = {"suite": labels[id(r)], "name": r.get("name"), "run_id": r.get("run_id"), "status": r.get("status")}
         row.update(flatten(r.get("metrics") or {}))
         row.update(routed_notation(row))
-        rows[(r.get("suite"), r.get("run_id"))] = row
+        rows[(row["suite"], r.get("run_id"))] = row
     df = pd.DataFrame(list(rows.values()))
     if df.empty:
         return df

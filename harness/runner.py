@@ -25,11 +25,12 @@ from typing import Any, Callable
 
 import torch
 
-from . import __version__
+from . import __version__, model_card
 from .adapter import MoEModel
 from .calibration import Calibration
 from .method import Context
-from .models import load
+from .models import LOADER, load
+from .params import to_dict
 from .plugins import host
 from .store import ResultStore
 from .suite import RunSpec, Suite
@@ -42,7 +43,7 @@ class RunOptions:
     #: keep only these runs (e.g. a shard); the baseline is always kept when anything runs
     select: Callable[[list[RunSpec]], list[RunSpec]] | None = None
     log: Callable[[str], None] = print
-    #: write each compressed model here (one folder per run id) when set
+    #: write each compressed model here (one folder per run: ``<name>-<run id>`` with a README model card) when set
     save_models: Path | None = None
 
 
@@ -156,6 +157,7 @@ def execute(suite: Suite, spec: RunSpec, ctx: Context, options: RunOptions) -> d
         "status": "ok",
         "pipeline": [s.to_dict() for s in spec.pipeline],
         "model": {"source": suite.model.source, "dtype": suite.model.dtype},
+        "evals": {name: to_dict(params) for name, params in suite.evals.items()},
         "metrics": {},
         "changes": {},
         "notes": ctx.notes,
@@ -175,12 +177,11 @@ def execute(suite: Suite, spec: RunSpec, ctx: Context, options: RunOptions) -> d
         if options.save_models is not None and spec.pipeline:
             from .preflight import inside
 
-            folder = inside(options.save_models, options.save_models / spec.run_id, "saved model folder")
+            folder = inside(options.save_models, options.save_models / model_card.folder_name(spec.name, spec.run_id), "saved model folder")
             model.save(folder)
-            record["saved_model"] = {
-                "path": str(folder),
-                "loader": "moebench.models.load_pretrained" if model.needs_moebench_loader() else "transformers",
-            }
+            loader = LOADER if model.needs_moebench_loader() else model_card.TRANSFORMERS
+            record["saved_model"] = {"path": str(folder), "loader": loader}
+            options.log(f"  saved to {folder}; load it with:\n    " + model_card.how_to_load(folder, loader).replace("\n", "\n    "))
         record["metrics"].update(measure(model, suite, ctx))
     except KeyboardInterrupt:
         raise
@@ -197,6 +198,8 @@ def execute(suite: Suite, spec: RunSpec, ctx: Context, options: RunOptions) -> d
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    if record.get("saved_model"):
+        model_card.write(record["saved_model"]["path"], record)
     if ctx.calibration is not None and spec.pipeline:
         record["calibration"] = {**ctx.calibration.spec.key(), **ctx.calibration.summary()}
     record["started"] = started
@@ -207,7 +210,7 @@ def execute(suite: Suite, spec: RunSpec, ctx: Context, options: RunOptions) -> d
 
 def load_model(suite: Suite) -> MoEModel:
     m = suite.model
-    return load(m.source, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code, max_memory=suite.hardware.max_memory)
+    return load(m.source, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code, max_memory=suite.hardware.max_memory, threads=suite.hardware.threads)
 
 
 def apply_pipeline(model: MoEModel, spec: RunSpec, ctx: Context, seconds: dict[str, float] | None = None) -> dict[str, Any]:

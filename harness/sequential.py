@@ -28,7 +28,7 @@ import json
 import math
 import resource
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -39,8 +39,10 @@ from .errors import MoebenchError
 
 #: module kinds a method can target
 KINDS = ("experts", "shared", "attention", "dense")
+#: how many slices :meth:`Group.chunks` cuts a layer's experts into (float32 temporaries: 1/CHUNKS of them)
+CHUNKS = 8
 #: statistics a method can ask for, per input channel of each targeted matrix
-COLLECT = ("sq", "abs", "hessian", "samples")
+COLLECT = ("sq", "abs", "hessian", "samples", "calls")
 
 
 def check_targets(targets: Iterable[str]) -> None:
@@ -60,7 +62,10 @@ class Stats:
 
     ``sq [B, cols]``: sum of squared inputs (WANDA's ``||X_j||^2``); ``abs [B, cols]``: sum
     of absolute inputs; ``hessian [B, cols, cols]``: ``X^T X``; ``samples``: up to
-    ``max_samples`` input rows per matrix; ``tokens [B]``: rows seen per matrix.
+    ``max_samples`` input rows per matrix; ``tokens [B]``: rows seen per matrix;
+    ``calls`` (a routed-experts group only): up to ``max_samples`` rows of the experts
+    module's own input, unweighted, each with its ``top_k_index`` and ``top_k_weights``
+    (what a search on the whole block's output needs, as AWQ's).
     """
 
     cols: int
@@ -69,6 +74,7 @@ class Stats:
     abs: torch.Tensor | None = None
     hessian: torch.Tensor | None = None
     samples: list[list[torch.Tensor]] | None = None
+    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
     @classmethod
     def empty(cls, batch: int, cols: int, collect: set[str], device) -> "Stats":
@@ -80,6 +86,7 @@ class Stats:
             abs=zeros(batch, cols) if "abs" in collect else None,
             hessian=zeros(batch, cols, cols) if "hessian" in collect else None,
             samples=[[] for _ in range(batch)] if "samples" in collect else None,
+            calls=[] if "calls" in collect else None,
         )
 
     def add(self, b: int, x: torch.Tensor, cap: int) -> None:
@@ -94,6 +101,13 @@ class Stats:
         if self.samples is not None and cap > 0:
             self.samples[b].append(x[:: max(1, math.ceil(x.shape[0] / cap))][:cap].clone())
 
+    def routed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The kept experts-module inputs ``(hidden [n, cols], top_k_index [n, k], top_k_weights [n, k])``."""
+        parts = self.calls or []
+        if not parts:
+            raise ValueError("no experts-module inputs were kept (collect 'calls')")
+        return tuple(torch.cat(t) for t in zip(*parts))
+
     def sample(self, b: int) -> torch.Tensor:
         """The kept input rows of matrix ``b`` ``[n, cols]`` (``n`` may be 0)."""
         chunks = self.samples[b] if self.samples is not None else []
@@ -102,6 +116,7 @@ class Stats:
     def nbytes(self) -> int:
         tensors = [t for t in (self.tokens, self.sq, self.abs, self.hessian) if t is not None]
         tensors += [c for chunks in (self.samples or []) for c in chunks]
+        tensors += [t for call in (self.calls or []) for t in call]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -133,6 +148,14 @@ class Group:
     def write(self, new: torch.Tensor) -> None:
         """Store new values ``[B, rows, cols]`` in place (same shape, the parameter's dtype)."""
         self.weight.copy_(new.to(self.weight.dtype).reshape(self.weight.shape))
+
+    def chunks(self, count: int = CHUNKS) -> Iterator[slice]:
+        """Slices of the stacked matrices, at most ``count`` of them: a method that works on one slice at a
+        time holds float32 copies of ``1/count`` of a layer's experts, never of all of them."""
+        n = self.weight.shape[0]
+        size = max(1, math.ceil(n / count))
+        for i in range(0, n, size):
+            yield slice(i, min(i + size, n))
 
 
 def find_groups(model: MoEModel, layer: int, targets: Iterable[str]) -> list[Group]:
@@ -176,18 +199,49 @@ class _Stop(Exception):
 
 @dataclass
 class LayerStep:
-    """One decoder layer during the pass: its index, module, and the groups to compress."""
+    """One decoder layer during the pass: its index, module, and the groups to compress.
+
+    ``stage[name]`` keys the groups that read the same input tensor (q/k/v; an expert
+    block's ``gate_up``); a group's statistics go stale when a group of another stage
+    before it is rewritten. :meth:`refresh` gathers them again from the layer as it is
+    now, which is what GPTQ's "true sequential" order needs.
+    """
 
     index: int
     layer: nn.Module
     groups: list[Group] = field(default_factory=list)
+    stage: dict[str, tuple] = field(default_factory=dict)
+    gather: Callable[[list[Group]], None] | None = None
+
+    def refresh(self, groups: list[Group]) -> None:
+        """Re-collect the statistics of ``groups`` by running the layer again on its held inputs."""
+        if groups and self.gather is not None:
+            self.gather(groups)
+
+    def sequential(self) -> Iterator[Group]:
+        """The groups in order, each with statistics gathered after every earlier stage was written.
+
+        The reference's "true sequential" order (GPTQ's ``--true-sequential``; AutoGPTQ's
+        ``inside_layer_modules``): q/k/v, then o on the quantized q/k/v, then gate/up, then
+        down on the quantized gate/up. One extra layer run per stage after the first.
+        """
+        current = None
+        for i, group in enumerate(self.groups):
+            stage = self.stage.get(group.name, i)
+            if group.stats is None or (current is not None and stage != current):
+                self.refresh(self.groups[i:])
+                stage = self.stage.get(group.name, i)
+            current = stage
+            yield group
+            group.stats = None  # solved: its statistics are not needed again
 
 
 class Sequential:
     """Iterate over decoder layers, each with statistics of its targets on the compressed model's own inputs.
 
     ``collect`` names what the groups need (``COLLECT``). ``max_samples`` caps the kept
-    input rows per matrix (for ``samples``). After each step's body the layer is re-run
+    input rows per matrix (for ``samples``). With ``staged`` the experts' ``down_proj``
+    statistics are left to :meth:`LayerStep.sequential` (true-sequential methods). After each step's body the layer is re-run
     (as the method left it) to produce the next layer's inputs.
     """
 
@@ -200,6 +254,8 @@ class Sequential:
         batch_size: int = 8,
         router_weighted: bool = True,
         max_samples: int = 2048,
+        staged: bool = False,
+        weight_power: float = 1.0,
     ):
         self.model = model
         self.windows = windows
@@ -211,7 +267,10 @@ class Sequential:
         check_targets(self.targets)
         self.batch_size = max(1, batch_size)
         self.router_weighted = router_weighted
+        #: a routed token's input is scaled by ``weight ** weight_power`` (0.5: Hessians weighted by the weight itself, MoEQuant)
+        self.weight_power = weight_power
         self.max_samples = max_samples
+        self.staged = staged
         self.device = model.device
         self._hidden: list[torch.Tensor] = []
         self._calls: list[list[tuple[tuple, dict]]] = []  # per batch, per layer: (extra args, kwargs)
@@ -271,22 +330,31 @@ class Sequential:
         return out[0] if isinstance(out, (tuple, list)) else out
 
     @torch.no_grad()
-    def _gather(self, step: LayerStep) -> None:
-        """Run layer ``step.index`` over the held inputs with hooks filling each group's statistics."""
+    def _gather(self, step: LayerStep, groups: list[Group] | None = None) -> None:
+        """Run layer ``step.index`` over the held inputs with hooks filling the statistics of ``groups`` (all by default)."""
+        groups = step.groups if groups is None else groups
         handles = []
         cap = math.ceil(self.max_samples / max(1, len(self._hidden)))
         experts_groups: dict[int, list[Group]] = {}
-        for g in step.groups:
+        inputs: list[torch.Tensor] = []  # the first batch's Linear inputs, kept alive so their ids stay unique
+        for g in groups:
             w = g.weight
             g.stats = Stats.empty(w.shape[0], w.shape[-1], self.collect, w.device)
             if g.attr == "weight":
                 def pre(module, args, g=g):
+                    if g.name not in step.stage:  # first batch: Linears called on one tensor share a stage
+                        k = next((i for i, t in enumerate(inputs) if t is args[0]), None)
+                        if k is None:
+                            inputs.append(args[0])
+                            k = len(inputs) - 1
+                        step.stage[g.name] = ("input", k)
                     x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
                     g.stats.add(0, x, cap)
 
                 handles.append(g.module.register_forward_pre_hook(pre))
             else:
                 experts_groups.setdefault(id(g.module), []).append(g)
+                step.stage.setdefault(g.name, ("experts", id(g.module), g.attr))
         for gs in experts_groups.values():
             handles.append(gs[0].module.register_forward_pre_hook(self._experts_hook(gs, cap), with_kwargs=True))
         try:
@@ -295,7 +363,8 @@ class Sequential:
         finally:
             for h in handles:
                 h.remove()
-        stats_bytes = sum(g.stats.nbytes() for g in step.groups)
+            inputs.clear()
+        stats_bytes = sum(g.stats.nbytes() for g in step.groups if g.stats is not None)
         batch_bytes = max(h.numel() * h.element_size() for h in self._hidden)
         self.memory["peak_stats_bytes"] = max(self.memory["peak_stats_bytes"], stats_bytes)
         tracked = sum(h.numel() * h.element_size() for h in self._hidden) + stats_bytes + batch_bytes
@@ -310,12 +379,16 @@ class Sequential:
             values = list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index", "top_k_weights") if k in kwargs]
             hidden, index, weights = values[:3]
             hidden = hidden.detach().reshape(-1, hidden.shape[-1])
+            calls = by_attr.get("gate_up_proj") and by_attr["gate_up_proj"].stats.calls
+            if calls is not None and cap > 0:
+                rows = slice(None, None, max(1, math.ceil(hidden.shape[0] / cap)))
+                calls.append((hidden[rows][:cap].float(), index[rows][:cap].clone(), weights[rows][:cap].detach().float()))
             for e in range(experts.gate_up_proj.shape[0]):
                 tok, pos = torch.where(index == e)
                 if tok.numel() == 0:
                     continue
                 x = hidden[tok].float()
-                scale = weights[tok, pos].detach().float()[:, None] if weighted else None
+                scale = weights[tok, pos].detach().float()[:, None] ** self.weight_power if weighted else None
                 if "gate_up_proj" in by_attr:
                     by_attr["gate_up_proj"].stats.add(e, x * scale if weighted else x, cap)
                 if "down_proj" in by_attr:
@@ -340,7 +413,9 @@ class Sequential:
                 groups = find_groups(self.model, i, self.targets)
                 if groups:
                     step = LayerStep(i, layer, groups)
-                    self._gather(step)
+                    step.gather = lambda gs, step=step: self._gather(step, gs)
+                    # staged: down_proj's statistics wait for LayerStep.sequential(), so both Hessians are never held at once
+                    self._gather(step, [g for g in groups if not (self.staged and g.attr == "down_proj")])
                     self.experts_without_tokens += sum(int((g.stats.tokens == 0).sum()) for g in groups if g.attr == "gate_up_proj")
                     yield step
                     for g in groups:
@@ -373,10 +448,12 @@ def peak_rss_bytes() -> int:
 
 
 def from_context(model: MoEModel, ctx, method: str, **kwargs) -> Sequential:
-    """A :class:`Sequential` pass over the suite's calibration windows (``ctx.calibration``)."""
+    """A :class:`Sequential` pass over the suite's calibration windows (``ctx.calibration``), or ``windows=`` given."""
     if ctx.calibration is None:
         raise MoebenchError(f"{method} needs calibration data; add a [calibration] table to the suite")
-    windows = ctx.calibration.windows(model.tokenizer)
+    windows = kwargs.pop("windows", None)
+    if windows is None:
+        windows = ctx.calibration.windows(model.tokenizer)
     return Sequential(model, windows, batch_size=ctx.calibration.spec.batch_size, **kwargs)
 
 

@@ -346,8 +346,15 @@ def _check_model(model: ModelSpec, err) -> None:
             zoo.parse_source(source[4:])
         except MoebenchError as exc:
             raise err("model.source", str(exc)) from None
+    elif source.startswith("twin:"):
+        from . import twin
+
+        try:
+            twin.parse_source(source[5:])
+        except MoebenchError as exc:
+            raise err("model.source", str(exc)) from None
     elif not os.path.isdir(source) and (source.count("/") != 1 or source.startswith((".", "/"))):
-        raise err("model.source", f"{source!r} is neither zoo:NAME, an existing model folder, nor a hub id like 'org/name'")
+        raise err("model.source", f"{source!r} is neither zoo:NAME, twin:NAME, an existing model folder, nor a hub id like 'org/name'")
 
 
 def _check_data(spec: str, where: str, err) -> None:

@@ -237,6 +237,94 @@ def _check_on(cls, params, arch: str, trained: bool, seed: int, expect_change: b
     return _done(outcome, start)
 
 
+# --------------------------------------------------------------------------- saved models
+#: run in a fresh interpreter that never imports moebench: what a user of transformers alone sees
+_PLAIN_LOAD = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+spec = json.loads(sys.argv[1])
+ids = torch.tensor(spec["ids"])
+out = {}
+for key, folder in spec["folders"].items():
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits
+        torch.save(logits, spec["out"] + "/" + key + ".pt")
+        out[key] = None
+    except Exception as exc:
+        out[key] = type(exc).__name__ + ": " + str(exc)
+leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("moebench", "moebench_plugins"))
+print(json.dumps({"errors": out, "leaked": leaked}))
+"""
+
+
+@dataclass
+class PlainLoad:
+    """What ``transformers.AutoModelForCausalLM.from_pretrained(folder)`` alone did with one saved folder."""
+
+    folder: str
+    logits: torch.Tensor | None = None  # float32 logits on the probe ids, when it loaded
+    error: str | None = None  # the exception it raised, when it refused
+
+
+def plain_loads(folders: dict[str, Any], ids: torch.Tensor, timeout: float = 600) -> dict[str, PlainLoad]:
+    """Load each saved folder with transformers alone, in one fresh process without moebench, and run ``ids``."""
+    import os
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory(prefix="moebench-plain-") as out:
+        spec = {"folders": {k: str(v) for k, v in folders.items()}, "ids": ids.tolist(), "out": out}
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        proc = subprocess.run([sys.executable, "-c", _PLAIN_LOAD, json.dumps(spec)], capture_output=True, text=True,
+                              timeout=timeout, env=env, cwd=out)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the plain-transformers process failed: {proc.stderr.strip()[-2000:]}")
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        if report["leaked"]:
+            raise RuntimeError(f"the plain-transformers process imported {report['leaked']}")
+        return {
+            k: PlainLoad(str(folders[k]), None if err else torch.load(f"{out}/{k}.pt", weights_only=True), err)
+            for k, err in report["errors"].items()
+        }
+
+
+def check_saved(folders: dict[str, Any], rtol: float = 1e-5) -> dict[str, str]:
+    """The saved-model contract: each folder loads in plain transformers to the logits
+    :func:`moebench.models.load_pretrained` gives (``rtol`` of the largest logit, float32),
+    or plain transformers refuses it with an error naming that loader.
+
+    Returns ``{key: "same" | "refused"}``; raises :class:`ConformanceError` listing every
+    folder that plain transformers loads silently wrong or refuses without saying how.
+    """
+    from .models import LOADER, load_pretrained, reproducible_experts
+
+    ids = torch.arange(3, 67).reshape(2, 32)
+    plain = plain_loads(folders, ids)
+    verdicts, problems = {}, []
+    for key, result in plain.items():
+        if result.error is not None:
+            if LOADER in result.error:
+                verdicts[key] = "refused"
+            else:
+                problems.append(f"{key}: plain transformers fails without naming {LOADER}: {result.error[:300]}")
+            continue
+        model = load_pretrained(result.folder, dtype=torch.float32)
+        reproducible_experts(model, "cpu")
+        with torch.no_grad():
+            ours = model(input_ids=ids, use_cache=False).logits
+        diff = (result.logits - ours).abs().max().item()
+        scale = ours.abs().max().item()
+        if not diff <= rtol * scale:
+            problems.append(f"{key}: plain transformers loads it silently wrong (max |Δlogit| {diff:.3g}, largest logit {scale:.3g})")
+        else:
+            verdicts[key] = "same"
+    if problems:
+        raise ConformanceError("saved models that break the contract:\n  " + "\n  ".join(problems))
+    return verdicts
+
+
 def _recordable(value: Any) -> Any:
     """What the result store turns into JSON (tensors, sets, tuples, paths); anything else would be a useless str()."""
     from pathlib import Path

@@ -436,21 +436,30 @@ def _progress(enabled: bool, label: str, total: int):
         yield lambda loss: bar.update(task, advance=1, loss=f"{loss:.3f}")
 
 
-def train(name: str, steps: int | None = None, seed: int = 0, progress: bool = True):
+def train(name: str, steps: int | None = None, seed: int = 0, progress: bool = True, threads: int | None = None):
     """Train a zoo model from scratch; returns ``(model, tokenizer, info)`` (nothing is written).
 
-    Runs on ``TRAIN_THREADS`` CPU threads (the caller's setting is restored after): CPU
-    kernels split their sums by thread count, so a fixed count keeps the bits reproducible.
+    Runs on ``threads`` CPU threads (default ``TRAIN_THREADS``; the caller's setting is
+    restored after): CPU kernels split their sums by thread count, so a fixed count keeps
+    the bits reproducible, and the count is part of the cache key.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(TRAIN_THREADS)
+    threads = threads_for(threads)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        return _train(name, steps, seed, progress)
+        return _train(name, steps, seed, progress, threads)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
 
 
-def _train(name: str, steps: int | None, seed: int, progress: bool):
+def threads_for(threads: int | None) -> int:
+    """The thread count a build runs on: a suite's ``[hardware] threads`` when it names one, else ``TRAIN_THREADS``."""
+    if threads is not None and int(threads) < 1:
+        raise MoebenchError(f"zoo build threads {threads}: expected a positive number")
+    return TRAIN_THREADS if threads is None else int(threads)
+
+
+def _train(name: str, steps: int | None, seed: int, progress: bool, threads: int):
     spec = entry(name)
     steps = spec.steps if steps is None else int(steps)
     tok = tokenizer(seed)
@@ -515,7 +524,7 @@ def _train(name: str, steps: int | None, seed: int, progress: bool):
         "final_loss": round(sum(tail) / len(tail), 4) if tail else None,
         "loss_curve": [round(x, 4) for x in losses[:: max(1, steps // 50)]],
         "train_seconds": round(seconds, 1),
-        "threads": TRAIN_THREADS,
+        "threads": threads,
         "params": sum(p.numel() for p in model.parameters()),
         "untrained": before,
         "trained": after,
@@ -526,7 +535,7 @@ def _train(name: str, steps: int | None, seed: int, progress: bool):
 # --------------------------------------------------------------------------- cache
 
 
-def _key(spec: ZooEntry, steps: int, seed: int) -> str:
+def _key(spec: ZooEntry, steps: int, seed: int, threads: int = TRAIN_THREADS) -> str:
     import transformers
 
     return _digest({
@@ -537,7 +546,7 @@ def _key(spec: ZooEntry, steps: int, seed: int) -> str:
         "transformers": transformers.__version__,
         "corpus": corpus.fingerprint(),
         "vocab": VOCAB_SIZE,
-        "threads": TRAIN_THREADS,
+        "threads": threads,
         "experts_implementation": "eager",
     })
 
@@ -562,12 +571,16 @@ def _locked(lock: Path):
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def build(name: str, *, steps: int | None = None, seed: int = 0, force: bool = False, progress: bool = True) -> Path:
-    """The folder of a trained zoo model (HF ``save_pretrained`` + tokenizer + ``zoo.json``), training it if needed."""
+def build(name: str, *, steps: int | None = None, seed: int = 0, force: bool = False, progress: bool = True, threads: int | None = None) -> Path:
+    """The folder of a trained zoo model (HF ``save_pretrained`` + tokenizer + ``zoo.json``), training it if needed.
+
+    ``threads``: CPU threads to train on (a suite's ``[hardware] threads``; default ``TRAIN_THREADS``).
+    """
     spec = entry(name)
     steps = spec.steps if steps is None else int(steps)
+    threads = threads_for(threads)
     root = cache_dir("zoo")
-    final = root / f"{name}-{_key(spec, steps, seed)}"
+    final = root / f"{name}-{_key(spec, steps, seed, threads)}"
     if (final / "zoo.json").exists() and not force:
         return final
     with _locked(root / f".{final.name}.lock"):
@@ -578,7 +591,7 @@ def build(name: str, *, steps: int | None = None, seed: int = 0, force: bool = F
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
         try:
             start = time.perf_counter()
-            model, tok, info = train(name, steps=steps, seed=seed, progress=progress)
+            model, tok, info = train(name, steps=steps, seed=seed, progress=progress, threads=threads)
             import transformers
             from transformers.utils import logging as hf_logging
 

@@ -13,7 +13,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
+
+import moebench  # noqa: F401  (first: sets the OpenMP defaults before torch loads libgomp)
+import torch  # noqa: E402
 
 ARCHS = ["deepseek_v2", "deepseek_v3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 

@@ -18,7 +18,7 @@ from moebench_plugins.fusion.analysis import (
     weight_similarity,
 )
 from moebench.calibration import Calibration, CalibrationSpec
-from moebench_plugins.fusion.grouping import Groups, by_frequency, cluster
+from moebench_plugins.fusion.grouping import Groups, by_frequency, cluster, spectral
 from moebench.plugins import host
 
 
@@ -206,3 +206,20 @@ def test_report_plots_fusion_sweeps_and_loss_curves_from_records():
     # a suite without sweeps or healing gets only the three standard plots
     plain = [records[0], record("x", "x", {}, 4, None, 12.0)]
     assert [p.title for p in plots(suite_tables(plain)[0])] == ["Perplexity vs weight bytes", "Accuracy vs parameters", "Speedup per method"]
+
+
+def test_spectral_clustering_recovers_planted_groups_of_any_size():
+    """moe-pruner's grouping: scikit-learn spectral clustering on a precomputed affinity (co-activation counts)."""
+    sizes = [6, 3, 2, 5]
+    labels = [g for g, n in enumerate(sizes) for _ in range(n)]
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(3)).tolist()
+    truth = [labels[p] for p in perm]
+    t = torch.tensor(truth)
+    aff = torch.where(t[:, None] == t[None, :], 50.0, 1.0) + torch.rand(16, 16, generator=torch.Generator().manual_seed(0))
+    groups = spectral(aff, 4)
+    found = sorted(sorted(m) for m in groups.members)
+    expected = sorted(sorted(i for i, x in enumerate(truth) if x == g) for g in range(4))
+    assert found == expected
+    assert len(spectral(aff, 1).members) == 1 and spectral(aff, 16).num_groups == 16
+    with pytest.raises(ValueError, match="non-negative"):
+        spectral(aff - 100, 4)

@@ -152,6 +152,34 @@ def test_grouped_variants_with_singleton_groups_reproduce_the_layer(method, cali
         torch.testing.assert_close(fused(x), reference(x), rtol=1e-5, atol=1e-6)
 
 
+def test_fused_lora_member_adapters_start_as_the_reference_svd_and_scale_on_first_forward(calibration, tmp_path):
+    """moe-pruner's FusedLinear: per-member B A = (W_e - merged) / c, c = sum(sigma) / r; the per-feature
+    scale is set on the first forward to mean|merged output| / mean|adapter output| and is saved."""
+    from moebench_plugins.fusion.modules import MemberAdapterExperts
+
+    model = fresh()
+    block = model.block(1)
+    originals = block.gate_up_proj.detach().clone(), block.down_proj.detach().clone()
+    inter = block.intermediate_size
+    changes = run("fused_lora", model, calibration, keep=4, rank=64, align=False)
+    assert changes["layers"][1]["adapters"] == "members"
+    experts = model.layers[1].mlp.fusion
+    assert isinstance(experts, MemberAdapterExperts) and not experts.scaled.any()
+    e = 5
+    g = int(experts.assign[e])
+    delta = (originals[1][e] - experts.down_proj[g]).detach()
+    sigma = torch.linalg.svdvals(delta.detach().double())
+    c = float(sigma[:experts.rank].sum()) / experts.rank
+    torch.testing.assert_close((experts.down_b[e] @ experts.down_a[e]).double(), delta.double() / c, rtol=1e-4, atol=1e-5)
+    gate_delta = (originals[0][e, :inter] - experts.gate_up_proj[g, :inter]).detach()
+    c_gate = float(torch.linalg.svdvals(gate_delta.double())[:experts.rank].sum()) / experts.rank
+    approx = experts.gate_up_b[e, :inter] @ experts.gate_up_a[e, : experts.rank]
+    torch.testing.assert_close(approx.double(), gate_delta.double() / c_gate, rtol=1e-4, atol=1e-5)
+    before = logits(model.model)
+    assert experts.scaled.all() and not torch.equal(experts.down_scale, torch.ones_like(experts.down_scale))
+    torch.testing.assert_close(logits(model.model), before), "scales are set once, not per batch"
+
+
 def test_mixture_of_lora_at_full_rank_reproduces_the_layer(calibration):
     model = fresh()
     references = {b.layer: copy.deepcopy(b.module) for b in model.blocks()}
@@ -224,10 +252,10 @@ def test_healing_lowers_the_distillation_loss_it_optimises(method, params, calib
 def test_healing_trains_only_what_it_is_given(calibration):
     teacher = _base("deepseek_v2")
     healed, plain = fresh(), fresh()
-    run("fused_lora", healed, calibration, teacher=teacher, keep=4, heal={"steps": 3, "lr": 1e-2})
-    run("fused_lora", plain, calibration, keep=4)
+    run("fused_lora", healed, calibration, teacher=teacher, keep=4, adapters="latent", heal={"steps": 3, "lr": 1e-2})
+    run("fused_lora", plain, calibration, keep=4, adapters="latent")
     changed = {n for (n, p), (_, q) in zip(healed.model.named_parameters(), plain.model.named_parameters()) if not torch.equal(p, q)}
-    # train = 'auto' for fused LoRA: the LoRA terms and the latent projection, nothing else
+    # train = 'auto' for fused LoRA (latent variant): the LoRA terms and the latent projection, nothing else
     assert changed and all(n.rsplit(".", 1)[-1] in {"latent", "lora_gate_up_a", "lora_gate_up_b", "lora_down_a", "lora_down_b"} for n in changed)
     assert any(n.endswith("lora_down_b") for n in changed)
     assert all(p.requires_grad for p in healed.model.parameters())  # flags restored after training

@@ -76,7 +76,34 @@ def test_frequency_average_weights_members_and_average_ignores_them():
     assert torch.allclose(merge(stack, torch.tensor([3.0, 1.0]), "average"), torch.full((3,), 2.0))
 
 
-def test_sce_selects_by_variance_and_erases_minority_signs():
+def test_sce_reference_steps_on_three_tensors_by_hand():
+    """mergekit's SCE (moe-pruner's): the pivot is left out; select by variance among the others;
+    weights from mean squares; erase by the sign of the plain (unweighted) sum."""
+    pivot = torch.zeros(4)
+    b = torch.tensor([1.0, 0.1, -2.0, 0.0])
+    c = torch.tensor([3.0, 0.1, 3.0, 0.0])
+    stack = torch.stack([pivot, b, c])
+    w = torch.tensor([0.6, 0.2, 0.2], dtype=torch.float64)  # the pivot is the most-used member
+    cb, cc = (1 + 0.01 + 4) / 4, (9 + 0.01 + 9) / 4  # mean squares of b's and c's task vectors
+    out = sce(stack, w, select=1.0)
+    assert out[0].item() == pytest.approx((cb * 1.0 + cc * 3.0) / (cb + cc), rel=1e-5)
+    assert out[1].item() == pytest.approx(0.1, rel=1e-5)
+    assert out[2].item() == pytest.approx(3.0, rel=1e-5)  # sum 1 > 0: b's negative entry is erased
+    assert out[3].item() == 0.0
+    # select 0.5: two elements have non-zero variance among b and c, so int(2 * 0.5) = 1 is kept:
+    # element 2 (variance 6.25 beats element 0's 1.0); everything else stays at the pivot
+    half = sce(stack, w, select=0.5)
+    assert half.tolist() == pytest.approx([0.0, 0.0, 3.0, 0.0], rel=1e-5)
+    # moebench's variant counts the pivot's zeros in the variance and keeps round(0.5 * 4) = 2 elements
+    assert sce(stack, w, select=0.5, variant="moebench")[0].item() != 0.0
+    # the sign vote is unweighted: a heavy member's +1 loses to a light member's -2
+    heavy, light = torch.tensor([10.0, 1.0]), torch.tensor([0.1, -2.0])
+    two = torch.stack([torch.zeros(2), heavy, light])
+    assert sce(two, w, select=1.0)[1].item() == pytest.approx(-2.0)
+    assert sce(two, w, select=1.0, variant="moebench")[1].item() == pytest.approx(1.0)
+
+
+def test_sce_moebench_variant_selects_by_variance_and_erases_minority_signs():
     pivot = torch.zeros(4)
     b = torch.tensor([1.0, 0.1, -2.0, 0.0])
     c = torch.tensor([3.0, 0.1, 3.0, 0.0])
@@ -85,14 +112,14 @@ def test_sce_selects_by_variance_and_erases_minority_signs():
     # select = 1 keeps every element; members weigh by task-vector energy (the pivot's is zero)
     eb, ec = 1 + 0.01 + 4, 9 + 0.01 + 9
     cb, cc = eb / (eb + ec), ec / (eb + ec)
-    out = sce(stack, w, select=1.0)
+    out = sce(stack, w, select=1.0, variant="moebench")
     assert out[0].item() == pytest.approx((cb * 1.0 + cc * 3.0) / (cb + cc), rel=1e-5)  # signs agree: weighted mean
     assert out[1].item() == pytest.approx(0.1, rel=1e-5)
     assert cc * 3.0 - cb * 2.0 > 0
     assert out[2].item() == pytest.approx(3.0, rel=1e-5)  # b's minority sign is erased, not averaged in
     assert out[3].item() == 0.0
     # select = 0.25 keeps only the highest-variance element (index 2); the others stay at the pivot
-    low = sce(stack, w, select=0.25)
+    low = sce(stack, w, select=0.25, variant="moebench")
     assert low[0].item() == 0.0 and low[1].item() == 0.0 and low[2].item() == pytest.approx(3.0, rel=1e-5)
 
 
@@ -130,3 +157,26 @@ def test_plugins_add_operators_that_methods_can_name():
     assert "median" not in operators()
     with pytest.raises(ParamError, match="operator must be one of"):
         parse(host().method("merge").Params, {"operator": "median"})
+
+
+def test_aligned_merge_of_two_permuted_copies_gives_the_expert_back():
+    """Permuting an expert's intermediate neurons leaves its function unchanged; alignment undoes it before averaging."""
+    from moebench_plugins.fusion import alignment
+
+    g = torch.Generator().manual_seed(0)
+    inter, hidden = 12, 8
+    gate_up, down = torch.randn(2 * inter, hidden, generator=g), torch.randn(hidden, inter, generator=g)
+    perm = torch.randperm(inter, generator=g)
+    pgu, pdn = alignment.permute(gate_up, down, perm)
+    x = torch.randn(5, hidden, generator=g)
+
+    def forward(gu, dn):
+        return (torch.nn.functional.silu(x @ gu[:inter].T) * (x @ gu[inter:].T)) @ dn.T
+
+    torch.testing.assert_close(forward(pgu, pdn), forward(gate_up, down))
+    stack_gu, stack_dn = torch.stack([gate_up, pgu]), torch.stack([down, pdn])
+    agu, adn = alignment.align(stack_gu, stack_dn, pivot=0)
+    w = torch.tensor([0.5, 0.5])
+    torch.testing.assert_close(merge(agu, w, "average"), gate_up)
+    torch.testing.assert_close(merge(adn, w, "average"), down)
+    assert not torch.allclose(merge(stack_gu, w, "average"), gate_up), "unaligned, the copies average into something else"

@@ -31,6 +31,15 @@ def test_tcess_marks_top_k_logits_and_applies_the_threshold():
         premoe.tcess(torch.zeros(0, 4), 2)
 
 
+def test_tcess_with_the_reference_k_of_one_marks_only_each_tokens_best_expert():
+    logits = torch.tensor([[4.0, 3.0, 0.0, -1.0], [0.0, 2.0, 2.1, -5.0], [1.0, 0.5, 0.0, 0.2]])
+    # k = 1: token 0 -> expert 0 (4.0), token 1 -> expert 2 (2.1), token 2 -> expert 0 (1.0); mean over 3 tokens
+    expected = torch.tensor([5.0 / 3, 0.0, 2.1 / 3, 0.0])
+    torch.testing.assert_close(premoe.layer_scores({0: logits}, {0: 2})[0], expected)
+    torch.testing.assert_close(premoe.layer_scores({0: logits}, {0: 2}, k=0)[0], premoe.tcess(logits, 2))
+    assert premoe.IndexSettings().k == 1
+
+
 def test_pattern_permutations_reconstruct_every_layer_ranking():
     g = torch.Generator().manual_seed(0)
     scores = [torch.randn(16, generator=g) for _ in range(5)]

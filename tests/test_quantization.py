@@ -101,6 +101,17 @@ def test_gptq_is_rtn_without_correlations_and_beats_it_with_them(act_order):
         assert err(gptq(w, h, bits, 16, act_order=act_order).dequantize()) < 0.8 * err(rtn(w, bits, 16).dequantize())
 
 
+def test_gptq_true_sequential_changes_only_what_follows_the_first_stage():
+    moe, parallel = tiny(layers=2), tiny(layers=2)
+    changes = apply(moe, "gptq", bits=3, group_size=32)
+    assert changes["variant"] == {"order": "true sequential: each Hessian from the already-quantized earlier stages (reference)",
+                                  "hessian": "unweighted X^T X (reference)"}
+    apply(parallel, "gptq", bits=3, group_size=32, true_sequential=False)
+    first = moe.moe_layers[0]
+    torch.testing.assert_close(moe.block(first).experts.gate_up_proj, parallel.block(first).experts.gate_up_proj)
+    assert not torch.equal(moe.block(first).experts.down_proj, parallel.block(first).experts.down_proj)
+
+
 def test_awq_search_never_loses_to_rtn_on_its_sample():
     torch.manual_seed(0)
     w = torch.randn(24, 64)
@@ -270,3 +281,48 @@ def test_on_the_trained_zoo_model_gptq_and_awq_beat_rtn_at_4_bits(trained_zoo):
         apply(moe, method, ctx, bits=4, group_size=128)
         kl[method] = kl_from(base.model, moe.model, ids)
     assert kl["gptq"] < kl["rtn"] and kl["awq"] < kl["rtn"], kl
+
+
+def test_awq_block_scale_minimises_the_block_output_error_over_the_grid():
+    """The chosen scale is the grid point whose quantized gate/up give the least MoE-block output error."""
+    from torch.nn.functional import silu
+
+    from moebench_plugins.quantization.quant import RoutedExperts, awq_block_scale, awq_candidates
+
+    g = torch.Generator().manual_seed(0)
+    E, H, inter, n, k = 4, 64, 24, 96, 2
+    gate_up = torch.randn(E, 2 * inter, H, generator=g) / 8
+    down = torch.randn(E, H, inter, generator=g) / 5
+    x = correlated(n, H) * torch.linspace(0.05, 6, H)
+    index = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(n)])
+    weights = torch.rand(n, k, generator=g).softmax(-1)
+    block = RoutedExperts(gate_up, down, silu, x, index, weights)
+    mean = x.abs().mean(0)
+    s, alpha, ratio = awq_block_scale(block, mean, 3, 16, grid=10)
+
+    def block_error(scale):  # written out by hand: every token's weighted sum over its experts
+        err = torch.zeros(n, H)
+        for t in range(n):
+            for j in range(k):
+                e = int(index[t, j])
+                wq = rtn(gate_up[e] * scale, 3, 16).dequantize() / scale
+                ref = down[e] @ (silu(gate_up[e, :inter] @ x[t]) * (gate_up[e, inter:] @ x[t]))
+                new = down[e] @ (silu(wq[:inter] @ x[t]) * (wq[inter:] @ x[t]))
+                err[t] += weights[t, j] * (new - ref)
+        return err.pow(2).mean().item()
+
+    errors = {a: block_error(c) for a, c in awq_candidates(mean, 10)}
+    assert alpha == min(errors, key=errors.get) and alpha > 0
+    assert ratio == pytest.approx(errors[alpha] / errors[0.0], rel=1e-3) and ratio < 1
+    torch.testing.assert_close(s, dict(awq_candidates(mean, 10))[alpha])
+
+
+def test_awq_block_objective_shares_the_gate_up_scale_and_folds_down_into_up():
+    moe = tiny(layers=2)
+    changes = apply(moe, "awq", bits=4, group_size=32, storage="int4")
+    assert changes["variant"].startswith("block")
+    stored = moe.block(moe.moe_layers[0]).experts
+    scales = stored.gate_up_input_scale.view(torch.float16)
+    assert (scales == scales[0]).all() and not (scales == 1).all()  # one gate/up scale for the whole block
+    assert (stored.down_input_scale.view(torch.float16) == 1).all()  # down's scale lives in the up rows
+    assert changes["awq_error_vs_rtn"]["experts"]["max"] <= 1  # the grid holds RTN (alpha = 0)

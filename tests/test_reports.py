@@ -197,6 +197,49 @@ def test_leaderboard_best_per_configuration_with_provenance(tmp_path):
     assert missing.returncode == 2 and "no ok record has the metric 'nope'" in missing.stderr
 
 
+def test_results_with_different_evaluation_specs_are_never_one_group(tmp_path):
+    """Two suites whose perplexity used different sample counts, and lm-eval runs with different limits:
+    separate boards and tables, each naming the setting that differs (issue: 64.65 and 70.59 on one board)."""
+    from moebench import compare as cmp
+
+    a = fixture_records()
+    b = copy.deepcopy(a)
+    for r in a:
+        r["evals"] = {"perplexity": {"max_samples": 16}, "lm_eval": {"tasks": ["pydoc_mc"], "limit": 50}}
+    for r in b:
+        r["suite"] = "plots-small"
+        r["metrics"]["perplexity"]["value"] *= 1.1
+        r["evals"] = {"perplexity": {"max_samples": 8}, "lm_eval": {"tasks": ["pydoc_mc"], "limit": 20, "batch_size": 4}}
+    boards = leaderboard.boards(a + b)
+    assert [(b.setting, len(b.entries)) for b in boards] == [
+        ("embedded:prose test, seqlen 128; perplexity.max_samples=16", 4),
+        ("embedded:prose test, seqlen 128; perplexity.max_samples=8", 4),
+    ]
+    acc = leaderboard.boards(a + b, metric="lm_eval.pydoc_mc.acc")
+    assert [b.setting for b in acc] == ["lm_eval.limit=50", "lm_eval.limit=20"]  # batch size is not a difference
+    same = copy.deepcopy(a)
+    for r in same:
+        r["run_id"] += "-again"
+    assert len(leaderboard.boards(a + same)) == 1  # identical specs do share a board
+
+    # one suite name, two specs (a rerun with fewer windows): two tables, titled by what differs
+    for r in b:
+        r["suite"] = "plots"
+    titles = [t.suite for t in render.suite_tables(a + b)]
+    assert titles == [
+        "plots [lm_eval.limit=50, perplexity.max_samples=16]",
+        "plots [lm_eval.limit=20, perplexity.max_samples=8]",
+    ]
+    assert "## suite plots [lm_eval.limit=20" in render.markdown(a + b)
+
+    # the gate refuses to compare runs measured differently, naming the setting
+    result = cmp.compare(b, a)
+    assert not result.passed
+    refused = result.of("incomparable")
+    assert len(refused) == 4 and "perplexity.max_samples: 16 → 8" in refused[0].message and "lm_eval.limit: 50 → 20" in refused[0].message
+    assert not result.of("regressed")  # a 10% worse perplexity on other windows is not judged
+
+
 @pytest.mark.slow  # the quickstart suite on the trained zoo model
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (apt-get install -y chromium)")
 def test_quickstart_report_in_every_format(tmp_path, isolated_cache):

@@ -151,3 +151,40 @@ def test_needs_a_calibration_table(tmp_path):
     moe.tokenizer = zoo.tokenizer()
     run = from_context(moe, ctx, "wanda", targets=["experts"], collect=["sq"])
     assert run.windows.shape == (2, 16) and run.batch_size == 2
+
+
+def test_true_sequential_down_hessian_comes_from_the_quantized_gate_up():
+    """GPTQ's "true sequential" order: down_proj's Hessian is X^T X of act(gate_q x) * up_q x on the routed tokens."""
+    from moebench_plugins.quantization.quant import rtn
+
+    moe = tiny("deepseek_v2", layers=2)
+    ids = windows(4)
+    layer = moe.moe_layers[0]
+    experts = moe.block(layer).experts
+    run = Sequential(moe, ids, targets=["experts", "attention"], collect=["hessian"], batch_size=4, router_weighted=False)
+    for step in run:
+        if step.index != layer:
+            continue
+        stale = None
+        for group in step.sequential():
+            if group.attr == "gate_up_proj":
+                stale = next(g for g in step.groups if g.attr == "down_proj").stats.hessian.clone()
+                group.write(rtn(group.weight, 2, 16).dequantize())  # coarse, so the inputs of down move
+            if group.attr != "down_proj":
+                continue
+            captured = []
+            handle = experts.register_forward_pre_hook(lambda m, a: captured.append([t.detach() for t in a]))
+            for b in range(len(run.inputs)):
+                run._run_layer(step.index, b)
+            handle.remove()
+            expected = torch.zeros_like(group.stats.hessian)
+            for hidden, index, _ in captured:
+                for e in range(expected.shape[0]):
+                    tok, _pos = torch.where(index == e)
+                    gate, up = (hidden[tok] @ experts.gate_up_proj[e].T).chunk(2, dim=-1)
+                    h = experts.act_fn(gate) * up
+                    expected[e] += h.T @ h
+            torch.testing.assert_close(group.stats.hessian, expected, rtol=1e-4, atol=1e-4)
+            assert not torch.allclose(stale, expected, rtol=1e-2, atol=1e-2)  # the unquantized layer's was different
+        assert step.stage  # q/k/v share a stage, experts in and out are two more
+        assert len(set(step.stage.values())) < len(step.stage)

@@ -16,7 +16,7 @@ from moebench.params import ParamError, parse
 from moebench.plugins import host
 from moebench.runner import RunOptions, run_suite
 from moebench.sequential import find_groups
-from moebench_plugins.slimming.sparsity import NM, nm_holds, nm_mask, row_mask, sparsegpt, wanda_score
+from moebench_plugins.slimming.sparsity import NM, matrix_mask, nm_holds, nm_mask, row_mask, sparsegpt, wanda_score
 from moebench.suite import parse_suite
 from conftest import kl_from
 
@@ -56,6 +56,17 @@ def test_row_mask_prunes_exactly_per_row():
             assert (score[mask].reshape(3, 5, k).amax(-1) <= score[~mask].reshape(3, 5, 10 - k).amin(-1)).all()
 
 
+def test_row_mask_selects_what_a_full_topk_selects():
+    """WANDA's masks must not move with the faster selection (kthvalue threshold instead of topk indices)."""
+    torch.manual_seed(0)
+    score = torch.randn(5, 12, 300).abs()
+    score[:, :, :40] = 0  # already-zero weights: ties below the threshold (a tie at it is an arbitrary pick for topk too)
+    for sparsity in (0.2, 0.5, 0.7):
+        k = round(sparsity * 300)
+        expected = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(k, dim=-1, largest=False).indices, True)
+        assert torch.equal(row_mask(score, sparsity, chunk=2), expected)
+
+
 def test_nm_mask_and_parse():
     score = torch.rand(2, 4, 16)
     mask = nm_mask(score, NM.parse("2:4"))
@@ -64,8 +75,13 @@ def test_nm_mask_and_parse():
     assert not nm_holds(torch.ones(2, 8), NM(2, 4))
     with pytest.raises(ValueError, match="nm must look like '2:4'"):
         NM.parse("half")
-    with pytest.raises(ValueError, match="0 < n < m"):
+    with pytest.raises(ValueError, match="0 < N < M.*'prune N:M' zeroes N of every M"):
         NM.parse("4:2")
+    # both conventions, spelled unambiguously: "N:M" and "keep N:M" keep N; "prune N:M" (fusion_bench) prunes N
+    assert NM.parse("1:4") == NM.parse("keep 1:4") == NM.parse("prune 3:4") == NM(1, 4)
+    assert NM.parse("Prune 1:4") == NM(3, 4) and NM(3, 4).describe() == "keeps 3 of every 4 inputs (prunes 1)"
+    with pytest.raises(ValueError, match="'keep 2:4' or 'prune 2:4'"):
+        NM.parse("drop 2:4")
     with pytest.raises(ValueError, match="not a multiple of 4"):
         nm_mask(torch.rand(2, 6), NM(2, 4))
 
@@ -85,7 +101,7 @@ def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda():
     magnitude = w.masked_fill(row_mask(w.abs(), 0.5), 0)
     wanda = w.masked_fill(row_mask(wanda_score(w, x.pow(2).sum(0).expand(2, 32)), 0.5), 0)
     new, mask = sparsegpt(w, h, 0.5, block_size=8)
-    assert (mask.sum(-1) == 16).all() and torch.equal(new == 0, mask)
+    assert (mask.reshape(2, 24, 4, 8).sum((1, 3)) == 96).all() and torch.equal(new == 0, mask)
     assert error(new) < error(wanda) < error(magnitude)
     new24, _ = sparsegpt(w, h, nm=NM(2, 4), block_size=8)
     magnitude24 = w.masked_fill(nm_mask(w.abs(), NM(2, 4)), 0)
@@ -95,8 +111,48 @@ def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda():
 def test_sparsegpt_with_identity_hessian_is_magnitude_pruning():
     torch.manual_seed(0)
     w = torch.randn(1, 8, 16)
-    new, mask = sparsegpt(w, torch.eye(16)[None], 0.5)
+    new, mask = sparsegpt(w, torch.eye(16)[None], 0.5, scope="row")
     torch.testing.assert_close(new, w.masked_fill(row_mask(w.abs(), 0.5), 0))
+    new, mask = sparsegpt(w, torch.eye(16)[None], 0.5)  # one block: the matrix's lowest half
+    torch.testing.assert_close(new, w.masked_fill(matrix_mask(w.abs(), 0.5), 0))
+
+
+def test_sparsegpt_prunes_p_of_every_128_column_block_while_rows_vary():
+    """The reference rule: per block of 128 columns, one threshold across all rows of the block (per Linear)."""
+    torch.manual_seed(0)
+    w = torch.randn(2, 40, 300) * torch.rand(40, 1) * 3  # rows of very different scale
+    x = correlated(512, 300)
+    h = (x.T @ x).expand(2, 300, 300).clone()
+    h[1, 7] = h[1, :, 7] = 0  # an input expert 1 never saw
+    new, mask = sparsegpt(w, h, 0.3, parts=2)
+    assert torch.equal(new == 0, mask | (w == 0) | (torch.arange(300) == 7)[None, None] & (torch.arange(2) == 1)[:, None, None])
+    assert (new[1, :, 7] == 0).all()  # dead input column zeroed, as the reference does
+    for b in range(2):
+        for part in (mask[b, :20], mask[b, 20:]):  # gate-like and up-like halves, each its own threshold
+            for i1, i2 in ((0, 128), (128, 256), (256, 300)):
+                assert int(part[:, i1:i2].sum()) == round(0.3 * part[:, i1:i2].numel())
+    per_row = mask.sum(-1)
+    assert per_row.max() - per_row.min() > 10  # rows are not held to the ratio
+    row, _ = sparsegpt(w, h, 0.3, scope="row")  # moebench's variant: exactly the ratio per row
+    assert ((row == 0).sum(-1) >= 90).all()
+
+
+def test_magnitude_prunes_p_of_each_matrix_while_rows_vary():
+    moe = tiny("deepseek_v2", layers=2)
+    before = {g.name: g.weight.clone() for g in find_groups(moe, 1, ["experts", "attention"])}
+    changes = apply(moe, "magnitude", sparsity=0.4, targets=["experts", "attention"])
+    assert "matrix" in changes["variant"]
+    for g in find_groups(moe, 1, ["experts", "attention"]):
+        w, old = g.weight, before[g.name]
+        halves = w.chunk(2, dim=1) if g.attr == "gate_up_proj" else (w,)
+        olds = old.chunk(2, dim=1) if g.attr == "gate_up_proj" else (old,)
+        for part, orig in zip(halves, olds):
+            for b in range(part.shape[0]):
+                zero = part[b] == 0
+                assert int(zero.sum()) == round(0.4 * zero.numel()), g.name
+                assert orig[b][zero].abs().max() <= orig[b][~zero].abs().min()  # one threshold per matrix
+        rows = (w == 0).sum(-1)
+        assert rows.max() > rows.min(), g.name
 
 
 # -- methods on models ------------------------------------------------------------------------
@@ -116,9 +172,9 @@ def test_requested_sparsity_is_achieved_on_targets_only(method):
     assert zeros_of(moe, ["experts", "shared"]) == {"experts": 0.5, "shared": 0.5}
     assert changes["sparsity"] == {"experts": 0.5, "shared": 0.5}
     assert zeros_of(moe, ["attention", "dense"]) == {"attention": 0.0, "dense": 0.0}
-    # every row of every expert matrix holds exactly half zeros
-    for g in find_groups(moe, 1, ["experts"]):
-        assert ((g.weight == 0).sum(-1) == g.weight.shape[-1] // 2).all()
+    if method == "wanda":  # WANDA compares per row: every row of every expert matrix holds exactly half zeros
+        for g in find_groups(moe, 1, ["experts"]):
+            assert ((g.weight == 0).sum(-1) == g.weight.shape[-1] // 2).all()
 
 
 @pytest.mark.parametrize("method,nm", [("magnitude", "4:8"), ("wanda", "2:4"), ("sparsegpt", "2:4")])

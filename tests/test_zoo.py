@@ -100,6 +100,11 @@ def test_build_cache_is_atomic_and_reused(tmp_path, monkeypatch):
     from moebench.models import resolve
 
     assert resolve("zoo:olmoe?steps=2") == str(folder)
+    # a suite's [hardware] threads trains its own build (sums split by thread count differ in the last bits)
+    one = _tiny_build(threads=1)
+    assert one != folder and json.loads((one / "zoo.json").read_text())["threads"] == 1
+    assert resolve("zoo:olmoe?steps=2", threads=1) == str(one)
+    assert info["threads"] == zoo.TRAIN_THREADS
 
     weights = (folder / "model.safetensors").read_bytes()
     assert _tiny_build(force=True) == folder

@@ -8,6 +8,9 @@ split's documents with blank lines (:func:`moebench.data.load_text`).
 from __future__ import annotations
 
 import json
+import mmap
+from array import array
+from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -48,12 +51,16 @@ class FileSource:
       it see the same text; point at a folder to keep them apart).
 
     ``.jsonl`` files give one document per line, from its ``text`` field; any other file
-    is one document.
+    is one document. A file over ``LAZY_BYTES`` is not read whole: it is memory-mapped and
+    read a document (a JSON line, or a stretch of text between blank lines) at a time, so
+    calibration samples from a file of any size in bounded memory.
     """
+
+    LAZY_BYTES: ClassVar[int] = 64 * 2**20
 
     scheme: ClassVar[str] = "file"
 
-    def documents(self, arg: str, split: str) -> list[str]:
+    def documents(self, arg: str, split: str) -> Sequence[str]:
         path = Path(arg).expanduser()
         if path.is_dir():
             for name in SPLIT_FILES.get(split, ()):
@@ -78,8 +85,13 @@ class FileSource:
         elif not path.is_file():
             raise MoebenchError(f"data file:{arg}: no such file or folder: {path}")
 
-    @staticmethod
-    def _read(path: Path) -> list[str]:
+    @classmethod
+    def _read(cls, path: Path) -> Sequence[str]:
+        try:
+            if path.stat().st_size > cls.LAZY_BYTES:
+                return JsonLines(path) if path.suffix == ".jsonl" else TextBlocks(path)
+        except OSError as exc:
+            raise MoebenchError(f"data file:{path}: cannot read it ({exc})") from None
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
@@ -96,6 +108,88 @@ class FileSource:
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise MoebenchError(f"data file:{path}: line {number}: expected a JSON object with a 'text' field") from None
         return docs
+
+
+class _Mapped(Sequence):
+    """Documents of a memory-mapped file, located by byte offsets: ``[start, end)`` pairs."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as fh:
+            self.map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        self.starts, self.ends = array("q"), array("q")
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def _bytes(self, i: int) -> bytes:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return self.map[self.starts[i] : self.ends[i]]
+
+    def _text(self, i: int) -> str:
+        try:
+            return self._bytes(i).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise MoebenchError(f"data file:{self.path}: cannot read it as UTF-8 text ({exc})") from None
+
+
+class TextBlocks(_Mapped):
+    """A large text file as stretches of about ``block`` bytes ending at blank lines.
+
+    Joining the stretches with a blank line (as :func:`moebench.data.load_text` does)
+    gives the file's text back exactly.
+    """
+
+    def __init__(self, path: Path, block: int = 2**20):
+        super().__init__(path)
+        pos, size = 0, len(self.map)
+        while pos < size:
+            cut = self.map.find(b"\n\n", min(pos + block, size))
+            end = size if cut < 0 else cut
+            self.starts.append(pos)
+            self.ends.append(end)
+            pos = size if cut < 0 else cut + 2
+
+    def __getitem__(self, i):
+        return self._text(i)
+
+
+class JsonLines(_Mapped):
+    """A large ``.jsonl`` file: one document per non-blank line, from its ``text`` field."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        pos, size = 0, len(self.map)
+        while pos < size:
+            end = self.map.find(b"\n", pos)
+            end = size if end < 0 else end
+            if self.map[pos:end].strip():
+                self.starts.append(pos)
+                self.ends.append(end)
+            pos = end + 1
+
+    def __getitem__(self, i):
+        line = self._text(i)
+        try:
+            return json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise MoebenchError(f"data file:{self.path}: document {i}: expected a JSON object with a 'text' field") from None
+
+
+class Column(Sequence):
+    """A Hugging Face dataset's ``text`` column, read row by row from its memory-mapped Arrow files."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return self.rows[i]["text"]
 
 
 class HFSource:
@@ -122,7 +216,7 @@ class HFSource:
         "test": "en/c4-validation.00000-of-00008.json.gz",
     }
 
-    def documents(self, arg: str, split: str) -> list[str]:
+    def documents(self, arg: str, split: str) -> Sequence[str]:
         try:
             import datasets
         except ImportError:
@@ -146,7 +240,7 @@ class HFSource:
             ) from None
         if "text" not in rows.column_names:
             raise MoebenchError(f"data hf:{arg} has no 'text' column (columns: {', '.join(rows.column_names)})")
-        return list(rows["text"])
+        return Column(rows)  # lazy: calibration samples rows; load_text reads them all
 
 
 @hookimpl

@@ -47,7 +47,8 @@ class RoutingCounts(_RouterStatistic):
         self.counts: dict[int, torch.Tensor] = {}
 
     def update(self, layer, block, logits, weights, indices):
-        counts = torch.bincount(indices.reshape(-1).cpu(), minlength=block.num_experts)
+        # [:E]: a runtime routing rule marks skipped slots with the sentinel index E
+        counts = torch.bincount(indices.reshape(-1).cpu(), minlength=block.num_experts + 1)[: block.num_experts]
         self.counts[layer] = self.counts.get(layer, 0) + counts
 
     def result(self):
@@ -69,7 +70,9 @@ class RouterMass(_RouterStatistic):
 
     def update(self, layer, block, logits, weights, indices):
         probs = block.probabilities(logits).float().cpu()
-        routed = torch.zeros(block.num_experts).index_add_(0, indices.reshape(-1).cpu(), weights.float().reshape(-1).cpu())
+        flat, w = indices.reshape(-1).cpu(), weights.float().reshape(-1).cpu()
+        ran = flat < block.num_experts  # skipped slots (runtime routing) carry the sentinel index E
+        routed = torch.zeros(block.num_experts).index_add_(0, flat[ran], w[ran])
         entry = self.mass.setdefault(layer, {"prob": torch.zeros(block.num_experts), "routed": torch.zeros(block.num_experts), "tokens": 0})
         entry["prob"] += probs.sum(0)
         entry["routed"] += routed

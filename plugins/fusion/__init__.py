@@ -20,6 +20,8 @@ Methods (all edit the model through :class:`moebench.adapter.MoEModel`):
   plus a truncated SVD of its difference from the core; the original router picks
   experts as before. At full rank the layer is reproduced exactly.
 
+Methods from recent papers, built on the same pieces: ``hc_smoe`` (:mod:`.hc_smoe`), ``d2_moe`` (:mod:`.d2_moe`).
+
 Any of them heals by distillation (``heal = {steps = ..., ...}``, :mod:`.healing`).
 
 The last three install :class:`FusedMoE`, a moebench module class that wraps the
@@ -38,7 +40,9 @@ from moebench.hookspecs import hookimpl
 
 from .merge import Merge, ProgressiveMerge
 from .modules import CLASS_PATH, FusedMoE
-from .statistics import Coactivation, OutputSimilarity
+from .d2_moe import D2MoE
+from .hc_smoe import HcSmoe
+from .statistics import Coactivation, ExpertMeanOutput, OutputSimilarity
 from .variants import FusedLoRA, MixtureOfLoRA, Multiplexage
 
 __all__ = ["CLASS_PATH", "FusedMoE"]
@@ -46,7 +50,7 @@ __all__ = ["CLASS_PATH", "FusedMoE"]
 
 @hookimpl
 def register_methods():
-    return [Merge, ProgressiveMerge, Multiplexage, FusedLoRA, MixtureOfLoRA]
+    return [Merge, ProgressiveMerge, Multiplexage, FusedLoRA, MixtureOfLoRA, HcSmoe, D2MoE]
 
 
 @hookimpl
@@ -57,7 +61,7 @@ def register_module_classes():
 
 @hookimpl
 def register_statistics():
-    return [Coactivation, OutputSimilarity]
+    return [Coactivation, OutputSimilarity, ExpertMeanOutput]
 
 
 @hookimpl

@@ -1,12 +1,15 @@
 """Grouping a layer's experts into a target number of groups, each to become one merged expert.
 
-Three ways, matching the expert-fusion literature:
+Ways matching the expert-fusion literature:
 
-- :func:`cluster` over an affinity matrix: co-activation (``act_cl``: experts chosen for
-  the same tokens merge with the least routing disruption) or output similarity
-  (``state_cl``: experts that compute alike merge with the least output change).
-  Balanced (groups differ in size by at most one, seeded by the busiest experts) or
-  free (average-linkage agglomeration, sizes as the affinities fall).
+- :func:`spectral` over an affinity matrix, as moe-pruner does (scikit-learn's
+  ``SpectralClustering`` on a precomputed affinity): co-activation counts (``act_cl``:
+  experts chosen for the same tokens merge with the least routing disruption) or the
+  experts' output cosine over all sampled tokens (``state_cl``: experts that compute alike
+  merge with the least output change).
+- :func:`cluster`, moebench's greedy variant over the same kinds of affinity: balanced
+  (groups differ in size by at most one, seeded by the busiest experts) or free
+  (average-linkage agglomeration, sizes as the affinities fall).
 - :func:`by_frequency`: the most-used experts are kept as centres and every other
   expert joins the centre it is most similar to (top-k drop's choice, but nothing is
   thrown away).
@@ -63,6 +66,27 @@ def cluster(affinity: torch.Tensor, n: int, priority: torch.Tensor | None = None
     return _balanced(a, n, prio) if balanced else _agglomerative(a, n, prio)
 
 
+def spectral(affinity: torch.Tensor, n: int, priority: torch.Tensor | None = None, seed: int = 0) -> Groups:
+    """``n`` groups by spectral clustering of a non-negative ``affinity [E, E]`` (scikit-learn,
+    ``affinity="precomputed"``, seeded); groups ordered by their busiest member."""
+    e = affinity.shape[0]
+    _check_n(n, e)
+    prio = priority if priority is not None else affinity.diagonal()
+    if n in (1, e):
+        return _from_labels([0] * e if n == 1 else list(range(e)), prio)
+    import warnings
+
+    from sklearn.cluster import SpectralClustering
+
+    a = ((affinity.double() + affinity.double().T) / 2).cpu().numpy()
+    if (a < 0).any():
+        raise ValueError("spectral clustering needs a non-negative affinity")
+    with warnings.catch_warnings():  # a graph that is not fully connected is still clustered; sklearn warns
+        warnings.simplefilter("ignore", UserWarning)
+        labels = SpectralClustering(n_clusters=n, affinity="precomputed", random_state=seed).fit(a).labels_
+    return _from_labels([int(x) for x in labels], prio)
+
+
 def by_frequency(frequency: torch.Tensor, similarity: torch.Tensor, n: int) -> Groups:
     """The ``n`` most frequent experts are centres; each other expert joins its most similar centre."""
     e = frequency.numel()
@@ -75,6 +99,33 @@ def by_frequency(frequency: torch.Tensor, similarity: torch.Tensor, n: int) -> G
         best = max(range(n), key=lambda g: (sim[x, centres[g]].item(), -g))
         members[best].append(x)
     return Groups([sorted(m, key=lambda i: order.index(i)) for m in members])
+
+
+def hierarchical(features: torch.Tensor, n: int, linkage: str = "average", metric: str = "euclidean",
+                 priority: torch.Tensor | None = None) -> Groups:
+    """``n`` groups by agglomerative clustering of the rows of ``features [E, D]`` (scipy's ``linkage``,
+    cut into exactly ``n`` clusters with ``cut_tree``); groups ordered by their busiest member."""
+    import numpy as np
+    from scipy.cluster.hierarchy import cut_tree
+    from scipy.cluster.hierarchy import linkage as scipy_linkage
+
+    e = features.shape[0]
+    _check_n(n, e)
+    if n == e:
+        labels = list(range(e))
+    else:
+        tree = scipy_linkage(features.double().cpu().numpy(), method=linkage, metric=metric)
+        labels = np.asarray(cut_tree(tree, n_clusters=n)).reshape(-1).tolist()
+    return _from_labels(labels, priority if priority is not None else torch.zeros(e))
+
+
+def _from_labels(labels: list[int], prio: torch.Tensor) -> Groups:
+    """Groups from per-expert cluster labels, members and groups ordered by descending priority."""
+    order = _order(prio.double().cpu())
+    by_label: dict[int, list[int]] = {}
+    for e in order:
+        by_label.setdefault(int(labels[e]), []).append(e)
+    return Groups(list(by_label.values()))
 
 
 def _balanced(a: torch.Tensor, n: int, prio: torch.Tensor) -> Groups:

@@ -100,12 +100,13 @@ def teacher_for(model: MoEModel, ctx: Context) -> tuple[torch.nn.Module, str]:
     dtype = suite_model.dtype if suite_model is not None else _dtype_name(model)
     device = suite_model.device if suite_model is not None else str(model.device)
     trust = suite_model.trust_remote_code if suite_model is not None else False
-    return load(model.source, dtype=dtype, device=device, trust_remote_code=trust).model, "source"
+    threads = getattr(getattr(ctx.suite, "hardware", None), "threads", None)
+    return load(model.source, dtype=dtype, device=device, trust_remote_code=trust, threads=threads).model, "source"
 
 
 def windows_for(model: MoEModel, spec: HealParams, ctx: Context) -> torch.Tensor:
     """Training windows: the heal data if named, else the suite's calibration windows."""
-    from moebench.data import encode, load_text, random_windows
+    from moebench.data import calibration_windows
 
     cal = ctx.calibration.spec if ctx.calibration is not None else None
     seqlen = spec.seqlen or (cal.seqlen if cal else 128)
@@ -115,8 +116,7 @@ def windows_for(model: MoEModel, spec: HealParams, ctx: Context) -> torch.Tensor
     data = spec.data or (cal.data if cal else None)
     if data is None:
         raise RuntimeError("healing needs training text: set heal.data or add a [calibration] table")
-    ids = encode(model.tokenizer, load_text(data, "train"))
-    return random_windows(ids, seqlen, samples, spec.seed)
+    return calibration_windows(data, model.tokenizer, seqlen, samples, spec.seed)
 
 
 def heal(

@@ -20,7 +20,8 @@ from .analysis import (
     coactivation_affinity,
     weight_similarity,
 )
-from .grouping import Groups, by_frequency, cluster
+from . import alignment
+from .grouping import Groups, by_frequency, cluster, spectral
 from .healing import HealParams, enabled, heal, lora_heal, resolved, teacher_for
 from .operators import merge, operators
 
@@ -37,10 +38,21 @@ class GroupParams:
         help="frequency: most-used experts are centres, the rest join the most similar centre; "
         "act_cl: cluster by co-activation; state_cl: cluster by output similarity",
     )
-    balanced: bool = param(True, help="clusters of equal size (busiest experts seed them); false: average-linkage clusters of any size")
+    clustering: Literal["spectral", "greedy"] = param(
+        "spectral",
+        help="act_cl/state_cl clustering: spectral: scikit-learn spectral clustering on co-activation counts or on "
+        "the experts' output cosine over all sampled tokens (min-max scaled), as moe-pruner does; greedy: "
+        "moebench's variant on the Jaccard co-activation or routed-token cosine (see balanced)",
+    )
+    balanced: bool = param(True, help="greedy clustering: clusters of equal size (busiest experts seed them); false: average-linkage clusters of any size")
+    align: bool = param(
+        True,
+        help="permute each member's intermediate neurons to match the group's most-used member before merging "
+        "(linear assignment, as the merging literature does); false: neuron i merges with neuron i",
+    )
     similarity: Literal["output", "weight"] = param("output", help="what the frequency grouping measures closeness by")
     operator: str = param("slerp", help="merge operator: average | frequency_average | slerp | sce | any a plugin registers")
-    operator_args: dict = param(default_factory=dict, help="options passed to the operator, e.g. {select = 0.1} for sce")
+    operator_args: dict = param(default_factory=dict, help="options passed to the operator, e.g. {select = 0.2} for sce")
     scope: Literal["layer", "global"] = param(
         "layer", help="layer: same count per layer; global: one budget spread by routing frequency (each layer keeps at least its top-k)"
     )
@@ -78,6 +90,9 @@ class MergeParams(GroupParams):
 @dataclass
 class ProgressiveParams(MergeParams):
     grouping: Literal["act_cl", "state_cl", "frequency"] = param("state_cl", help="grouping at each halving step (pairs)")
+    clustering: Literal["spectral", "greedy"] = param(
+        "greedy", help="greedy pairs the most similar experts first (moe-pruner's pair_items_by_affinity); spectral need not give pairs"
+    )
     operator: str = param("sce", help="merge operator at each halving step")
 
 
@@ -91,8 +106,14 @@ class VariantParams(GroupParams):
 
 @dataclass
 class FusedLoRAParams(VariantParams):
-    rank: int = param(8, help="LoRA rank per merged expert")
-    latent: int = param(8, help="size of the latent projection of the original routing weights fed to the LoRA")
+    adapters: Literal["members", "latent"] = param(
+        "members",
+        help="members: one SVD-initialised adapter per original expert, mixed by routing weight, with an input bias "
+        "from the members' weights (moe-pruner's FusedLinear); latent: one LoRA per merged expert reading [x ; z], "
+        "z a latent projection of the routing weights (moebench's variant)",
+    )
+    rank: int = param(8, help="adapter rank")
+    latent: int = param(8, help="adapters = 'latent': size of the latent projection of the routing weights")
 
     def check(self):
         super().check()
@@ -106,11 +127,14 @@ class MixtureOfLoRAParams(VariantParams):
     keep_ratio: float | None = param(None, help="cores as a fraction of the experts (when keep is not set)")
     operator: str = param("frequency_average", help="how a group's core is merged (the weighted mean leaves the least residual energy)")
     rank: int = param(8, help="rank of each expert's residual (>= min(hidden, intermediate) reproduces the layer exactly)")
+    align: bool = param(False, help="must stay false: each expert's residual is taken against its core in the expert's own neuron order")
 
     def check(self):
         if self.keep is None and self.keep_ratio is None:
             self.keep = 1
         super().check()
+        if self.align:
+            raise ValueError("align does not apply to mixture_of_lora: a shared core cannot match every member's neuron order")
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
 
@@ -139,7 +163,14 @@ def layer_budgets(model: MoEModel, blocks: list[MoEBlock], params: GroupParams, 
 
 def group_layer(block: MoEBlock, n: int, params: GroupParams, stats: dict) -> Groups:
     freq = stats["routing_counts"][block.layer].double()
-    if params.grouping == "act_cl":
+    if params.grouping in ("act_cl", "state_cl") and params.clustering == "spectral":
+        if params.grouping == "act_cl":
+            affinity = stats["coactivation"][block.layer].double()
+        else:
+            cos = stats["output_similarity"][block.layer]["all"].double()
+            affinity = (cos - cos.min()) / (cos.max() - cos.min()).clamp_min(1e-12)
+        groups = spectral(affinity, n, freq)
+    elif params.grouping == "act_cl":
         groups = cluster(coactivation_affinity(stats["coactivation"][block.layer]), n, freq, params.balanced)
     elif params.grouping == "state_cl":
         groups = cluster(stats["output_similarity"][block.layer]["routed"], n, freq, params.balanced)
@@ -159,18 +190,24 @@ def _member_weights(freq: torch.Tensor, members: list[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def merged_experts(block: MoEBlock, groups: Groups, freq: torch.Tensor, operator: str, options: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each group's gate, up and down merged separately: ``(gate_up [M, 2I, H], down [M, H, I])``."""
+def merged_experts(block: MoEBlock, groups: Groups, freq: torch.Tensor, operator: str, options: dict, align: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's gate, up and down merged separately: ``(gate_up [M, 2I, H], down [M, H, I])``.
+
+    With ``align``, members' neurons are first permuted to match the group's most-used
+    member (:mod:`.alignment`).
+    """
     inter = block.intermediate_size
     gate_up, down = [], []
     for members in groups.members:
         idx = torch.tensor(members, device=block.gate_up_proj.device)
         w = _member_weights(freq, members)
-        gu = block.gate_up_proj.data[idx]
+        gu, dn = block.gate_up_proj.data[idx], block.down_proj.data[idx]
+        if align and len(members) > 1:
+            gu, dn = alignment.align(gu, dn, int(w.argmax()))
         gate = merge(gu[:, :inter], w, operator, **options)
         up = merge(gu[:, inter:], w, operator, **options)
         gate_up.append(torch.cat([gate, up], dim=0))
-        down.append(merge(block.down_proj.data[idx], w, operator, **options))
+        down.append(merge(dn, w, operator, **options))
     return torch.stack(gate_up), torch.stack(down)
 
 
@@ -238,7 +275,7 @@ def params_summary(params) -> dict:
 def _merge_layer(model: MoEModel, block: MoEBlock, n: int, params: MergeParams, stats: dict) -> tuple[Groups, list[str]]:
     groups = group_layer(block, n, params, stats)
     freq = stats["routing_counts"][block.layer]
-    gate_up, down = merged_experts(block, groups, freq, params.operator, params.operator_args)
+    gate_up, down = merged_experts(block, groups, freq, params.operator, params.operator_args, params.align)
     inputs = stats["moe_io"][block.layer]["input"] if params.router == "sum_prob" else None
     rows = router_rows(block, groups, params.router, inputs)
     notes = model.replace_experts(block.layer, gate_up, down, rows, router_buffers(model, block, groups))
@@ -349,6 +386,8 @@ def fusion_summary(model: MoEModel, before: dict[int, int], groups: dict[int, Gr
         "experts_after": sum(after.values()),
         "experts_per_layer": dict(after),
         "grouping": params.grouping,
+        **({"clustering": params.clustering} if params.grouping in ("act_cl", "state_cl") else {}),
+        "align": params.align,
         "operator": params.operator,
         "top_k": {layer: b.top_k for layer, b in ((b.layer, b) for b in model.blocks())},
     }

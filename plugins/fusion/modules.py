@@ -156,6 +156,80 @@ class FusedLoRAExperts(GroupedExperts):
         return [self.latent]
 
 
+class MemberAdapterExperts(GroupedExperts):
+    """moe-pruner's fused expert (``FusedLinear``, mixture adapters): the group's merged expert plus one
+    low-rank adapter per member, mixed by the members' routing weights.
+
+    For a token routed to members ``e`` of merged expert ``m`` with weights ``w_e``: the input
+    gets ``Σ_e w_e · mux[e]`` (moe-pruner's ``mask_up_proj``, an up-projection of the members'
+    weights), and each projection ``P`` (gate, up, down) computes
+    ``P_m x + s_P,m ⊙ Σ_e w_e · B_P,e A_P,e x``. Adapters start as a truncated SVD of the
+    member's difference from the merge, scaled down by ``c = Σσ / r`` as the reference does;
+    ``s`` (per output feature) is set on the first forward to ``mean|P_m x| / mean|adapter|``
+    (1 where an adapter is zero, a guard the reference lacks). Factors are packed:
+    ``gate_up_a [E, 2r, H]`` (gate rows, then up rows), ``gate_up_b [E, 2I, r]``,
+    ``down_a [E, r, I]``, ``down_b [E, H, r]``.
+    """
+
+    kind = "member_adapters"
+
+    def __init__(self, num_experts: int, assign: list[int], hidden_size: int, intermediate_size: int, hidden_act: str, rank: int):
+        super().__init__(num_experts, assign, hidden_size, intermediate_size, hidden_act)
+        m = self.num_experts
+        self.rank = rank
+        self.mux = nn.Parameter(torch.zeros(num_experts, hidden_size))
+        self.gate_up_a = nn.Parameter(torch.zeros(num_experts, 2 * rank, hidden_size))
+        self.gate_up_b = nn.Parameter(torch.zeros(num_experts, 2 * intermediate_size, rank))
+        self.down_a = nn.Parameter(torch.zeros(num_experts, rank, intermediate_size))
+        self.down_b = nn.Parameter(torch.zeros(num_experts, hidden_size, rank))
+        self.gate_up_scale = nn.Parameter(torch.ones(m, 2 * intermediate_size))
+        self.down_scale = nn.Parameter(torch.ones(m, hidden_size))
+        self.register_buffer("scaled", torch.zeros(m, dtype=torch.bool))  # saved: a reloaded model keeps its scales
+
+    def group_forward(self, m, x, share, index, weights):
+        inter, r = self.intermediate_dim, self.rank
+        mine = self.assign[index] == m
+        w = torch.where(mine, weights, torch.zeros_like(weights)).to(x.dtype)
+        x = x + torch.einsum("nk,nkh->nh", w, self.mux[index])
+        members = torch.unique(index[mine]).tolist()
+        gate_up = F.linear(x, self.gate_up_proj[m])
+        extra = torch.zeros_like(gate_up)
+        for e in members:
+            tok, pos = torch.where(index == e)
+            t = F.linear(x[tok], self.gate_up_a[e])
+            delta = torch.cat([F.linear(t[:, :r], self.gate_up_b[e, :inter]), F.linear(t[:, r:], self.gate_up_b[e, inter:])], dim=-1)
+            extra.index_add_(0, tok, delta * w[tok, pos, None])
+        gate_up = gate_up + self._scale(self.gate_up_scale, m, gate_up, extra) * extra
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = self.act_fn(gate) * up
+        y = F.linear(h, self.down_proj[m])
+        extra = torch.zeros_like(y)
+        for e in members:
+            tok, pos = torch.where(index == e)
+            extra.index_add_(0, tok, F.linear(F.linear(h[tok], self.down_a[e]), self.down_b[e]) * w[tok, pos, None])
+        y = y + self._scale(self.down_scale, m, y, extra) * extra
+        if not self.scaled[m] and x.shape[0]:
+            self.scaled[m] = True
+        return y
+
+    def _scale(self, scale: nn.Parameter, m: int, main: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        """The per-feature scale, set from this batch the first time merged expert ``m`` runs."""
+        if not self.scaled[m] and main.shape[0]:
+            with torch.no_grad():
+                adapter = extra.abs().mean(0)
+                scale[m] = torch.where(adapter > 1e-8, main.abs().mean(0) / adapter.clamp_min(1e-8), torch.ones_like(adapter)).to(scale.dtype)
+        return scale[m]
+
+    def adapter_parameters(self):
+        return [self.mux, self.gate_up_a, self.gate_up_b, self.down_a, self.down_b, self.gate_up_scale, self.down_scale]
+
+    def per_merged(self):
+        return self.merged_parameters() + [self.gate_up_scale, self.down_scale]
+
+    def per_source(self):
+        return [self.mux, self.gate_up_a, self.gate_up_b, self.down_a, self.down_b]
+
+
 class MixtureOfLoRAExperts(nn.Module):
     """Each original expert ``e`` as its group's core plus low-rank residuals, routed by the original router.
 
@@ -213,7 +287,7 @@ class MixtureOfLoRAExperts(nn.Module):
         return _unused(self.merged_parameters(), self.num_cores, top_k) + _unused(self.adapter_parameters(), self.num_experts, top_k)
 
 
-EXPERTS_CLASSES = {c.__name__: c for c in (GroupedExperts, MultiplexExperts, FusedLoRAExperts, MixtureOfLoRAExperts)}
+EXPERTS_CLASSES = {c.__name__: c for c in (GroupedExperts, MultiplexExperts, FusedLoRAExperts, MemberAdapterExperts, MixtureOfLoRAExperts)}
 
 
 class FusedMoE(nn.Module):

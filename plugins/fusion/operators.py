@@ -8,7 +8,7 @@ matrix. Fusion methods apply it to each projection of the packed experts separat
 Built in: ``average`` (uniform mean), ``frequency_average`` (mean weighted by how often
 each member was routed to), ``slerp`` (spherical barycentre of the members' directions,
 norms averaged; exact SLERP for two members) and ``sce`` (FuseChat's select, calculate,
-erase, on task vectors taken against the most-used member).
+erase, on task vectors taken against the most-used member, as mergekit runs it).
 
 Plugins add operators with the ``register_merge_operators`` hook, returning
 ``{name: fn(stack, weights, **options) -> tensor}``; methods look them up by name through
@@ -106,60 +106,115 @@ def slerp(stack: torch.Tensor, weights: torch.Tensor, iterations: int = 20) -> t
     exact SLERP (``weights = (1 - t, t)``); for more it is the weighted Karcher mean on
     the unit sphere, found by a few steps of averaging in the tangent space. The result
     takes the weighted mean of the members' norms.
+
+    The mean direction always lies in the span of the members, so everything is done on
+    their float64 Gram matrix (accumulated in chunks) and the result is one weighted sum
+    of the members: no float64 copy of the stack, and the iterations cost ``O(n^2)``.
     """
-    flat = stack.reshape(stack.shape[0], -1).double()
-    norms = flat.norm(dim=1)
-    w = weights.double()
+    n = stack.shape[0]
+    flat = stack.reshape(n, -1)
+    gram = _gram64(flat)
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    w = weights.double().cpu()
     if (norms == 0).any():  # a zero member has no direction: fall back to the weighted average
         return frequency_average(stack, weights)
-    dirs = flat / norms[:, None]
-    if stack.shape[0] == 2:
-        mean_dir = _slerp2(dirs[0], dirs[1], w[1].item())
+    cosines = (gram / (norms[:, None] * norms[None, :])).clamp(-1.0, 1.0)
+    cosines.fill_diagonal_(1.0)
+    if n == 2:
+        coef = _slerp2(cosines[0, 1], w[1].item())
     else:
-        mean_dir = _karcher_mean(dirs, w, iterations)
-    return (mean_dir * (w @ norms)).reshape(stack.shape[1:]).to(stack.dtype)
+        coef = _karcher_mean(cosines, w, iterations)
+    scale = (coef / norms) * (w @ norms)  # direction coefficients -> member coefficients
+    return torch.einsum("n,nd->d", scale.to(flat.dtype).to(flat.device), flat).reshape(stack.shape[1:]).to(stack.dtype)
 
 
-def _slerp2(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
-    cos = (a @ b).clamp(-1.0, 1.0)
+def _gram64(flat: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+    """``flat @ flat.T`` accumulated in float64, ``chunk`` columns at a time."""
+    if flat.dtype == torch.float64:
+        return (flat @ flat.T).cpu()
+    gram = torch.zeros(flat.shape[0], flat.shape[0], dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.shape[1], chunk):
+        part = flat[:, start : start + chunk].double()
+        gram += part @ part.T
+    return gram.cpu()
+
+
+def _slerp2(cos: torch.Tensor, t: float) -> torch.Tensor:
+    """Coefficients of SLERP between two unit directions at angle ``arccos(cos)``."""
     omega = torch.arccos(cos)
     if omega.item() < 1e-7:
-        return a if t == 0 else (1 - t) * a + t * b
+        return torch.tensor([1.0, 0.0] if t == 0 else [1 - t, t], dtype=torch.float64)
     s = torch.sin(omega)
-    return (torch.sin((1 - t) * omega) / s) * a + (torch.sin(t * omega) / s) * b
+    return torch.stack([torch.sin((1 - t) * omega) / s, torch.sin(t * omega) / s])
 
 
-def _karcher_mean(dirs: torch.Tensor, w: torch.Tensor, iterations: int) -> torch.Tensor:
-    mean = w @ dirs
-    if mean.norm() < 1e-12:  # antipodal members cancel: start from the heaviest one
-        mean = dirs[int(w.argmax())].clone()
-    mean = mean / mean.norm()
+def _karcher_mean(cosines: torch.Tensor, w: torch.Tensor, iterations: int) -> torch.Tensor:
+    """The weighted Karcher mean of unit directions with Gram matrix ``cosines``, as coefficients over them."""
+    def norm(c):
+        return (c @ cosines @ c).clamp_min(0).sqrt()
+
+    mean = w.clone()
+    if norm(mean) < 1e-12:  # antipodal members cancel: start from the heaviest one
+        mean = torch.zeros_like(w)
+        mean[int(w.argmax())] = 1.0
+    mean = mean / norm(mean)
     for _ in range(iterations):
-        cos = (dirs @ mean).clamp(-1.0, 1.0)
+        cos = (cosines @ mean).clamp(-1.0, 1.0)
         theta = torch.arccos(cos)
         scale = torch.where(theta > 1e-9, theta / torch.sin(theta).clamp_min(1e-12), torch.ones_like(theta))
-        tangent = (w * scale) @ (dirs - cos[:, None] * mean[None, :])  # log map, averaged
-        step = tangent.norm()
+        a = w * scale
+        tangent = a - (a @ cos) * mean  # log map, averaged: sum_i a_i (d_i - cos_i * mean)
+        step = norm(tangent)
         if step < 1e-10:
             break
         mean = torch.cos(step) * mean + torch.sin(step) * tangent / step  # exp map
-        mean = mean / mean.norm()
+        mean = mean / norm(mean)
     return mean
 
 
 @builtin("sce")
-def sce(stack: torch.Tensor, weights: torch.Tensor, select: float = 0.1) -> torch.Tensor:
-    """FuseChat's SCE on task vectors against the pivot (the most-used member).
+def sce(stack: torch.Tensor, weights: torch.Tensor, select: float = 0.2, variant: str = "reference") -> torch.Tensor:
+    """FuseChat's SCE (Wan et al., arXiv 2408.07990) on task vectors against a pivot, the most-used member.
 
-    Select: keep the ``select`` fraction of elements whose task vectors vary most across
-    members. Calculate: weight each member by its task vector's squared norm. Erase:
-    per element, drop members whose sign disagrees with the weighted sum, then average
-    the rest with their weights. The pivot plus that merged task vector is the result.
+    As mergekit's ``sce`` (which moe-pruner calls): the pivot is the base and is left out of
+    every step. Select: keep the ``select`` fraction (of the elements whose variance is not
+    zero) with the largest variance of the other members' task vectors. Calculate: weight
+    each member by its task vector's mean square. Erase: per element, keep members whose
+    sign agrees with the sign of the plain sum of task vectors, then average those with
+    their weights. The pivot plus that merged task vector is the result. The default
+    ``select = 0.2`` sits in the 0.15-0.3 range moe-pruner uses (mergekit's default is 1).
+    ``variant = "moebench"`` is moebench's earlier rule: the pivot's zero task vector takes
+    part in the variance and the weights, and the sign vote is weighted.
     """
     if not 0 < select <= 1:
         raise ValueError(f"sce select must be in (0, 1], got {select}")
-    pivot = stack[int(weights.argmax())]
-    tau = stack - pivot
+    if variant not in ("reference", "moebench"):
+        raise ValueError(f"sce variant must be 'reference' or 'moebench', got {variant!r}")
+    p = int(weights.argmax())
+    pivot = stack[p]
+    if variant == "moebench":
+        return _sce_moebench(stack - pivot, pivot, select)
+    tau = torch.cat([stack[:p], stack[p + 1 :]]) - pivot
+    if tau.shape[0] == 0:
+        return pivot.clone()
+    if select < 1:
+        var = tau.var(dim=0, unbiased=False).reshape(-1)
+        k = int(int(torch.count_nonzero(var)) * select)
+        keep = torch.zeros_like(var, dtype=torch.bool)
+        if k > 0:
+            keep[var.topk(k).indices] = True
+        tau = tau * keep.reshape(tau.shape[1:]).to(tau.dtype)
+    energy = tau.reshape(tau.shape[0], -1).pow(2).mean(1)
+    coef = energy / energy.sum() if energy.sum().abs() >= 1e-6 else torch.full_like(energy, 1.0 / energy.numel())
+    coef = coef.to(tau.dtype).reshape(-1, *([1] * (tau.dim() - 1)))
+    sign = torch.where(tau.sum(0) >= 0, 1.0, -1.0).to(tau.dtype)
+    agree = (tau.sign() == sign.unsqueeze(0)).to(tau.dtype)
+    erased = coef * agree
+    return pivot + (tau * erased).sum(0) / erased.sum(0).clamp_min(1e-6)
+
+
+def _sce_moebench(tau: torch.Tensor, pivot: torch.Tensor, select: float) -> torch.Tensor:
+    """moebench's earlier SCE: the pivot's zero task vector in the variance and weights, a weighted sign vote."""
     if select < 1:
         var = tau.var(dim=0, unbiased=False).reshape(-1)
         k = max(1, round(select * var.numel()))

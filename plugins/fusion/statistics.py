@@ -81,3 +81,37 @@ class OutputSimilarity(Statistic):
 
     def result(self):
         return {layer: output_similarity(sums) for layer, sums in self.sums.items()}
+
+
+class ExpertMeanOutput(Statistic):
+    """Every expert's mean output over all calibration tokens (each token run through every expert).
+
+    ``{layer: {"mean": [E, H] float64, "tokens": T}}``: HC-SMoE's expert representation
+    (Chen et al. 2024, arXiv 2410.08589), independent of routing.
+    """
+
+    name = "expert_mean_output"
+
+    def __init__(self, model, seed=0):
+        super().__init__(model, seed)
+        self.sums: dict[int, dict] = {}
+
+    def attach(self) -> list:
+        handles = []
+        for block in self.model.blocks():
+            def hook(module, args, kwargs, output, block=block):
+                self._update(block, _hidden_in(args, kwargs))
+
+            handles.append(block.module.register_forward_hook(hook, with_kwargs=True))
+        return handles
+
+    @torch.no_grad()
+    def _update(self, block: MoEBlock, hidden: torch.Tensor) -> None:
+        x = hidden.detach().reshape(-1, hidden.shape[-1])
+        total = torch.stack([block.expert_forward(e, x).double().sum(0).cpu() for e in range(block.num_experts)])
+        entry = self.sums.setdefault(block.layer, {"sum": torch.zeros_like(total), "tokens": 0})
+        entry["sum"] += total
+        entry["tokens"] += x.shape[0]
+
+    def result(self):
+        return {layer: {"mean": s["sum"] / max(s["tokens"], 1), "tokens": s["tokens"]} for layer, s in self.sums.items()}

@@ -11,6 +11,7 @@ from moebench.adapter import MoEBlock, MoEModel
 from moebench.method import Context, Method
 from torch import nn
 
+from . import alignment
 from .grouping import Groups
 from .healing import enabled, heal, resolved
 from .merge import (
@@ -29,6 +30,7 @@ from .merge import (
 from .modules import (
     CLASS_PATH,
     FusedLoRAExperts,
+    MemberAdapterExperts,
     FusedMoE,
     MixtureOfLoRAExperts,
     MultiplexExperts,
@@ -47,6 +49,10 @@ class _Variant(Method):
     def needs(self, params) -> tuple[str, ...]:
         return stats_needed(params)
 
+    def group(self, block: MoEBlock, n: int, params, stats: dict) -> Groups:
+        """How one layer's experts are grouped into ``n`` (the shared grouping by default)."""
+        return group_layer(block, n, params, stats)
+
     def build(self, model: MoEModel, block: MoEBlock, groups: Groups, freq: torch.Tensor, params, ctx: Context) -> tuple[nn.Module, dict, dict]:
         """The experts module for one layer, its init kwargs, and per-layer facts for the record."""
         raise NotImplementedError
@@ -59,7 +65,7 @@ class _Variant(Method):
         groups, facts = {}, {}
         fused: list[FusedMoE] = []
         for b in blocks:
-            groups[b.layer] = g = group_layer(b, budgets[b.layer], params, stats)
+            groups[b.layer] = g = self.group(b, budgets[b.layer], params, stats)
             experts, init, facts[b.layer] = self.build(model, b, g, stats["routing_counts"][b.layer], params, ctx)
             ref = b.gate_up_proj
             experts = experts.to(device=ref.device, dtype=ref.dtype)
@@ -103,7 +109,7 @@ class Multiplexage(_Variant):
     Params = VariantParams
 
     def build(self, model, block, groups, freq, params, ctx):
-        gate_up, down = merged_experts(block, groups, freq, params.operator, params.operator_args)
+        gate_up, down = merged_experts(block, groups, freq, params.operator, params.operator_args, params.align)
         init = experts_init(model, block, groups)
         experts = MultiplexExperts(**init)
         with torch.no_grad():
@@ -113,20 +119,59 @@ class Multiplexage(_Variant):
 
 
 class FusedLoRA(_Variant):
-    """Merged experts plus a LoRA per merged expert whose input includes a latent projection of the original routing weights."""
+    """Merged experts plus low-rank adapters fed by the original routing (moe-pruner's fused experts).
+
+    Default (``adapters = "members"``), as moe-pruner's ``FusedLinear`` in mixture mode
+    (gabrielolympie/moe-pruner, ``utils/fused.py``): each member keeps an adapter initialised
+    from the truncated SVD of its difference from the merge, mixed by its routing weight,
+    scaled per output feature, with an input bias projected from the members' weights
+    (:class:`~.modules.MemberAdapterExperts`). Deviations: an exact truncated SVD where the
+    reference uses ``torch.svd_lowrank(niter=2)``; the input bias starts at zero (the
+    reference draws it from N(0, 0.02), which changes an unhealed model at random); the
+    merged expert runs with the summed weight of its selected members, as every grouped
+    variant here. ``adapters = "latent"`` is moebench's earlier variant: one LoRA per merged
+    expert whose input includes a latent projection of the routing weights.
+    """
 
     name = "fused_lora"
     Params = FusedLoRAParams
 
     def build(self, model, block, groups, freq, params, ctx):
-        gate_up, down = merged_experts(block, groups, freq, params.operator, params.operator_args)
+        if params.adapters == "members":
+            return self._members(model, block, groups, freq, params)
+        gate_up, down = merged_experts(block, groups, freq, params.operator, params.operator_args, params.align)
         init = {**experts_init(model, block, groups), "rank": params.rank, "latent": params.latent}
         experts = FusedLoRAExperts(**init)
         with torch.no_grad():
             experts.gate_up_proj.copy_(gate_up)
             experts.down_proj.copy_(down)
         experts.reset_adapters(torch.Generator().manual_seed(ctx.seed * 1000 + block.layer))
-        return experts, init, {"merged": groups.num_groups, "top_k": block.top_k, "rank": params.rank, "latent": params.latent}
+        return experts, init, {"merged": groups.num_groups, "top_k": block.top_k, "rank": params.rank, "latent": params.latent, "adapters": "latent"}
+
+    @torch.no_grad()
+    def _members(self, model, block, groups, freq, params):
+        gate_up, down = merged_experts(block, groups, freq, params.operator, params.operator_args, params.align)
+        inter, hidden = block.intermediate_size, block.gate_up_proj.shape[-1]
+        rank = min(params.rank, inter, hidden)
+        init = {**experts_init(model, block, groups), "rank": rank}
+        experts = MemberAdapterExperts(**init)
+        experts.gate_up_proj.copy_(gate_up)
+        experts.down_proj.copy_(down)
+        for g, members in enumerate(groups.members):
+            idx = torch.tensor(members, device=block.gate_up_proj.device)
+            gu, dn = block.gate_up_proj.data[idx], block.down_proj.data[idx]
+            if params.align and len(members) > 1:
+                gu, dn = alignment.align(gu, dn, int(freq[members].double().argmax()))
+            for j, e in enumerate(members):
+                for delta, a, b in (
+                    (gu[j, :inter] - gate_up[g, :inter], experts.gate_up_a[e, :rank], experts.gate_up_b[e, :inter]),
+                    (gu[j, inter:] - gate_up[g, inter:], experts.gate_up_a[e, rank:], experts.gate_up_b[e, inter:]),
+                    (dn[j] - down[g], experts.down_a[e], experts.down_b[e]),
+                ):
+                    b_, a_ = reference_low_rank(delta, rank)
+                    a.copy_(a_)
+                    b.copy_(b_)
+        return experts, init, {"merged": groups.num_groups, "top_k": block.top_k, "rank": rank, "adapters": "members"}
 
 
 class MixtureOfLoRA(_Variant):
@@ -163,6 +208,17 @@ class MixtureOfLoRA(_Variant):
                     total += w.float().pow(2).sum().item()
         full = rank >= min(inter, hidden)
         return experts, init, {"cores": groups.num_groups, "top_k": block.top_k, "rank": rank, "full_rank": full, "weight_rel_error": math.sqrt(kept / max(total, 1e-30))}
+
+
+def reference_low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """moe-pruner's adapter init: the truncated SVD ``U √(σ/c)``, ``√(σ/c) Vᵀ`` with ``c = Σσ / r``,
+    so ``B @ A`` is the best rank-``r`` approximation of ``delta`` divided by ``c``."""
+    b, a = low_rank(delta, rank)
+    s = torch.linalg.svdvals(delta.double() if delta.numel() <= (1 << 22) else delta.float())[:rank]
+    c = float(s.sum()) / rank
+    if c <= 0:
+        return b, a
+    return (b / c**0.5).to(delta.dtype), (a / c**0.5).to(delta.dtype)
 
 
 def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

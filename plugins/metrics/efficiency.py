@@ -167,6 +167,19 @@ def analytic_flops_per_token(model: MoEModel, seqlen: int) -> float:
     return float(2 * matrices + attention)
 
 
+def skipped_flops_per_token(model: MoEModel, rules: dict) -> float:
+    """Expert FLOPs per token that runtime routing rules skipped in the last forward (2 x expert params x skipped slots)."""
+    skipped = 0.0
+    for layer, rule in rules.items():
+        realised = rule.realised_top_k()
+        if realised is None:
+            continue
+        block = model.block(layer)
+        per_expert = block.gate_up_proj[0].numel() + block.down_proj[0].numel()
+        skipped += 2 * per_expert * (min(block.top_k, block.num_experts) - realised)
+    return skipped
+
+
 @dataclass
 class FlopsParams:
     seqlen: int = param(128, help="prefill length in tokens the FLOPs are counted over")
@@ -188,20 +201,26 @@ class Flops(Metric):
 
     def measure(self, model: MoEModel, params: FlopsParams, ctx: Context) -> dict:
         ids = prompt_ids(model, params.data, params.split, params.batch_size, params.seqlen)
+        rules = model.routing_rules()
+        for rule in rules.values():
+            rule.reset()
         measured = count_flops(model.model, ids) / ids.numel()
-        analytic = analytic_flops_per_token(model, params.seqlen)
+        analytic = analytic_flops_per_token(model, params.seqlen) - skipped_flops_per_token(model, rules)
         note_dense_zeros(model, ctx)
         if abs(measured - analytic) > 0.02 * analytic:
             ctx.note(
                 f"flops: FlopCounterMode counted {measured:.4g}/token but the architecture implies {analytic:.4g}/token: "
                 "some ops (e.g. custom quantized kernels) are not counted, or the model computes more than its active parameters"
             )
+        extra = {"realised_top_k": {layer: rule.realised_top_k() for layer, rule in rules.items()}} if rules else {}
         return {
             "flops_per_token": measured,
             "flops": {
+                **extra,
                 "analytic_per_token": analytic,
                 "how": f"measured: torch FlopCounterMode over one {params.batch_size}x{params.seqlen}-token prefill "
-                "(matmuls and attention; elementwise ops not counted); analytic: 2 x active matrix params + attention",
+                "(matmuls and attention; elementwise ops not counted); analytic: 2 x active matrix params + attention "
+                "(less the experts runtime routing skipped in that prefill, realised_top_k per layer)",
             },
         }
 
@@ -347,13 +366,13 @@ def fresh_process_peak(folder: Path, ids: torch.Tensor, decode: int, dtype: str,
 
 def _fresh_process_main(spec: dict) -> dict:
     """Child side of :func:`fresh_process_peak`: load, reset the peak mark where possible, run, report."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from moebench.models import DTYPES, load_pretrained
+    from moebench.models import DTYPES, load_config, load_pretrained
     from moebench.plugins import host
 
     host()  # plugins and the model's class imported first, so ``runtime`` holds all the code
-    AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(spec["folder"]))]
+    AutoModelForCausalLM._model_mapping[type(load_config(spec["folder"]))]
     gc.collect()
     runtime = rss_bytes()
     model = load_pretrained(spec["folder"], dtype=DTYPES[spec["dtype"]], device=spec["device"])

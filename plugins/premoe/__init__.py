@@ -36,7 +36,8 @@ from moebench_plugins.metrics import WindowParams, perplexity
 class PreMoeParams:
     keep_ratio: float | None = param(0.5, help="fraction of each layer's routed experts kept (ignored when keep is set)")
     keep: int | None = param(None, help="routed experts kept per MoE layer (the paper's 8/128 is keep = 128)")
-    threshold: float = param(0.0, help="r: a token marks an expert only if its probability renormalised over the top-k is >= r (0: every top-k expert)")
+    k: int = param(1, help="experts each token marks in TCESS: 1 as in the reference code; 0: the layer's top-k (moebench's earlier variant)")
+    threshold: float = param(0.0, help="r: a token marks an expert only if its probability renormalised over the k marked is >= r (0: every marked expert)")
     task: str = param("retrieve", help="a task of the suite's tasks table whose experts are kept, or 'retrieve': the task nearest to the query's routing")
     query: str | None = param(None, help="with task = 'retrieve': a task name (its held-out queries) or a data spec; the prompt routed for retrieval")
     query_split: str = param("validation", help="split the query prompt is taken from")
@@ -52,6 +53,8 @@ class PreMoeParams:
             raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
         if self.keep is not None and self.keep < 1:
             raise ValueError(f"keep must be >= 1, got {self.keep}")
+        if self.k < 0:
+            raise ValueError(f"k must be >= 0 (0: the layer's top-k), got {self.k}")
         if not 0 <= self.threshold < 1:
             raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
         if self.task == "retrieve" and not self.query:
@@ -74,7 +77,7 @@ class PreMoe(Method):
 
     def apply(self, model: MoEModel, params: PreMoeParams, ctx: Context) -> dict:
         tasks = premoe.parse_tasks(getattr(ctx.suite, "tasks", None) or {})
-        settings = premoe.IndexSettings(params.threshold, params.key_layer, params.metric)
+        settings = premoe.IndexSettings(params.threshold, params.key_layer, params.metric, params.k)
         if params.index:
             index = premoe.TaskIndex.load(params.index, model)
             if index.settings != settings:

@@ -33,6 +33,7 @@ def index_cmd(
     threshold: float = typer.Option(0.0, help="r: only top-k experts whose renormalised probability is >= r count"),
     key_layer: int = typer.Option(0, "--key-layer", help="MoE layer (position) whose scores are the retrieval key"),
     metric: str = typer.Option("l2", help="l2 or cosine"),
+    k: int = typer.Option(1, "--k", help="experts each token marks in TCESS (1 as in the reference; 0: the layer's top-k)"),
 ):
     """Build a suite's PreMoe task index (one expert-importance pattern per task) and save it."""
     import time
@@ -43,16 +44,22 @@ def index_cmd(
     from moebench.suite import load_suite
 
     s = load_suite(suite)
+    if s.hardware.threads:
+        import torch
+
+        torch.set_num_threads(s.hardware.threads)
     tasks = premoe.parse_tasks(s.tasks or {})
     if not tasks:
         raise MoebenchError(f"{suite}: tasks: no [tasks.NAME] tables; the index needs at least one task")
     if metric not in ("l2", "cosine"):
         raise MoebenchError(f"--metric {metric!r}: expected 'l2' or 'cosine'")
-    settings = premoe.IndexSettings(threshold, key_layer, metric)
+    if k < 0:
+        raise MoebenchError(f"--k {k}: expected 0 (the layer's top-k) or a positive number of experts")
+    settings = premoe.IndexSettings(threshold, key_layer, metric, k)
     spec = s.calibration or CalibrationSpec(seed=s.seed)
     t0 = time.perf_counter()
     if stream:
-        index = premoe.build_streaming(resolve(s.model.source), tasks, spec, settings, dtype=s.model.dtype, device=s.model.device)
+        index = premoe.build_streaming(resolve(s.model.source, s.hardware.threads, s.model.dtype), tasks, spec, settings, dtype=s.model.dtype, device=s.model.device)
     else:
         from moebench.runner import load_model
 

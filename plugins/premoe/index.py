@@ -2,9 +2,11 @@
 
 - **PEP, probabilistic expert pruning.** A task's *task-conditioned expected selection
   score* (TCESS) of expert ``e`` in a MoE layer is the mean over the task's tokens of a
-  marker: the router logit of ``e`` when ``e`` is among the token's top-k experts (and,
-  with a threshold ``r > 0``, its probability renormalised over the top-k is at least
-  ``r``), else 0. The ``keep`` experts with the highest TCESS stay.
+  marker: the router logit of ``e`` when ``e`` is among the token's top-``k`` experts (and,
+  with a threshold ``r > 0``, its probability renormalised over those ``k`` is at least
+  ``r``), else 0. The ``keep`` experts with the highest TCESS stay. The reference code
+  marks ``k = 1`` expert per token whatever the model's top-k; that is the default, and
+  ``k = 0`` (the layer's own top-k) is moebench's variant.
 - **TAER, task-adaptive expert retrieval.** Offline, each task of a collection is stored
   compactly: the TCESS vector of one *key* layer goes into a FAISS index, and every MoE
   layer's expert ranking is stored as a permutation of the key layer's ranking. Online,
@@ -116,10 +118,10 @@ def parse_tasks(raw: Any, err: Callable[[str, str], Exception] | None = None) ->
 def tcess(logits: torch.Tensor, top_k: int, threshold: float = 0.0) -> torch.Tensor:
     """Task-conditioned expected selection score ``[E]`` from router logits ``[T, E]``.
 
-    Each token marks its top-k experts with their logits; with ``threshold > 0`` only
-    those whose probability renormalised over the token's top-k (a softmax of the top-k
-    logits) is at least ``threshold``. The score is the marker averaged over tokens.
-    Top-k is re-derived from the logits (score-correction biases are not applied).
+    Each token marks its ``top_k`` highest-logit experts with their logits; with
+    ``threshold > 0`` only those whose probability renormalised over those (a softmax of
+    the top logits) is at least ``threshold``. The score is the marker averaged over
+    tokens. Top-k is re-derived from the logits (score-correction biases are not applied).
     """
     if logits.ndim != 2 or logits.shape[0] == 0:
         raise MoebenchError(f"router logits must be [tokens, experts] with tokens > 0, got {tuple(logits.shape)}")
@@ -132,9 +134,14 @@ def tcess(logits: torch.Tensor, top_k: int, threshold: float = 0.0) -> torch.Ten
     return markers.mean(0)
 
 
-def layer_scores(router_logits: Mapping[int, torch.Tensor], top_k: Mapping[int, int], threshold: float = 0.0) -> dict[int, torch.Tensor]:
-    """TCESS of every MoE layer: ``{layer: [E]}`` from ``{layer: logits [T, E]}``."""
-    return {layer: tcess(logits, top_k[layer], threshold) for layer, logits in sorted(router_logits.items())}
+def marked(k: int, top_k: int) -> int:
+    """Experts a token marks in TCESS: ``k``, or the layer's ``top_k`` when ``k`` is 0."""
+    return k if k > 0 else top_k
+
+
+def layer_scores(router_logits: Mapping[int, torch.Tensor], top_k: Mapping[int, int], threshold: float = 0.0, k: int = 1) -> dict[int, torch.Tensor]:
+    """TCESS of every MoE layer: ``{layer: [E]}`` from ``{layer: logits [T, E]}`` (``k`` as in :class:`IndexSettings`)."""
+    return {layer: tcess(logits, marked(k, top_k[layer]), threshold) for layer, logits in sorted(router_logits.items())}
 
 
 def ranking(scores: torch.Tensor) -> torch.Tensor:
@@ -240,6 +247,7 @@ class IndexSettings:
     threshold: float = 0.0
     key_layer: int = 0  # position among the MoE layers
     metric: Literal["l2", "cosine"] = "l2"
+    k: int = 1  # experts a token marks in TCESS; 0: the layer's own top-k (moebench's earlier variant)
 
 
 @dataclass
@@ -330,7 +338,7 @@ class TaskIndex:
         try:
             tasks = json.loads(header["tasks"])
             signature = ModelSignature.from_dict(json.loads(header["signature"]))
-            settings = IndexSettings(**json.loads(header["settings"]))
+            settings = IndexSettings(**{"k": 0, **json.loads(header["settings"])})  # indexes saved before k existed used top-k
             info = json.loads(header.get("info", "{}"))
             index = faiss.read_index(str(folder / "index.faiss"))
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
@@ -398,14 +406,14 @@ def _sha256(path: Path) -> str:
 # --------------------------------------------------------------------------- building and querying
 
 
-def task_scores(model: MoEModel, data: str, spec: CalibrationSpec, threshold: float = 0.0, cache: bool = True) -> dict[int, torch.Tensor]:
+def task_scores(model: MoEModel, data: str, spec: CalibrationSpec, threshold: float = 0.0, cache: bool = True, k: int = 1) -> dict[int, torch.Tensor]:
     """TCESS per MoE layer of ``model`` over ``data`` (train split), through the calibration service (cached)."""
     from dataclasses import replace
 
     from moebench.calibration import Calibration
 
     logits = Calibration(replace(spec, data=data), cache=cache).stats(model, ["router_logits"])["router_logits"]
-    return layer_scores(logits, {b.layer: b.top_k for b in model.blocks()}, threshold)
+    return layer_scores(logits, {b.layer: b.top_k for b in model.blocks()}, threshold, k)
 
 
 def build(
@@ -422,7 +430,7 @@ def build(
     _check_key_layer(settings.key_layer, signature)
     patterns = []
     for task in tasks.values():
-        scores = task_scores(model, task.data, spec, settings.threshold, cache)
+        scores = task_scores(model, task.data, spec, settings.threshold, cache, settings.k)
         patterns.append(Pattern.from_scores([scores[layer] for layer in signature.moe_layers], settings.key_layer))
     info = {"model": model.identity, "calibration": spec.key(), "tasks": {t.name: t.data for t in tasks.values()}}
     return TaskIndex(list(tasks), patterns, signature, settings, info)
@@ -456,7 +464,7 @@ def build_streaming(
     for task in tasks.values():
         windows = Calibration(replace(spec, data=task.data), cache=False).windows(stream.model.tokenizer)
         logits = stream.statistics(["router_logits"], windows, spec.batch_size, spec.seed)["router_logits"]
-        scores = layer_scores(logits, top_k, settings.threshold)
+        scores = layer_scores(logits, top_k, settings.threshold, settings.k)
         patterns.append(Pattern.from_scores([scores[layer] for layer in signature.moe_layers], settings.key_layer))
     info = {"model": stream.model.identity, "calibration": spec.key(), "tasks": {t.name: t.data for t in tasks.values()}}
     return TaskIndex(list(tasks), patterns, signature, settings, info)
@@ -496,7 +504,7 @@ def cached(model: MoEModel, tasks: Mapping[str, TaskSpec], spec: CalibrationSpec
 
 
 @torch.no_grad()
-def query_scores(model: MoEModel, ids: torch.Tensor, threshold: float = 0.0) -> dict[int, torch.Tensor]:
+def query_scores(model: MoEModel, ids: torch.Tensor, threshold: float = 0.0, k: int = 1) -> dict[int, torch.Tensor]:
     """TCESS per MoE layer over a query's tokens ``ids [n, len]`` (one forward pass)."""
     from moebench.plugins import host
 
@@ -507,12 +515,12 @@ def query_scores(model: MoEModel, ids: torch.Tensor, threshold: float = 0.0) -> 
     finally:
         for h in handles:
             h.remove()
-    return layer_scores(stat.result(), {b.layer: b.top_k for b in model.blocks()}, threshold)
+    return layer_scores(stat.result(), {b.layer: b.top_k for b in model.blocks()}, threshold, k)
 
 
 def query_key(model: MoEModel, ids: torch.Tensor, settings: IndexSettings) -> torch.Tensor:
     """The query's key: its TCESS in the key layer."""
-    scores = query_scores(model, ids, settings.threshold)
+    scores = query_scores(model, ids, settings.threshold, settings.k)
     return scores[model.moe_layers[settings.key_layer]]
 
 
@@ -554,7 +562,7 @@ def load_for_query(
     finally:
         for h in handles:
             h.remove()
-    key = tcess(stat.result()[key_layer], stream.model.block(key_layer).top_k, index.settings.threshold)
+    key = tcess(stat.result()[key_layer], marked(index.settings.k, stream.model.block(key_layer).top_k), index.settings.threshold)
     matches = index.search(key)
     read_for_query = stream.ckpt.bytes_read
     del stream

@@ -10,9 +10,10 @@ the theoretical bytes); with ``storage = "int4"`` they are replaced by
 and dequantize on the fly, so weight bytes are measured. ``bnb_4bit`` stores NF4/FP4
 codes made by bitsandbytes (:class:`Bnb4bitExperts`, :class:`Bnb4bitLinear`).
 
-AWQ keeps its per-input-channel scales inside the quantized weights (``Q(W s) / s``, or
-an ``input_scale`` buffer when stored) instead of folding them into the preceding norm:
-the router reads that norm too, and each expert has its own scales.
+AWQ folds each expert's down scale into its up rows; the gate/up scale (shared by a
+block's experts by default, per matrix with ``objective = "matrix"``) stays inside the
+quantized weights (``Q(W s) / s``, or an ``input_scale`` buffer when stored) instead of
+being folded into the preceding norm, which the router reads too.
 
 Every storage class rebuilds from its ``init`` (recorded by ``MoEModel.replace_module``)
 and its buffers, so stored models save and reload through ``moebench.models.load_pretrained``.
@@ -39,6 +40,8 @@ from moebench.params import param
 from moebench_plugins.quantization.quant import (
     BITS,
     Quantized,
+    RoutedExperts,
+    awq_block_scale,
     awq_clip,
     awq_scale,
     clip_groups,
@@ -375,7 +378,13 @@ class GPTQParams(QuantParams):
     act_order: bool = param(False, help="quantize columns by decreasing Hessian diagonal (group scales fixed up front)")
     damp: float = param(0.01, help="dampening added to the Hessian diagonal, as a fraction of its mean")
     block_size: int = param(128, help="columns per lazy-update block")
-    router_weighted: bool = param(True, help="weight each routed token's input by its routing weight in the expert Hessians")
+    router_weighted: bool = param(
+        False, help="weight each routed token's input by its routing weight in the expert Hessians (false: plain X^T X, as AutoGPTQ/GPTQModel)"
+    )
+    true_sequential: bool = param(
+        True, help="true: down_proj (and o_proj) Hessians come from the already-quantized gate/up (q/k/v), as the reference; "
+        "false: every Hessian of a layer from its unquantized weights (moebench's earlier variant)"
+    )
 
     def check(self):
         super().check()
@@ -389,8 +398,15 @@ class GPTQParams(QuantParams):
 class AWQParams(QuantParams):
     grid: int = param(20, help="scale exponents tried in [0, 1) (and clip ratios per 1/grid)")
     clip: bool = param(True, help="also search a per-group weight clipping range")
-    max_samples: int = param(4096, help="calibration input rows kept per matrix for the searches")
-    router_weighted: bool = param(True, help="weight each routed token's input by its routing weight in the search objective")
+    max_samples: int = param(4096, help="calibration input rows kept per matrix (and per experts block) for the searches")
+    objective: Literal["block", "matrix"] = param(
+        "block",
+        help="block: routed experts' gate/up share one scale searched on the MoE block's output, down's scale is folded "
+        "into up (llm-awq / AutoAWQ); matrix: every matrix searched on its own output (moebench's earlier variant)",
+    )
+    router_weighted: bool = param(
+        False, help="weight each routed token's input by its routing weight in the per-matrix searches and clipping"
+    )
 
     def check(self):
         super().check()
@@ -408,8 +424,9 @@ class _Quantizer(Method):
 
     def apply(self, model: MoEModel, params: QuantParams, ctx: Context) -> dict:
         if self.collect:
-            run = from_context(model, ctx, self.name, targets=params.targets, collect=self.collect,
-                               router_weighted=params.router_weighted, **self.run_options(params))
+            run = from_context(model, ctx, self.name, targets=params.targets, collect=self.collect_for(params),
+                               router_weighted=params.router_weighted, windows=self.calibration_windows(model, params, ctx),
+                               **self.run_options(params))
             steps = run
         else:
             run, steps = None, static_steps(model, params.targets)
@@ -418,19 +435,20 @@ class _Quantizer(Method):
         extra: dict = {}
         for step in steps:
             packed: dict[str, dict] = {}
-            for group in step.groups:
+            self.prepare_step(step, params, extra)
+            for group in step.sequential() if getattr(params, "true_sequential", False) else step.groups:
                 dtype = group.weight.dtype
                 q, in_scale = self.quantize(group, params, extra)
-                w = q.dequantize()
-                if in_scale is not None:
-                    w = w / in_scale[:, None, :]
                 tally.add(group, params, in_scale is not None)
-                group.write(w)
+                for c in group.chunks():  # dequantized a slice at a time: no float32 copy of the whole layer
+                    w = q.select(c).dequantize()
+                    group.weight[c] = (w if in_scale is None else w / in_scale[c, None, :]).to(dtype)
                 if params.storage == "int4":
                     packed.setdefault(group.path, {})[group.attr] = (group, q, in_scale)
             for path, parts in packed.items():
                 tally.stored(self._store(model, path, parts, params), next(iter(parts.values()))[0].kind)
         changes = {"bits": params.bits, "group_size": params.group_size, "storage": params.storage, **tally.summary(params.storage)}
+        changes.update(self.variant(params))
         if params.storage == "fake":
             ctx.note(FAKE.format(method=self.name, dtype=_dtype_name(dtype) if dtype is not None else "the model dtype"))
         if run is not None:
@@ -442,6 +460,21 @@ class _Quantizer(Method):
         return changes
 
     def run_options(self, params) -> dict:
+        return {}
+
+    def calibration_windows(self, model: MoEModel, params, ctx: Context) -> torch.Tensor | None:
+        """The token windows the layer-sequential pass runs (None: the suite's calibration windows)."""
+        return None
+
+    def collect_for(self, params) -> tuple[str, ...]:
+        """The statistics the calibration pass gathers for ``params``."""
+        return self.collect
+
+    def prepare_step(self, step, params, extra: dict) -> None:
+        """Work a layer needs before its groups are quantized one by one (AWQ's block search)."""
+
+    def variant(self, params) -> dict:
+        """Which variant of the method ran, for the record."""
         return {}
 
     def summarize(self, extra: dict) -> dict:
@@ -461,6 +494,12 @@ class _Quantizer(Method):
         return store_experts(model, path, PackedInt4Experts, {attr: (q, s) for attr, (_, q, s) in parts.items()}, **init)
 
 
+def _stack(qs: list[Quantized]) -> Quantized:
+    """Per-expert codes as one ``[E, rows, cols]`` stack."""
+    return Quantized(torch.stack([q.codes for q in qs]), torch.stack([q.scale for q in qs]),
+                     torch.stack([q.zero for q in qs]), qs[0].bits, qs[0].group_size)
+
+
 def _first(q: Quantized) -> Quantized:
     return Quantized(q.codes[0], q.scale[0], q.zero[0], q.bits, q.group_size)
 
@@ -471,11 +510,19 @@ class RTN(_Quantizer):
     name = "rtn"
 
     def quantize(self, group, params, extra):
-        return rtn(group.weight, params.bits, params.group_size), None
+        return Quantized.cat([rtn(group.weight[c], params.bits, params.group_size) for c in group.chunks()]), None
 
 
 class GPTQ(_Quantizer):
-    """GPTQ: column-by-column quantization with inverse-Hessian error feedback, per expert on its routed tokens."""
+    """GPTQ (arXiv 2210.17323; github.com/IST-DASLab/gptq, AutoGPTQ/GPTQModel): column-by-column quantization with
+    inverse-Hessian error feedback, per expert on the tokens routed to it.
+
+    Defaults follow the reference: unweighted Hessians ``X^T X`` and "true sequential"
+    order (down_proj's Hessian from the outputs of the already-quantized gate/up, o_proj's
+    from the quantized q/k/v). ``router_weighted`` and ``true_sequential = false`` keep
+    moebench's earlier variant. Deviation: Hessians are sums, not AutoGPTQ's running
+    ``2/n``-scaled mean (a positive factor, which the damping's relative form absorbs).
+    """
 
     name = "gptq"
     Params = GPTQParams
@@ -483,17 +530,48 @@ class GPTQ(_Quantizer):
     collect = ("hessian",)
 
     def quantize(self, group, params: GPTQParams, extra):
-        h = group.stats.hessian
-        unseen = group.stats.tokens == 0
-        if unseen.any():  # identity Hessian: no error feedback, i.e. round-to-nearest
-            h = h.clone()
-            h[unseen] = torch.eye(h.shape[-1], device=h.device)
-        q = gptq(group.weight, h, params.bits, params.group_size, params.act_order, params.damp, params.block_size)
-        return q, None
+        parts = []
+        for c in group.chunks():  # the solve's float32 copies (W, H, its inverse factor) for a slice of experts at a time
+            h = group.stats.hessian[c]
+            unseen = group.stats.tokens[c] == 0
+            if unseen.any():  # identity Hessian: no error feedback, i.e. round-to-nearest
+                h = h.clone()
+                h[unseen] = torch.eye(h.shape[-1], device=h.device)
+            parts.append(gptq(group.weight[c], h, params.bits, params.group_size, params.act_order, params.damp, params.block_size))
+        return Quantized.cat(parts), None
+
+    def run_options(self, params: GPTQParams) -> dict:
+        return {"staged": params.true_sequential}
+
+    def variant(self, params: GPTQParams) -> dict:
+        order = ("true sequential: each Hessian from the already-quantized earlier stages (reference)" if params.true_sequential
+                 else "parallel: every Hessian from the unquantized layer (moebench variant)")
+        hessian = "routing-weighted (moebench variant)" if params.router_weighted else "unweighted X^T X (reference)"
+        return {"variant": {"order": order, "hessian": hessian}}
 
 
 class AWQ(_Quantizer):
-    """AWQ: activation-aware per-input-channel scale search (and clipping), then group-wise quantization."""
+    """AWQ (arXiv 2306.00978; github.com/mit-han-lab/llm-awq, casper-hansen/AutoAWQ): activation-aware
+    per-input-channel scales searched on a grid, weight clipping, then group-wise quantization.
+
+    ``objective = "block"`` (default) follows AutoAWQ's MoE models (Mixtral, DeepSeek-V2,
+    Qwen-MoE): one scale for every routed expert's gate and up, searched on the output of
+    the whole experts block (:func:`awq_block_scale`); each expert's down scale is searched
+    on down's own output and folded into the up rows (``prev_op = up_proj``), so down needs
+    no stored scale; clipping is searched per matrix and group on its own inputs.
+    Deviations, one line each:
+
+    * the gate/up scale is kept with the quantized weights (``Q(W s) / s``, a stored input
+      scale) instead of being folded into ``post_attention_layernorm``: the router reads
+      that norm too (AutoAWQ leaves the router to see the scaled input);
+    * the objective is the routed experts' output (shared experts, attention and dense
+      MLPs are searched per matrix on their own output, not with their neighbours);
+    * the grid uses activation means only (llm-awq), not AutoAWQ's ``duo_scaling`` weight term;
+    * inputs are capped at ``max_samples`` rows per block/matrix.
+
+    ``objective = "matrix"`` is moebench's earlier variant: every matrix (each expert's
+    gate_up and down) gets its own scale searched on its own output.
+    """
 
     name = "awq"
     Params = AWQParams
@@ -503,7 +581,65 @@ class AWQ(_Quantizer):
     def run_options(self, params: AWQParams) -> dict:
         return {"max_samples": params.max_samples}
 
+    def collect_for(self, params: AWQParams) -> tuple[str, ...]:
+        return self.collect + (("calls",) if params.objective == "block" else ())
+
+    def variant(self, params: AWQParams) -> dict:
+        if params.objective == "block":
+            return {"variant": "block: one gate/up scale per experts block on the block output, down scale folded into up (reference)"}
+        return {"variant": "matrix: every matrix's scale on its own output (moebench variant)"}
+
     def quantize(self, group, params: AWQParams, extra):
+        pending = extra.get("_pending", {})
+        if group.name in pending:
+            return pending.pop(group.name)
+        return self._per_matrix(group, params, extra)
+
+    def prepare_step(self, step, params: AWQParams, extra: dict) -> None:
+        if params.objective != "block":
+            return
+        by_module: dict[int, dict[str, Group]] = {}
+        for g in step.groups:
+            if g.attr in MATRICES:
+                by_module.setdefault(id(g.module), {})[g.attr] = g
+        for pair in by_module.values():
+            if set(pair) == set(MATRICES) and pair["gate_up_proj"].stats.calls:
+                self._block(pair["gate_up_proj"], pair["down_proj"], params, extra)
+
+    def _block(self, gu: Group, dn: Group, params: AWQParams, extra: dict) -> None:
+        """AWQ on one experts block: the shared gate/up scale, per-expert down scales folded into up, clipping, codes."""
+        experts_mod = gu.module
+        x, index, weights = gu.stats.routed()
+        block = RoutedExperts(experts_mod.gate_up_proj.data, experts_mod.down_proj.data, experts_mod.act_fn, x, index, weights)
+        s1, alpha, ratio = awq_block_scale(block, x.abs().mean(0), params.bits, params.group_size, params.grid)
+        extra.setdefault("awq_alpha", {}).setdefault("experts", []).append(alpha)
+        extra.setdefault("awq_error_vs_rtn", {}).setdefault("experts", []).append(ratio)
+        E, rows, _ = gu.weight.shape
+        inter = rows // 2
+        parts: dict[str, list] = {"gate_up_proj": [], "down_proj": []}
+        for e in range(E):
+            wd = dn.weight[e].float()
+            xd = dn.stats.sample(e)
+            s2 = torch.ones(wd.shape[-1], device=wd.device)
+            if xd.shape[0]:
+                s2, a2, r2 = awq_scale(wd, xd, dn.stats.abs[e] / dn.stats.tokens[e], params.bits, params.group_size, params.grid)
+                extra["awq_alpha"]["experts"].append(a2)
+                extra["awq_error_vs_rtn"]["experts"].append(r2)
+            wgu = gu.weight[e].float()
+            wgu[inter:] /= s2[:, None]  # fold down's scale into the up rows: act(g) * (u / s2) feeds W_d * s2
+            parts["gate_up_proj"].append(self._clipped(wgu * s1, gu.stats.sample(e) / s1, params))
+            parts["down_proj"].append(self._clipped(wd * s2, xd / s2, params))
+        pending = extra.setdefault("_pending", {})
+        pending[gu.name] = (_stack(parts["gate_up_proj"]), s1.expand(E, -1))
+        pending[dn.name] = (_stack(parts["down_proj"]), torch.ones(E, dn.weight.shape[-1], device=s1.device))
+
+    @staticmethod
+    def _clipped(scaled: torch.Tensor, x: torch.Tensor, params: AWQParams) -> Quantized:
+        if params.clip and x.shape[0]:
+            scaled = clip_groups(scaled, awq_clip(scaled, x, params.bits, params.group_size, params.grid), params.group_size)
+        return rtn(scaled, params.bits, params.group_size)
+
+    def _per_matrix(self, group, params: AWQParams, extra):
         w = group.weight.float()
         stats = group.stats
         codes, scales, zeros, in_scales = [], [], [], []
@@ -519,10 +655,7 @@ class AWQ(_Quantizer):
                 s, alpha, ratio = awq_scale(w[b], x, mean, params.bits, params.group_size, params.grid)
                 alphas.setdefault(group.kind, []).append(alpha)
                 ratios.setdefault(group.kind, []).append(ratio)
-                scaled = w[b] * s
-                if params.clip:
-                    scaled = clip_groups(scaled, awq_clip(scaled, x / s, params.bits, params.group_size, params.grid), params.group_size)
-                q = rtn(scaled, params.bits, params.group_size)
+                q = self._clipped(w[b] * s, x / s, params)
             codes.append(q.codes)
             scales.append(q.scale)
             zeros.append(q.zero)
@@ -612,5 +745,13 @@ class Tally:
 
 
 @hookimpl
+def register_module_classes():
+    """The stored-weight modules quantized models save (rebuilt from their init on reload)."""
+    return [PackedInt4Experts, Bnb4bitExperts, PackedInt4Linear, Bnb4bitLinear]
+
+
+@hookimpl
 def register_methods():
-    return [RTN, GPTQ, AWQ, Bnb4bit]
+    from .moequant import MoEQuant
+
+    return [RTN, GPTQ, AWQ, Bnb4bit, MoEQuant]

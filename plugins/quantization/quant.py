@@ -11,6 +11,7 @@ fake-quantized weights equal exactly what a packed int4 store dequantizes to.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,16 @@ class Quantized:
     zero: torch.Tensor
     bits: int
     group_size: int
+
+    def select(self, index) -> "Quantized":
+        """The codes of some stacked matrices (``index`` into the leading dim)."""
+        return Quantized(self.codes[index], self.scale[index], self.zero[index], self.bits, self.group_size)
+
+    @staticmethod
+    def cat(parts: list["Quantized"]) -> "Quantized":
+        """Stacks of codes joined along the leading dim."""
+        return Quantized(torch.cat([q.codes for q in parts]), torch.cat([q.scale for q in parts]),
+                         torch.cat([q.zero for q in parts]), parts[0].bits, parts[0].group_size)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         cols = self.codes.shape[-1]
@@ -153,14 +164,17 @@ def gptq(
         i2 = min(i1 + block, cols)
         W1 = W[:, :, i1:i2].clone()
         err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[:, i1:i2, i1:i2]
+        Hinv1 = Hinv[:, i1:i2, i1:i2].contiguous()  # rows read whole below: a compact copy, not a strided view
         for i in range(i2 - i1):
             col = i1 + i
-            if not act_order and col % g == 0:
-                s, z = group_params(W1[:, :, i : i + g], bits)
-                scale[:, :, col // g], zero[:, :, col // g] = s, z
-            grp = (perm[:, col] // g)[:, None, None].expand(B, rows, 1)
-            s, z = scale.gather(2, grp)[..., 0], zero.gather(2, grp)[..., 0]
+            if not act_order:
+                if col % g == 0:
+                    s, z = group_params(W1[:, :, i : i + g], bits)
+                    scale[:, :, col // g], zero[:, :, col // g] = s, z
+                s, z = scale[:, :, col // g], zero[:, :, col // g]
+            else:
+                grp = (perm[:, col] // g)[:, None, None].expand(B, rows, 1)
+                s, z = scale.gather(2, grp)[..., 0], zero.gather(2, grp)[..., 0]
             w_col = W1[:, :, i]
             q = torch.clamp(torch.round(w_col / s) + z, 0, maxq)
             codes[:, :, col] = q.to(torch.uint8)
@@ -191,13 +205,68 @@ def awq_scale(
     target = x @ w.T
     best = (None, 0.0, math.inf)
     rtn_error = None
+    for alpha, s in awq_candidates(act_mean, grid):
+        wq = rtn(w * s, bits, group_size).dequantize() / s
+        error = (x @ wq.T - target).pow(2).mean().item()
+        if rtn_error is None:
+            rtn_error = error
+        if error < best[2]:
+            best = (s, alpha, error)
+    return best[0], best[1], best[2] / rtn_error if rtn_error else 1.0
+
+
+def awq_candidates(act_mean: torch.Tensor, grid: int) -> Iterator[tuple[float, torch.Tensor]]:
+    """AWQ's grid: ``(alpha, s)`` with ``s = act_mean**alpha`` normalised by ``sqrt(max * min)``, stored as float16."""
     base = act_mean.float().clamp_min(0)
     for k in range(grid):
         alpha = k / grid
         s = base.pow(alpha).clamp(min=1e-4)
-        s = (s / (s.max() * s.min()).sqrt()).half().float()  # stored as float16
-        wq = rtn(w * s, bits, group_size).dequantize() / s
-        error = (x @ wq.T - target).pow(2).mean().item()
+        yield alpha, (s / (s.max() * s.min()).sqrt()).half().float()
+
+
+class RoutedExperts:
+    """A block's routed experts on kept inputs: ``y = sum_e w_e * down_e(act(gate_e x) * up_e x)``.
+
+    ``gate_up [E, 2I, H]``, ``down [E, H, I]``; ``x [n, H]`` with ``index``/``weights
+    [n, k]`` as the experts module receives them. Token lists per expert are found once.
+    """
+
+    def __init__(self, gate_up, down, act, x, index, weights):
+        self.gate_up, self.down, self.act = gate_up, down, act
+        self.x = x.float()
+        self.routes = []
+        for e in index.unique().tolist():
+            if 0 <= e < gate_up.shape[0]:
+                tok, pos = torch.where(index == e)
+                self.routes.append((e, tok, weights[tok, pos].float()[:, None]))
+
+    def output(self, gate_up_of=None) -> torch.Tensor:
+        """The block output; ``gate_up_of(e)`` replaces expert ``e``'s ``gate_up`` (float32) when given."""
+        out = torch.zeros_like(self.x)
+        for e, tok, w in self.routes:
+            gu = self.gate_up[e].float() if gate_up_of is None else gate_up_of(e)
+            gate, up = (self.x[tok] @ gu.T).chunk(2, dim=-1)
+            out.index_add_(0, tok, ((self.act(gate) * up) @ self.down[e].float().T) * w)
+        return out
+
+
+def awq_block_scale(
+    experts: RoutedExperts, act_mean: torch.Tensor, bits: int, group_size: int, grid: int = 20
+) -> tuple[torch.Tensor, float, float]:
+    """AWQ's scale search on a whole MoE block, as llm-awq / AutoAWQ do for MoE models.
+
+    One scale ``s [H]`` for every expert's gate and up (they read the same normed input):
+    for each grid point, every expert's ``Q(gate_up * s) / s`` replaces its ``gate_up``
+    and the error of the block output (down in full precision) is measured on the kept
+    inputs; the grid point with the least error wins (``alpha = 0`` is round-to-nearest).
+    Returns ``(s, best alpha, error ratio to RTN)``. The error is read once per grid point.
+    """
+    target = experts.output()
+    best = (None, 0.0, math.inf)
+    rtn_error = None
+    for alpha, s in awq_candidates(act_mean, grid):
+        out = experts.output(lambda e: rtn(experts.gate_up[e].float() * s, bits, group_size).dequantize() / s)
+        error = (out - target).pow(2).mean().item()
         if rtn_error is None:
             rtn_error = error
         if error < best[2]:

@@ -2,9 +2,11 @@
 
 All three prune the weight matrices of the module kinds in ``targets`` (routed experts
 by default; shared experts, attention and dense MLPs optional) to an unstructured
-``sparsity`` compared within each output row, or to an ``n:m`` pattern. A packed expert
-is pruned as two matrices: ``gate_up [2I, H]`` (gate and up rows share the input) and
-``down [H, I]``. WANDA and SparseGPT calibrate layer-sequentially
+``sparsity`` or to an ``n:m`` pattern (see ``NM_CONVENTION``: ``'2:4'`` keeps 2 of 4).
+Unstructured masks compare within the group each paper uses: a matrix (magnitude), a
+row (WANDA), a block of 128 columns (SparseGPT); the record's ``variant`` says which ran.
+A packed expert's ``gate_up [2I, H]`` holds two matrices (gate rows, then up rows) that
+share the input; ``down [H, I]`` is one. Experts are pruned in place a few at a time. WANDA and SparseGPT calibrate layer-sequentially
 (:mod:`moebench.sequential`): each layer is pruned on the inputs the already-pruned
 layers produce, and each expert only sees the tokens routed to it. Sparsity is stored
 as zeros in the dense tensors (no sparse kernel), which every record notes.
@@ -13,6 +15,7 @@ as zeros in the dense tensors (no sparse kernel), which every record notes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -21,7 +24,7 @@ from moebench.hookspecs import hookimpl
 from moebench.method import Context, Method
 from moebench.params import param
 from moebench.sequential import Group, check_targets, from_context, record_edit, static_steps
-from moebench_plugins.slimming.sparsity import NM, mask_for, nm_holds, sparsegpt, wanda_score
+from moebench_plugins.slimming.sparsity import NM, NM_CONVENTION, mask_for, nm_holds, sparsegpt, wanda_score
 
 MASKED = "sparsity is masked zeros; no sparse kernel"
 NO_TOKENS = "{n} routed expert(s) received no calibration tokens; they were pruned by magnitude"
@@ -29,8 +32,8 @@ NO_TOKENS = "{n} routed expert(s) received no calibration tokens; they were prun
 
 @dataclass
 class PruneParams:
-    sparsity: float = param(0.5, help="fraction of every targeted row's weights set to zero, in [0, 1); ignored when nm is set")
-    nm: str | None = param(None, help="semi-structured pattern 'n:m' (at most n non-zeros in every m consecutive inputs), e.g. '2:4', '4:8'")
+    sparsity: float = param(0.5, help="fraction of the targeted weights set to zero, in [0, 1); ignored when nm is set")
+    nm: str | None = param(None, help="semi-structured pattern: " + NM_CONVENTION)
     targets: list[str] = param(
         default_factory=lambda: ["experts"], help="module kinds pruned: experts, shared, attention, dense"
     )
@@ -48,6 +51,13 @@ class PruneParams:
 
 
 @dataclass
+class MagnitudeParams(PruneParams):
+    scope: Literal["matrix", "row"] = param(
+        "matrix", help="matrix: one threshold per weight matrix (the WANDA / Unified-MoE baseline); row: per output row (moebench's variant)"
+    )
+
+
+@dataclass
 class WandaParams(PruneParams):
     router_weighted: bool = param(
         True, help="MoE-Pruner rule: scale each routed token's input by its routing weight (false: plain WANDA on routed tokens)"
@@ -56,9 +66,16 @@ class WandaParams(PruneParams):
 
 @dataclass
 class SparseGPTParams(PruneParams):
-    router_weighted: bool = param(True, help="weight each routed token's input by its routing weight in the expert Hessians")
+    scope: Literal["block", "row"] = param(
+        "block",
+        help="block: prune the fraction of each block of columns with one threshold across its rows (IST-DASLab/sparsegpt); "
+        "row: every row ends at exactly the ratio (moebench's variant)",
+    )
+    router_weighted: bool = param(
+        False, help="weight each routed token's input by its routing weight in the expert Hessians (false: plain X^T X, as the reference)"
+    )
     damp: float = param(0.01, help="dampening added to the Hessian diagonal, as a fraction of its mean")
-    block_size: int = param(128, help="columns per lazy-update block")
+    block_size: int = param(128, help="columns per lazy-update block (and per mask block with scope = block)")
 
     def check(self):
         super().check()
@@ -68,14 +85,23 @@ class SparseGPTParams(PruneParams):
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
 
 
+def parts_of(group: Group) -> int:
+    """How many ``nn.Linear`` a group's matrices stack: a packed ``gate_up`` is gate and up."""
+    return 2 if group.attr == "gate_up_proj" else 1
+
+
 class _Pruner(Method):
-    """Shared flow: visit each layer's targeted groups, prune them, report what was achieved per module kind."""
+    """Shared flow: visit each layer's targeted groups, prune them in place, report what was achieved per module kind."""
 
     Params = PruneParams
 
     def apply(self, model: MoEModel, params: PruneParams, ctx: Context) -> dict:
         ctx.note(MASKED)
         changes: dict = {"requested": {"nm": params.nm} if params.nm else {"sparsity": params.sparsity}}
+        if params.pattern is not None:
+            changes["nm_pattern"] = params.pattern.describe()
+        else:
+            changes["variant"] = self.variant(params)
         if self.needs_calibration:
             run = from_context(model, ctx, self.name, targets=params.targets, collect=self.collect,
                                router_weighted=params.router_weighted)
@@ -85,7 +111,7 @@ class _Pruner(Method):
         groups: list[Group] = []
         for step in steps:
             for group in step.groups:
-                group.write(self.prune(group, params))
+                self.prune(group, params)
                 groups.append(group)
         if run is not None:
             changes["calibration"] = run.summary()
@@ -94,51 +120,92 @@ class _Pruner(Method):
         record_edit(model, self.name, params)
         return {**changes, **achieved(groups, params.pattern)}
 
-    def prune(self, group: Group, params) -> torch.Tensor:
+    def variant(self, params) -> str:
+        """Which unstructured rule ran, for the record."""
+        raise NotImplementedError
+
+    def prune(self, group: Group, params) -> None:
+        """Zero the pruned weights of ``group`` in place."""
         raise NotImplementedError
 
 
 class Magnitude(_Pruner):
-    """Prune the smallest-magnitude weights of each row (data-free baseline)."""
+    """Prune the smallest-magnitude weights (data-free baseline of WANDA, arXiv 2306.11695, github.com/locuslab/wanda,
+    and of the Unified-MoE study, github.com/DaizeDong/Unified-MoE-Compression).
+
+    Default ``scope = "matrix"``: one threshold per weight matrix, as both references do
+    (a packed expert's gate and up are two matrices). ``scope = "row"`` is moebench's
+    variant comparing within each output row (the comparison group WANDA uses).
+    """
 
     name = "magnitude"
+    Params = MagnitudeParams
 
-    def prune(self, group: Group, params: PruneParams) -> torch.Tensor:
-        w = group.weight.float()
-        return w.masked_fill(mask_for(w.abs(), params.sparsity, params.pattern), 0.0)
+    def variant(self, params: MagnitudeParams) -> str:
+        return "matrix: one threshold per weight matrix (reference)" if params.scope == "matrix" else "row: one threshold per output row (moebench variant)"
+
+    def prune(self, group: Group, params: MagnitudeParams) -> None:
+        weight = group.weight
+        for c in group.chunks():
+            w = weight[c]
+            w.masked_fill_(mask_for(w.float().abs(), params.sparsity, params.pattern, params.scope, parts_of(group)), 0.0)
 
 
 class Wanda(_Pruner):
-    """WANDA |W|·‖X‖ per row; for routed experts the MoE-Pruner rule (inputs scaled by routing weight)."""
+    """WANDA (arXiv 2306.11695, github.com/locuslab/wanda): ``|W|·‖X‖`` compared per output row; for routed
+    experts the MoE-Pruner rule (arXiv 2410.12013): each routed token's input scaled by its routing weight.
+
+    Checked against fusion_bench's MoE-Pruner on the same model and tokens: identical masks.
+    """
 
     name = "wanda"
     Params = WandaParams
     needs_calibration = True
     collect = ("sq",)
 
-    def prune(self, group: Group, params: WandaParams) -> torch.Tensor:
-        w = group.weight.float()
+    def variant(self, params: WandaParams) -> str:
+        return "row: |W|*||X|| per output row" + (" with routing-weighted inputs (MoE-Pruner)" if params.router_weighted else "")
+
+    def prune(self, group: Group, params: WandaParams) -> None:
+        weight = group.weight
         sq = group.stats.sq.clone()
         sq[group.stats.tokens == 0] = 1.0  # no routed tokens: plain magnitude
-        return w.masked_fill(mask_for(wanda_score(w, sq), params.sparsity, params.pattern), 0.0)
+        for c in group.chunks():
+            w = weight[c]
+            w.masked_fill_(mask_for(wanda_score(w, sq[c]), params.sparsity, params.pattern), 0.0)
 
 
 class SparseGPT(_Pruner):
-    """SparseGPT: OBS saliency masks with second-order error compensation, per expert on its routed tokens."""
+    """SparseGPT (arXiv 2301.00774, github.com/IST-DASLab/sparsegpt): OBS saliency masks with second-order error
+    compensation, per expert on its routed tokens (as the Unified-MoE repository's prune.py runs it per expert).
+
+    Defaults are the reference's: per-block masks (see :func:`sparsegpt`), unweighted
+    Hessians ``X^T X``, dead inputs zeroed. Options keep moebench's earlier variants:
+    ``scope = "row"`` (exact per-row ratio) and ``router_weighted`` Hessians (each token
+    weighted by its routing weight, the MoE-Pruner idea applied to SparseGPT).
+    """
 
     name = "sparsegpt"
     Params = SparseGPTParams
     needs_calibration = True
     collect = ("hessian",)
 
-    def prune(self, group: Group, params: SparseGPTParams) -> torch.Tensor:
-        h = group.stats.hessian
-        unseen = group.stats.tokens == 0
-        if unseen.any():  # identity Hessian: magnitude saliency, no compensation
-            h = h.clone()
-            h[unseen] = torch.eye(h.shape[-1], device=h.device)
-        new, _ = sparsegpt(group.weight, h, params.sparsity, params.pattern, params.damp, params.block_size)
-        return new
+    def variant(self, params: SparseGPTParams) -> str:
+        scope = ("block: one threshold per block of columns per matrix (reference)" if params.scope == "block"
+                 else "row: exact ratio per row (moebench variant)")
+        return scope + ("; routing-weighted Hessians (moebench variant)" if params.router_weighted else "; unweighted Hessians (reference)")
+
+    def prune(self, group: Group, params: SparseGPTParams) -> None:
+        weight = group.weight
+        for c in group.chunks():
+            h = group.stats.hessian[c]
+            unseen = group.stats.tokens[c] == 0
+            if unseen.any():  # identity Hessian: magnitude saliency, no compensation
+                h = h.clone()
+                h[unseen] = torch.eye(h.shape[-1], device=h.device)
+            new, _ = sparsegpt(weight[c], h, params.sparsity, params.pattern, params.damp, params.block_size,
+                               params.scope, parts_of(group))
+            weight[c] = new.to(weight.dtype)
 
 
 def achieved(groups: list[Group], nm: NM | None) -> dict:

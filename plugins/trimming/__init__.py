@@ -1,4 +1,9 @@
-"""Expert trimming: expert drop, layer drop, block drop (He, Dong et al., arXiv 2406.02500).
+"""Expert trimming: expert drop, layer drop, block drop (He, Dong et al., arXiv 2406.02500),
+REAP (:mod:`.reap`) and NAEE's combination search (:mod:`.naee`).
+
+Reference code: the Unified-MoE-Compression repository (DaizeDong/Unified-MoE-Compression,
+``compression/prune/{expert_drop,block_drop}.py``). Defaults follow it; moebench's own
+variants stay available as named options and every record says which one ran.
 
 All three read calibration statistics from the shared service and edit the model only
 through :class:`moebench.adapter.MoEModel`, so they work on every adapted architecture
@@ -25,11 +30,29 @@ class ExpertDropParams:
     keep_ratio: float | None = param(0.5, help="fraction of each layer's routed experts kept (ignored when keep is set)")
     keep: int | None = param(None, help="experts kept per layer (layer scope) or on average (global scope)")
     criterion: Literal["frequency", "score", "reconstruction", "random"] = param(
-        "frequency",
-        help="frequency: most selected; score: most router-probability mass; "
-        "reconstruction: greedy removal that least changes the block's output; random: baseline",
+        "score",
+        help="score: highest mean routing score (the reference's criterion); frequency: most selected "
+        "(moebench's variant); reconstruction: greedy removal that least changes the block's output; random: baseline",
+    )
+    score: Literal["auto", "prob", "routed"] = param(
+        "auto",
+        help="what the score criterion averages over calibration tokens: prob: the router's full probabilities "
+        "(the reference for Mixtral-style routers); routed: the selected experts' weights, zero elsewhere (the "
+        "reference for DeepSeek, whose gate returns only its top-k); auto: the reference's choice for the architecture",
     )
     scope: Literal["layer", "global"] = param("layer", help="layer: same count per layer; global: one budget, counts differ")
+    global_floor: Literal["one", "top_k"] = param(
+        "one",
+        help="experts every layer keeps under global scope: one (the reference ranks all layers' scores together "
+        "with no floor; moebench keeps at least one expert so no MoE block vanishes) or top_k (moebench's variant)",
+    )
+    reverse_drop: bool = param(False, help="drop the highest-ranked experts instead (the reference's reverse_drop ablation)")
+    preserve_gate: bool = param(
+        False,
+        help="keep the router's full width: tokens routed to a dropped expert lose that expert's contribution "
+        "instead of being re-routed to kept ones (the reference's preserve_gate); the dropped experts are zeroed "
+        "in place, so parameter counts do not shrink",
+    )
     top_k: int | None = param(None, help="new experts-per-token after the drop (default: unchanged)")
     seed: int = param(0, help="seed for the random criterion")
 
@@ -45,7 +68,16 @@ class ExpertDropParams:
 
 
 class ExpertDrop(Method):
-    """Drop the least important routed experts of each MoE layer; router rows sliced to match."""
+    """Drop the least important routed experts of each MoE layer; router rows sliced to match.
+
+    He, Dong et al., "Demystifying the Compression of Mixture-of-Experts Through a Unified
+    Framework" (arXiv 2406.02500); reference: DaizeDong/Unified-MoE-Compression. The default
+    ranks experts by their mean routing score over calibration tokens, as the reference does.
+    Deviations, each a named option: ``criterion = "frequency"`` (selection counts) and
+    ``"reconstruction"`` are moebench's; ``global_floor = "one"`` keeps one expert where the
+    reference may empty a layer; ``preserve_gate`` zeroes dropped experts in place rather
+    than removing them behind a re-mapped router (same outputs, no size saving).
+    """
 
     name = "expert_drop"
     Params = ExpertDropParams
@@ -67,6 +99,13 @@ class ExpertDrop(Method):
             params.criterion
         ]
 
+    @staticmethod
+    def score_source(model: MoEModel, params: ExpertDropParams) -> str:
+        """``prob`` or ``routed``: the reference reads DeepSeek's gate top-k weights and Mixtral's full softmax."""
+        if params.score != "auto":
+            return params.score
+        return "routed" if str(getattr(model.config, "model_type", "")).startswith("deepseek") else "prob"
+
     def apply(self, model: MoEModel, params: ExpertDropParams, ctx: Context) -> dict:
         blocks = list(model.blocks())
         budgets = {b.layer: _count(b.num_experts, params) for b in blocks}
@@ -79,11 +118,17 @@ class ExpertDrop(Method):
             keeps = {b.layer: _greedy_reconstruction(b, io[b.layer], budgets[b.layer]) for b in blocks}
         else:
             scores = _scores(model, blocks, params, ctx)
+            if params.reverse_drop:  # rank the other way round: the best experts go first
+                scores = {layer: -s for layer, s in scores.items()}
             if params.scope == "global":
-                budgets = _global_budgets(blocks, scores, sum(budgets.values()))
+                floor = {b.layer: 1 if params.global_floor == "one" else min(b.top_k, b.num_experts) for b in blocks}
+                budgets = _global_budgets(blocks, scores, sum(budgets.values()), floor)
             keeps = {b.layer: sorted(torch.argsort(scores[b.layer], descending=True)[: budgets[b.layer]].tolist()) for b in blocks}
         before = {b.layer: b.num_experts for b in blocks}
         for b in blocks:
+            if params.preserve_gate:
+                model.zero_experts(b.layer, sorted(set(range(b.num_experts)) - set(keeps[b.layer])))
+                continue
             for note in model.keep_experts(b.layer, keeps[b.layer]):
                 ctx.note(f"layer {b.layer}: {note}")
             if params.top_k is not None:
@@ -94,6 +139,13 @@ class ExpertDrop(Method):
             "experts_before": sum(before.values()),
             "experts_after": sum(len(k) for k in keeps.values()),
             "top_k": {b.layer: model.block(b.layer).top_k for b in blocks},
+            "variant": {
+                "criterion": params.criterion,
+                **({"score": self.score_source(model, params)} if params.criterion == "score" else {}),
+                **({"global_floor": params.global_floor} if params.scope == "global" else {}),
+                "reverse_drop": params.reverse_drop,
+                "routing": "tokens of dropped experts dropped (router width kept)" if params.preserve_gate else "re-routed to kept experts",
+            },
         }
 
 
@@ -111,14 +163,15 @@ def _scores(model: MoEModel, blocks: list[MoEBlock], p: ExpertDropParams, ctx: C
         raw = ctx.stats(model, "routing_counts")["routing_counts"]
         raw = {layer: counts.double() for layer, counts in raw.items()}
     else:
-        raw = {layer: mass["prob"].double() for layer, mass in ctx.stats(model, "router_mass")["router_mass"].items()}
+        source = ExpertDrop.score_source(model, p)
+        raw = {layer: mass[source].double() for layer, mass in ctx.stats(model, "router_mass")["router_mass"].items()}
     # a tiny index-based tie-break keeps the order deterministic when counts are equal
     return {b.layer: raw[b.layer] / raw[b.layer].sum().clamp_min(1e-12) - 1e-12 * torch.arange(b.num_experts) for b in blocks}
 
 
-def _global_budgets(blocks: list[MoEBlock], scores: dict[int, torch.Tensor], total: int) -> dict[int, int]:
-    """Spend one expert budget across layers by normalised score; every layer keeps at least top-k."""
-    budgets = {b.layer: min(b.top_k, b.num_experts) for b in blocks}
+def _global_budgets(blocks: list[MoEBlock], scores: dict[int, torch.Tensor], total: int, floor: dict[int, int] | None = None) -> dict[int, int]:
+    """Spend one expert budget across layers by normalised score; each layer keeps at least its floor (default top-k)."""
+    budgets = dict(floor) if floor is not None else {b.layer: min(b.top_k, b.num_experts) for b in blocks}
     ranked = sorted(
         ((s.item(), b.layer, rank) for b in blocks for rank, s in enumerate(torch.sort(scores[b.layer], descending=True).values)),
         reverse=True,
@@ -207,6 +260,11 @@ class BlockDropParams:
         help="one_shot: the n blocks whose output is most similar to their input; iterative: remove one, "
         "recalibrate, repeat; consecutive: the run of n blocks whose span changes the stream least",
     )
+    span: Literal["reference", "exact"] = param(
+        "reference",
+        help="consecutive mode's score: reference: similarity of the stream n + 1 blocks apart, as the reference "
+        "code indexes it (similarities[:, drop_n]), so published numbers reproduce; exact: across the n dropped blocks only",
+    )
 
     def check(self):
         if self.n < 1:
@@ -214,7 +272,14 @@ class BlockDropParams:
 
 
 class BlockDrop(Method):
-    """Remove whole decoder blocks by input/output similarity; config and layer count updated."""
+    """Remove whole decoder blocks by input/output similarity; config and layer count updated.
+
+    He, Dong et al. (arXiv 2406.02500), reference DaizeDong/Unified-MoE-Compression
+    ``block_drop.py``. Its consecutive mode scores a start block ``s`` by the cosine between
+    the stream entering ``s`` and the one entering ``s + n + 1`` (one block past the run it
+    drops); that is the default (``span = "reference"``). ``span = "exact"`` is moebench's
+    variant, scoring exactly the ``n`` blocks removed.
+    """
 
     name = "block_drop"
     Params = BlockDropParams
@@ -241,16 +306,32 @@ class BlockDrop(Method):
         else:
             sim = ctx.stats(model, "layer_similarity")["layer_similarity"]
             if params.mode == "consecutive":
-                start = max(range(total - params.n + 1), key=lambda s: sim[s, s + params.n].item())
+                gap = params.n + 1 if params.span == "reference" else params.n
+                if total - gap < 0:
+                    raise ValueError(f"n={params.n} with span='reference' needs n + 1 <= {total} blocks; use span='exact'")
+                start = max(range(total - gap + 1), key=lambda s: sim[s, s + gap].item())
                 dropped = list(range(start, start + params.n))
-                scores = {start: round(sim[start, start + params.n].item(), 6)}
+                scores = {start: round(sim[start, start + gap].item(), 6)}
             else:
                 scores = {i: round(sim[i, i + 1].item(), 6) for i in range(total)}
                 dropped = sorted(scores, key=scores.get, reverse=True)[: params.n]
             model.drop_layers(dropped)
-        return {"dropped_blocks": sorted(dropped), "blocks_before": total, "blocks_after": len(model.layers), "similarity": scores}
+        changes = {"dropped_blocks": sorted(dropped), "blocks_before": total, "blocks_after": len(model.layers), "similarity": scores}
+        if params.mode == "consecutive":
+            changes["span"] = params.span
+        return changes
 
 
 @hookimpl
 def register_methods():
-    return [ExpertDrop, LayerDrop, BlockDrop]
+    from .naee import Naee
+    from .reap import Reap
+
+    return [ExpertDrop, LayerDrop, BlockDrop, Reap, Naee]
+
+
+@hookimpl
+def register_statistics():
+    from .reap import ReapSaliency
+
+    return [ReapSaliency]

@@ -1,0 +1,98 @@
+"""Which results may share a table: same model, same evaluation data, split, sequence length and sample count.
+
+A record's *evaluation spec* is its model (source and dtype) and every ``[eval.NAME]``
+table it was measured with (``record["evals"]``; older records without it fall back to
+what the perplexity metric recorded about itself), minus settings that do not change
+the figures (batch size, bootstrap iterations, logging). Report, compare and
+leaderboard put records side by side only when their specs are identical; otherwise
+they show separate groups, each labelled by the settings that differ.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Iterable
+
+#: eval-table fields that do not change what a metric measures
+IGNORED = {"batch_size", "bootstrap_iters", "log_samples", "fresh_process", "checkpoint_dir", "checkpoint", "output_path"}
+
+
+def evals_of(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ``[eval.NAME]`` tables a record was measured with (``record["evals"]``).
+
+    Records older than that field are described by what their perplexity metric recorded
+    about itself (data, split, seqlen and ``windows``, the sample count used).
+    """
+    if isinstance(record.get("evals"), dict):
+        return {k: dict(v or {}) for k, v in record["evals"].items() if isinstance(v, dict)}
+    ppl = (record.get("metrics") or {}).get("perplexity")
+    if isinstance(ppl, dict):
+        return {"perplexity": {k: ppl.get(k) for k in ("data", "split", "seqlen", "windows")}}
+    return {}
+
+
+def spec(record: dict[str, Any], tables: Iterable[str] | None = None) -> dict[str, Any]:
+    """Flat evaluation spec: ``model``, ``dtype`` and ``<eval>.<field>`` (only ``tables`` when given)."""
+    model = record.get("model") or {}
+    out: dict[str, Any] = {"model": model.get("source"), "dtype": model.get("dtype")}
+    wanted = None if tables is None else set(tables)
+    for table, params in sorted(evals_of(record).items()):
+        if wanted is not None and table not in wanted:
+            continue
+        for key, value in sorted(params.items()):
+            if key not in IGNORED:
+                out[f"{table}.{key}"] = value
+    return out
+
+
+def table_of(metric: str) -> str:
+    """The eval table a metric column comes from (``perplexity`` -> perplexity, ``lm_eval.x.acc`` -> lm_eval)."""
+    head = metric.split(".")[0]
+    return {"flops_per_token": "flops", "peak_memory_bytes": "memory", "lm_eval_info": "lm_eval"}.get(head, head)
+
+
+def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """``field: a → b`` for every setting in which two specs differ.
+
+    Model and dtype always count; a setting only one side states (a record older than
+    ``record["evals"]`` states fewer) is not a difference, since nothing is known about it.
+    """
+    keys = [k for k in sorted(set(a) | set(b)) if "." not in k or (k in a and k in b)]
+    return [f"{k}: {_show(a.get(k))} → {_show(b.get(k))}" for k in keys if a.get(k) != b.get(k)]
+
+
+@dataclass
+class Group:
+    """Records with one identical evaluation spec, within one outer key (a suite, a model, a metric)."""
+
+    key: Hashable
+    spec: dict[str, Any]
+    records: list[dict[str, Any]] = field(default_factory=list)
+    label: str = ""  # the settings that set it apart from the other groups of its key ("" when alone)
+
+
+def group(
+    records: Iterable[dict[str, Any]],
+    key: Callable[[dict[str, Any]], Hashable] = lambda r: None,
+    tables: Callable[[dict[str, Any]], Iterable[str] | None] = lambda r: None,
+) -> list[Group]:
+    """Split ``records`` by ``key`` and then by evaluation spec; label groups that share a key by what differs."""
+    groups: dict[tuple, Group] = {}
+    for r in records:
+        s = spec(r, tables(r))
+        k = (key(r), json.dumps(s, sort_keys=True, default=str))
+        groups.setdefault(k, Group(key(r), s)).records.append(r)
+    by_key: dict[Hashable, list[Group]] = {}
+    for g in groups.values():
+        by_key.setdefault(g.key, []).append(g)
+    for siblings in by_key.values():
+        if len(siblings) > 1:
+            fields = sorted({f for g in siblings for f in g.spec if len({_show(s.spec.get(f)) for s in siblings}) > 1})
+            for g in siblings:
+                g.label = ", ".join(f"{f}={_show(g.spec.get(f))}" for f in fields)
+    return list(groups.values())
+
+
+def _show(value: Any) -> str:
+    return "unset" if value is None else value if isinstance(value, str) else json.dumps(value)

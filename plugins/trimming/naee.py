@@ -1,0 +1,112 @@
+"""NAEE expert pruning ("Not All Experts are Equal: Efficient Expert Pruning and Skipping
+for Mixture-of-Experts Large Language Models", Lu et al., ACL 2024, arXiv 2402.14800;
+reference Lucky-Lance/Expert_Sparsity, ``method/expert_pruning.py``).
+
+Per MoE layer, the kept experts are the combination whose block output on calibration
+tokens is closest to the full block's (sum of squared differences), routing renormalised
+over the kept experts exactly as the architecture does. Every combination is tried when
+there are at most ``max_combinations`` of them (the paper enumerates, e.g. C(8, 6) = 28
+for Mixtral); beyond that the search falls back to greedy removal (drop, one at a time,
+the expert whose removal changes the output least), which is recorded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from moebench.adapter import MoEBlock, experts_subset
+from moebench.method import Context, Method
+from moebench.params import param
+
+
+@dataclass
+class NaeeParams:
+    keep_ratio: float | None = param(0.5, help="fraction of each layer's routed experts kept (ignored when keep is set)")
+    keep: int | None = param(None, help="experts kept per layer")
+    max_combinations: int = param(5000, help="largest number of combinations searched exhaustively per layer (more: greedy removal)")
+    top_k: int | None = param(None, help="new experts-per-token after pruning (default: unchanged)")
+
+    def check(self):
+        if self.keep is None and self.keep_ratio is None:
+            raise ValueError("keep_ratio: set keep_ratio or keep")
+        if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.keep is not None and self.keep < 1:
+            raise ValueError(f"keep must be >= 1, got {self.keep}")
+        if self.max_combinations < 1:
+            raise ValueError(f"max_combinations must be >= 1, got {self.max_combinations}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+
+
+@torch.no_grad()
+def subset_loss(block: MoEBlock, x: torch.Tensor, target: torch.Tensor, keep: list[int]) -> float:
+    """Squared distance between the block's output with only experts ``keep`` and ``target``."""
+    with experts_subset(block, keep) as trial:
+        out = trial(x.unsqueeze(0)).squeeze(0).float()
+    return ((out - target) ** 2).sum().item()
+
+
+@torch.no_grad()
+def best_combination(block: MoEBlock, io: dict, budget: int, max_combinations: int) -> tuple[list[int], float, bool]:
+    """``(kept experts, loss, exhaustive)``: the best ``budget`` experts by reconstruction loss."""
+    x = io["input"].to(block.gate_up_proj.device, block.gate_up_proj.dtype)
+    target = io["output"].to(x.device).float()
+    n = block.num_experts
+    if math.comb(n, budget) <= max_combinations:
+        best, best_loss = None, math.inf
+        for combo in itertools.combinations(range(n), budget):
+            loss = subset_loss(block, x, target, list(combo))
+            if loss < best_loss:
+                best, best_loss = list(combo), loss
+        return best, best_loss, True
+    keep = list(range(n))
+    while len(keep) > budget:
+        losses = [subset_loss(block, x, target, [k for k in keep if k != e]) for e in keep]
+        keep.remove(keep[min(range(len(losses)), key=losses.__getitem__)])
+    return keep, subset_loss(block, x, target, keep), False
+
+
+class Naee(Method):
+    """NAEE expert pruning (Lu et al. 2024, arXiv 2402.14800): keep the expert combination that best reconstructs each layer's output.
+
+    Reference: Lucky-Lance/Expert_Sparsity. Exhaustive over combinations up to
+    ``max_combinations`` per layer; deviation: larger layers (e.g. 64 experts) use greedy
+    removal, since enumeration is intractable there (the paper covers Mixtral's 8).
+    """
+
+    name = "naee"
+    Params = NaeeParams
+    stats = ("moe_io",)
+
+    def apply(self, model, params: NaeeParams, ctx: Context) -> dict:
+        from . import _count
+
+        io = ctx.stats(model, "moe_io")["moe_io"]
+        blocks = list(model.blocks())
+        before = {b.layer: b.num_experts for b in blocks}
+        keeps, losses, search = {}, {}, {}
+        for b in blocks:
+            budget = _count(b.num_experts, params)
+            keeps[b.layer], losses[b.layer], exhaustive = best_combination(b, io[b.layer], budget, params.max_combinations)
+            search[b.layer] = "exhaustive" if exhaustive else "greedy"
+        if any(s == "greedy" for s in search.values()):
+            ctx.note(f"naee: more than {params.max_combinations} combinations in some layers: greedy removal there (see changes.search)")
+        for b in blocks:
+            for note in model.keep_experts(b.layer, keeps[b.layer]):
+                ctx.note(f"layer {b.layer}: {note}")
+            if params.top_k is not None:
+                model.set_top_k(b.layer, min(params.top_k, len(keeps[b.layer])))
+        return {
+            "kept": keeps,
+            "dropped": {layer: sorted(set(range(before[layer])) - set(k)) for layer, k in keeps.items()},
+            "reconstruction_loss": {layer: round(v, 6) for layer, v in losses.items()},
+            "search": search,
+            "experts_before": sum(before.values()),
+            "experts_after": sum(len(k) for k in keeps.values()),
+            "top_k": {b.layer: model.block(b.layer).top_k for b in blocks},
+        }

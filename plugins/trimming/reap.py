@@ -1,0 +1,139 @@
+"""REAP: Router-weighted Expert Activation Pruning (Lasby et al., "REAP the Experts: Why
+Pruning Prevails for One-Shot MoE Compression", arXiv 2510.13999; reference
+CerebrasResearch/reap, ``observer.py``).
+
+An expert's saliency is the mean, over the calibration tokens routed to it (it is in the
+token's top-k), of its gate value times the L2 norm of its output:
+
+    S_j = 1/|X_j| * sum_{x in X_j} g_j(x) * ||f_j(x)||_2
+
+``g_j`` is the router's score for expert ``j`` over all experts (softmax, or the
+architecture's own scoring, e.g. sigmoid for DeepSeek-V3), as the reference does by
+default; ``renormalize = true`` divides it by the token's top-k mass (the reference's
+``renormalize_router_weights``). Each layer keeps its most salient experts; the router
+rows are sliced to match, so routing renormalises over the kept experts exactly as the
+architecture does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from moebench.calibration import Statistic
+from moebench.method import Context, Method
+from moebench.params import param
+
+
+class ReapSaliency(Statistic):
+    """Per expert, the sum over routed tokens of ``gate x ||expert output||`` and the routed-token count.
+
+    ``{layer: {"sum": [E], "sum_renorm": [E], "count": [E]}}`` (float64 sums): ``sum`` uses
+    the router's full score, ``sum_renorm`` that score divided by the token's top-k mass.
+    Each expert runs on exactly the tokens the router sends it, once per calibration token.
+    """
+
+    name = "reap"
+
+    def __init__(self, model, seed=0):
+        super().__init__(model, seed)
+        self.sums: dict[int, dict[str, torch.Tensor]] = {}
+
+    def attach(self) -> list:
+        handles = []
+        for block in self.model.blocks():
+            def hook(module, args, output, block=block):
+                x = args[0].detach()
+                logits, _, indices = self.model.adapter.route(output)
+                self._update(block, x.reshape(-1, x.shape[-1]), logits.detach(), indices.detach())
+
+            handles.append(block.router.register_forward_hook(hook))
+        return handles
+
+    @torch.no_grad()
+    def _update(self, block, x: torch.Tensor, logits: torch.Tensor, indices: torch.Tensor) -> None:
+        n = block.num_experts
+        probs = block.probabilities(logits).double()
+        mass = probs.gather(1, indices).sum(1).clamp_min(torch.finfo(torch.float64).eps)
+        entry = self.sums.setdefault(
+            block.layer, {k: torch.zeros(n, dtype=torch.float64) for k in ("sum", "sum_renorm", "count")}
+        )
+        for e in range(n):
+            tok = (indices == e).any(dim=-1).nonzero().squeeze(-1)
+            if tok.numel() == 0:
+                continue
+            norms = block.expert_forward(e, x[tok]).double().norm(dim=-1)
+            g = probs[tok, e]
+            entry["sum"][e] += (g * norms).sum().item()
+            entry["sum_renorm"][e] += (g / mass[tok] * norms).sum().item()
+            entry["count"][e] += tok.numel()
+
+    def result(self):
+        return self.sums
+
+
+def reap_scores(entry: dict[str, torch.Tensor], renormalize: bool = False) -> torch.Tensor:
+    """``S_j`` per expert from the statistic's sums (0 for an expert no token was routed to)."""
+    total = entry["sum_renorm" if renormalize else "sum"]
+    return torch.where(entry["count"] > 0, total / entry["count"].clamp_min(1), torch.zeros_like(total))
+
+
+@dataclass
+class ReapParams:
+    keep_ratio: float | None = param(0.5, help="fraction of each layer's routed experts kept (ignored when keep is set)")
+    keep: int | None = param(None, help="experts kept per layer")
+    renormalize: bool = param(False, help="gate value divided by the token's top-k score mass (the reference's renormalize_router_weights)")
+    scope: Literal["layer", "global"] = param("layer", help="layer: same count per layer; global: one budget across layers by normalised saliency")
+    top_k: int | None = param(None, help="new experts-per-token after pruning (default: unchanged)")
+
+    def check(self):
+        if self.keep is None and self.keep_ratio is None:
+            raise ValueError("keep_ratio: set keep_ratio or keep")
+        if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.keep is not None and self.keep < 1:
+            raise ValueError(f"keep must be >= 1, got {self.keep}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+
+
+class Reap(Method):
+    """REAP (Lasby et al. 2025, arXiv 2510.13999): prune the experts with the lowest mean routed gate x output norm.
+
+    Reference: CerebrasResearch/reap. Deviation: global scope (one budget across layers)
+    is a moebench option; the paper prunes the same fraction in every layer.
+    """
+
+    name = "reap"
+    Params = ReapParams
+    stats = ("reap",)
+
+    def apply(self, model, params: ReapParams, ctx: Context) -> dict:
+        from . import _count, _global_budgets
+
+        sums = ctx.stats(model, "reap")["reap"]
+        blocks = list(model.blocks())
+        scores = {b.layer: reap_scores(sums[b.layer], params.renormalize) for b in blocks}
+        budgets = {b.layer: _count(b.num_experts, params) for b in blocks}
+        if params.scope == "global":
+            normed = {k: s / s.sum().clamp_min(1e-30) - 1e-12 * torch.arange(s.numel()) for k, s in scores.items()}
+            budgets = _global_budgets(blocks, normed, sum(budgets.values()))
+        before = {b.layer: b.num_experts for b in blocks}
+        keeps = {}
+        for b in blocks:
+            order = sorted(range(b.num_experts), key=lambda e: (-scores[b.layer][e].item(), e))
+            keeps[b.layer] = sorted(order[: budgets[b.layer]])
+            for note in model.keep_experts(b.layer, keeps[b.layer]):
+                ctx.note(f"layer {b.layer}: {note}")
+            if params.top_k is not None:
+                model.set_top_k(b.layer, min(params.top_k, len(keeps[b.layer])))
+        return {
+            "kept": keeps,
+            "dropped": {layer: sorted(set(range(before[layer])) - set(k)) for layer, k in keeps.items()},
+            "saliency": {layer: [round(v, 6) for v in s.tolist()] for layer, s in scores.items()},
+            "experts_before": sum(before.values()),
+            "experts_after": sum(len(k) for k in keeps.values()),
+            "top_k": {b.layer: model.block(b.layer).top_k for b in blocks},
+        }
