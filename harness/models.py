@@ -165,7 +165,8 @@ def load_config(path, *, trust_remote_code: bool = False):
 
     file = Path(path) / "config.json"
     raw = json.loads(file.read_text()) if file.is_file() else {}
-    real = (raw.get("moebench") or {}).get("model_type")
+    marker = raw.get("moebench")
+    real = marker.get("model_type") if isinstance(marker, dict) else None
     if not real or raw.get("model_type") == real:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING

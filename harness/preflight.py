@@ -120,6 +120,11 @@ def check_model_source(suite) -> ModelShape | None:
 
         name, _ = zoo.parse_source(source[4:])
         return _zoo_shape(name)
+    if source.startswith("twin:"):
+        from . import twin
+
+        name, options = twin.parse_source(source[5:])
+        return _twin_shape(name, options.get("layers"))
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -170,6 +175,14 @@ def _zoo_shape(name: str) -> ModelShape:
     from . import zoo
 
     return shape_of(zoo.config(name), f"zoo:{name}")
+
+
+@lru_cache(maxsize=16)
+def _twin_shape(name: str, layers: int | None) -> ModelShape:
+    """A shape twin's shape: its published config at the asked depth (no weights written)."""
+    from . import twin
+
+    return shape_of(twin.config(name, layers=layers), f"twin:{name}")
 
 
 def shape_of(config, source: str) -> ModelShape:

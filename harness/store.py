@@ -23,7 +23,7 @@ class DiskFull(MoebenchError):
 
 
 #: fields every record has (what reports index by)
-RECORD_FIELDS = {"run_id": str, "name": str, "status": str}
+RECORD_FIELDS = {"run_id": str, "status": str}
 
 
 def record_problem(obj: Any) -> str | None:
@@ -33,6 +33,8 @@ def record_problem(obj: Any) -> str | None:
     for key, kind in RECORD_FIELDS.items():
         if not isinstance(obj.get(key), kind):
             return f"a record without a {key} string"
+    if not isinstance(obj.get("name", ""), str):
+        return "a record whose name is not a string"
     if not isinstance(obj.get("metrics", {}), dict):
         return "a record whose metrics is not a table"
     if not isinstance(obj.get("pipeline", []), list):

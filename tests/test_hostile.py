@@ -410,7 +410,7 @@ def test_suite_path_that_is_a_folder(tmp_path, capsys, monkeypatch):
 GOOD = {"run_id": "r1", "suite": "s", "name": "baseline", "entry": "baseline", "status": "ok", "pipeline": [], "metrics": {"perplexity": 10.0}, "changes": {}, "grid": {}}
 
 
-@pytest.mark.parametrize("bad", ["null", "[1, 2]", "42", '"text"', '{"run_id": 3}', '{"run_id": "x", "name": "y", "status": "ok", "metrics": []}', "{not json"])
+@pytest.mark.parametrize("bad", ["null", "[1, 2]", "42", '"text"', '{"run_id": 3}', '{"run_id": "x"}', '{"run_id": "x", "name": "y", "status": "ok", "metrics": []}', "{not json"])
 def test_report_and_merge_skip_non_records_and_say_so(tmp_path, capsys, monkeypatch, bad):
     results = tmp_path / "results.jsonl"
     results.write_text(json.dumps(GOOD) + "\n" + bad + "\n" + json.dumps({**GOOD, "run_id": "r2", "name": "other", "entry": "other"}) + "\n")
