@@ -7,7 +7,9 @@ GPTQ, bitsandbytes NF4 / FP4) whose bytes are measured from the state dict; then
 methods on every Linear layer too (shared experts, attention, dense MLP). Besides
 perplexity, the mean per-token KL divergence from the uncompressed model's predictions
 shows how faithful each method is when perplexity barely moves. Every method starts from
-the same loaded model and calibrates layer-sequentially on the same windows.
+the same loaded model and calibrates layer-sequentially on the same windows. Rows marked
+"(old: ...)" run moebench's earlier variants (now named options) beside the reference
+defaults of issue #16.
 
 The default model is the zoo DeepSeek-V2 model trained five times longer than its
 default build (2,500 steps, built on first use, ~16 CPU minutes): in the 500-step build
@@ -46,16 +48,23 @@ RUNS = [
     ("wanda 50% (plain, routed tokens)", "wanda", {"sparsity": 0.5, "router_weighted": False}),
     ("wanda 50% (MoE-Pruner rule)", "wanda", {"sparsity": 0.5}),
     ("sparsegpt 50%", "sparsegpt", {"sparsity": 0.5}),
+    ("magnitude 50% (old: per row)", "magnitude", {"sparsity": 0.5, "scope": "row"}),
+    ("sparsegpt 50% (old: per-row budget, weighted H)", "sparsegpt", {"sparsity": 0.5, "scope": "row", "router_weighted": True}),
     ("magnitude 2:4", "magnitude", {"nm": "2:4"}),
     ("wanda 2:4 (MoE-Pruner rule)", "wanda", {"nm": "2:4"}),
     ("sparsegpt 2:4", "sparsegpt", {"nm": "2:4"}),
+    ("sparsegpt 2:4 (old: weighted H)", "sparsegpt", {"nm": "2:4", "router_weighted": True}),
     ("rtn 4-bit g128", "rtn", {"bits": 4, "group_size": 128}),
     ("gptq 4-bit g128", "gptq", {"bits": 4, "group_size": 128}),
     ("gptq 4-bit g128 act-order", "gptq", {"bits": 4, "group_size": 128, "act_order": True}),
     ("awq 4-bit g128", "awq", {"bits": 4, "group_size": 128}),
+    ("gptq 4-bit g128 (old: parallel, weighted H)", "gptq", {"bits": 4, "group_size": 128, "true_sequential": False, "router_weighted": True}),
+    ("awq 4-bit g128 (old: per matrix, weighted)", "awq", {"bits": 4, "group_size": 128, "objective": "matrix", "router_weighted": True}),
     ("rtn 3-bit g128", "rtn", {"bits": 3, "group_size": 128}),
     ("gptq 3-bit g128", "gptq", {"bits": 3, "group_size": 128}),
     ("awq 3-bit g128", "awq", {"bits": 3, "group_size": 128}),
+    ("gptq 3-bit g128 (old: parallel, weighted H)", "gptq", {"bits": 3, "group_size": 128, "true_sequential": False, "router_weighted": True}),
+    ("awq 3-bit g128 (old: per matrix, weighted)", "awq", {"bits": 3, "group_size": 128, "objective": "matrix", "router_weighted": True}),
     ("gptq 4-bit g128, stored int4", "gptq", {"bits": 4, "group_size": 128, "storage": "int4"}),
     ("bnb_4bit nf4 (stored)", "bnb_4bit", {"quant_type": "nf4"}),
     ("bnb_4bit fp4 (stored)", "bnb_4bit", {"quant_type": "fp4"}),

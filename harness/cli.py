@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
+
+# Third-party progress bars (transformers' weight loading and saving, datasets, lm-eval's
+# tqdm loops) would interleave with moebench's own log; set before any of them is imported,
+# and only where the user has not chosen. tqdm reads TQDM_* overrides from the environment.
+for _var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
+    os.environ.setdefault(_var, "1")
 
 import typer
 from rich.console import Console
@@ -20,30 +27,50 @@ out = Console(width=None if sys.stdout.isatty() else 220)
 err = Console(stderr=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        out.print(f"moebench {__version__}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version, help="print moebench's version and exit")):
+    """Benchmark Mixture-of-Experts compression methods."""
+
+
 @app.command()
 def run(
     suite: Path = typer.Argument(..., help="suite TOML file"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="results directory (default reports/<suite>/<timestamp>)"),
     resume: bool = typer.Option(False, "--resume", help="skip runs already recorded ok (in --out, else the latest run directory)"),
     save_models: Optional[Path] = typer.Option(None, "--save-models", help="save each compressed model under this folder"),
-    shard: Optional[str] = typer.Option(None, "--shard", help="run shard K of N (K/N, e.g. 1/2): a deterministic subset of the runs; join with moebench merge"),
+    shard: Optional[str] = typer.Option(None, "--shard", help="run shard K of N (K/N, e.g. 1/2): a deterministic subset of the runs; join with moebench merge. 'slurm' takes K/N from the SLURM job array this runs in"),
+    executor: str = typer.Option("serial", "--executor", help="where runs execute: serial (here, one after another) or ray (one Ray task per run; pip install 'moebench[ray]')"),
+    address: Optional[str] = typer.Option(None, "--address", help="with --executor ray: the running cluster to use (e.g. 10.0.0.1:6379 or auto); default: start a local one"),
+    retries: int = typer.Option(1, "--retries", help="with --executor ray: times a run whose worker died is tried again before it is recorded as failed"),
 ):
     """Run a suite: baseline and every method, one JSON record per run."""
+    from .executor import make_executor
     from .report import terminal_table
     from .runner import RunOptions, default_out, latest_out, run_suite
-    from .shard import parse_shard
+    from .shard import resolve_shard
     from .suite import load_suite
 
     from .preflight import check_output
 
     s = load_suite(suite)
-    select = parse_shard(shard).selector() if shard else None
+    chosen = resolve_shard(shard)
+    select = chosen.selector() if chosen else None
+    runner = make_executor(executor, address=address, retries=retries)
     if out_dir is not None:
         check_output(out_dir, create=True)  # an existing file, an unwritable place: said before anything else
     target = out_dir or (latest_out(s) if resume else None) or default_out(s)
-    err.print(f"suite {s.name}: {len(s.runs())} run(s){f', shard {shard}' if shard else ''} -> {target / 'results.jsonl'}")
+    err.print(f"suite {s.name}: {len(s.runs())} run(s){f', shard {chosen}' if chosen else ''}{f', on {executor}' if executor != 'serial' else ''} -> {target / 'results.jsonl'}")
     try:
-        result = run_suite(s, RunOptions(out=target, resume=resume, select=select, save_models=save_models, log=lambda m: err.print(m, markup=False, highlight=False)))
+        with runner:
+            result = run_suite(s, RunOptions(out=target, resume=resume, select=select, save_models=save_models.resolve() if save_models else None, executor=runner, log=lambda m: err.print(m, markup=False, highlight=False)))
     except KeyboardInterrupt:
         err.print(f"interrupted; finished runs are in {target / 'results.jsonl'} (continue with --resume --out {target})")
         raise typer.Exit(130)
@@ -121,12 +148,18 @@ def _describe(kind: str, name: str | None) -> None:
 
 @zoo_app.command("list")
 def zoo_list():
-    """The zoo's models and whether each is built."""
+    """The zoo's models and whether each is built (in the cache, ready to load without training)."""
     from . import zoo
 
-    table = Table("name", "description")
+    table = Table("name", "built", "description")
     for name in zoo.names():
-        table.add_row(name + (" (default)" if name == zoo.DEFAULT else ""), zoo.ZOO[name].description)
+        builds = zoo.builds(name)
+        default = zoo.folder(name)
+        state = "yes" if default in builds else f"no (moebench zoo build {name})"
+        others = [p for p in builds if p != default]
+        if others:
+            state += f"; {len(others)} other build(s)"
+        table.add_row(name + (" (default)" if name == zoo.DEFAULT else ""), state, zoo.ZOO[name].description)
     out.print(table)
 
 

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .models import LOADER
+from .models import LOADER  # noqa: F401  (re-exported: what a card names)
 
 TRANSFORMERS = "transformers"
 

@@ -11,8 +11,10 @@ of silently re-initialising the weights it cannot place; :func:`load_config` rea
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -85,9 +87,60 @@ def load(
     return MoEModel(model, adapter, tokenizer=tokenizer, source=source, identity=identity)
 
 
+#: a snapshot is kept only while its copy fits in this share of the available host memory
+SNAPSHOT_SHARE = 0.4
+
+
+def snapshot(model: MoEModel) -> MoEModel | None:
+    """A host-memory copy of a freshly loaded model, or None when it would not fit comfortably.
+
+    :func:`restore` turns it into a clean model for the next run in the time of a memory
+    copy, where a reload re-reads, converts and re-packs the checkpoint (about a minute
+    for DeepSeek-V2-Lite). The copy's parameters live on the CPU; a model on a GPU is
+    moved to the host once, copied and moved back, so GPU memory never holds two copies.
+    """
+    module = model.model
+    size = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+    if size > SNAPSHOT_SHARE * available_host_bytes():
+        return None
+    device = model.device
+    if device.type != "cpu":
+        module.to("cpu")
+    try:
+        copy_ = copy.deepcopy(module)
+    finally:
+        if device.type != "cpu":
+            module.to(device)
+    return MoEModel(copy_, model.adapter, tokenizer=model.tokenizer, source=model.source, identity=model.identity)
+
+
+def restore(pristine: MoEModel, device: str) -> MoEModel:
+    """A fresh copy of a :func:`snapshot`, on ``device``, as :func:`load` would return it."""
+    module = copy.deepcopy(pristine.model)
+    if device not in ("cpu", "auto"):
+        module.to(device)
+    return MoEModel(module, pristine.adapter, tokenizer=pristine.tokenizer, source=pristine.source, identity=pristine.identity)
+
+
+def available_host_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else physical memory."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def reproducible_experts(model, device: str) -> None:
-    """On the CPU, run experts with the per-expert loop: bit-reproducible, where grouped_mm is not."""
-    if device == "cpu" and hasattr(model, "set_experts_implementation"):
+    """On the CPU, run experts with the per-expert loop: bit-reproducible, where grouped_mm is not.
+
+    ``auto`` without a GPU is the CPU too (spread over CPU memory and disk).
+    """
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if on_cpu and hasattr(model, "set_experts_implementation"):
         try:
             model.set_experts_implementation("eager")
         except (ValueError, NotImplementedError):
@@ -106,18 +159,21 @@ def load_pretrained(
     """Load a saved causal LM; rebuilds moebench structures recorded in ``config.moebench``."""
     from transformers import AutoModelForCausalLM
 
+    from . import placement
+
     config = config or load_config(path, trust_remote_code=trust_remote_code)
     structure = getattr(config, "moebench", None)
     if not structure:
         kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
         if device == "auto":
-            kwargs.update(device_map="auto", max_memory=max_memory)
+            folder = placement.offload_folder()
+            kwargs.update(device_map="auto", max_memory=placement.parse_max_memory(max_memory), offload_folder=folder)
         model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
         if device != "auto":
             model.to(device)
+        else:
+            placement.owned_by(model, folder)
         return model.eval()
-    if device == "auto":
-        raise MoebenchError("device='auto' is not supported for models with a moebench structure; name a device")
     from transformers.initialization import no_init_weights
 
     with no_init_weights():
@@ -135,6 +191,8 @@ def load_pretrained(
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     model.tie_weights()
+    if device == "auto":  # built whole in CPU memory, then spread like from_pretrained(device_map="auto")
+        return placement.dispatch(model.to(dtype=dtype), max_memory, dtype).eval()
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -282,3 +282,11 @@ def inside(base: Path, path: Path, what: str) -> Path:
 def disk_error(exc: BaseException) -> bool:
     """Whether ``exc`` is the disk refusing data (full, quota, file-size limit, read-only, I/O error)."""
     return isinstance(exc, OSError) and exc.errno in DISK_ERRNOS
+
+
+def disk_failure(error: str | None) -> bool:
+    """Whether a record's ``error`` (``"Type: message"``, possibly from another process) is such a disk error."""
+    import re
+
+    found = re.search(r"\[Errno (\d+)\]", error or "")
+    return bool(found) and int(found.group(1)) in DISK_ERRNOS

@@ -25,9 +25,11 @@ from typing import Any, Callable
 
 import torch
 
-from . import __version__, model_card
+from . import __version__, model_card, placement
 from .adapter import MoEModel
 from .calibration import Calibration
+from .executor import SerialExecutor
+from .memory import PeakMemory
 from .method import Context
 from .models import LOADER, load
 from .params import to_dict
@@ -45,6 +47,29 @@ class RunOptions:
     log: Callable[[str], None] = print
     #: write each compressed model here (one folder per run: ``<name>-<run id>`` with a README model card) when set
     save_models: Path | None = None
+    #: where the runs execute (:mod:`moebench.executor`); None runs them here, one after another
+    executor: Any = None
+
+
+@dataclass
+class Job:
+    """One run and all it needs, self-contained so it can execute in another process (a Ray worker)."""
+
+    suite: Suite
+    spec: RunSpec
+    calibration: Calibration | None = None
+    #: the baseline's metrics, for relative metrics (speedups)
+    baseline: dict[str, Any] | None = None
+    save_models: Path | None = None
+
+
+def run_job(job: Job, log: Callable[[str], None] = print) -> dict:
+    """Execute one run and return its record: the per-run unit every executor calls."""
+    suite = job.suite
+    if suite.hardware.threads:
+        torch.set_num_threads(suite.hardware.threads)
+    ctx = Context(seed=suite.info.seed, calibration=job.calibration, device=suite.model.device, baseline=job.baseline, suite=suite, log=log)
+    return execute(suite, job.spec, ctx, job.save_models)
 
 
 @dataclass
@@ -68,7 +93,7 @@ def latest_out(suite: Suite, reports: str | os.PathLike = "reports") -> Path | N
 
 
 def run_suite(suite: Suite, options: RunOptions) -> SuiteResult:
-    from .preflight import check_output, check_suite, inside
+    from .preflight import check_output, check_suite, disk_failure, inside
 
     check_suite(suite)  # every bad input that can be known without weights, before any work
     check_output(options.out, create=True)
@@ -88,37 +113,53 @@ def run_suite(suite: Suite, options: RunOptions) -> SuiteResult:
         options.log(f"resume: {len(result.skipped)} finished run(s) skipped")
     calibration = Calibration(suite.calibration) if suite.calibration else None
     options.out.mkdir(parents=True, exist_ok=True)
+    executor = options.executor or SerialExecutor()
 
     if calibration is not None:
-        _precalibrate(suite, todo, calibration, options.log)
+        executor.precalibrate(suite, todo, calibration, options.log)
 
     baseline: dict[str, Any] | None = None
     needs_relative = [name for name in suite.evals if getattr(host().metric(name), "relative", False)]
     if todo and needs_relative and runs and runs[0].is_baseline and runs[0] not in todo:
-        options.log("re-measuring the baseline in this process for relative metrics: " + ", ".join(needs_relative))
-        baseline = _measure_only(suite, runs[0], needs_relative, calibration)
+        options.log("re-measuring the baseline for relative metrics: " + ", ".join(needs_relative))
+        baseline = executor.measure(suite, runs[0], needs_relative, calibration)
 
-    with _interrupts() as interrupted:
-        for spec in todo:
-            ctx = Context(seed=suite.info.seed, calibration=calibration, device=suite.model.device, baseline=baseline, suite=suite, log=options.log)
-            host().notify("on_run_start", suite=suite, spec=spec)
-            options.log(f"run {spec.name} ({spec.run_id})")
-            record = execute(suite, spec, ctx, options)
+    records = contextlib.closing(_records(executor, suite, todo, calibration, baseline, needs_relative, options))
+    with _interrupts() as interrupted, records as finished:  # closing cancels what an executor still has queued
+        for spec, record in finished:
             store.append(record)  # a disk that refuses it stops the suite here (DiskFull), the file left whole
             host().notify("on_record", suite=suite, record=record)
             result.records.append(record)
-            if spec.is_baseline and record["status"] == "ok":
-                baseline = record["metrics"]
             status = "ok" if record["status"] == "ok" else f"FAILED: {record['error']}"
             options.log(f"  {spec.name}: {status}")
             if interrupted.is_set():  # Ctrl-C landed in a finalizer, which swallows the exception
                 raise KeyboardInterrupt
-            if ctx.extras.get("disk_error"):
+            if disk_failure(record.get("error")):  # a run the disk failed: recorded, then the suite stops
                 from .store import DiskFull
 
-                raise DiskFull(f"run {spec.name!r}: the disk refused data ({ctx.extras['disk_error']}); stopped after this run, finished runs are in {store.path}; free space, then continue with --resume")
+                raise DiskFull(f"run {spec.name!r}: the disk refused data ({record['error']}); stopped after this run, finished runs are in {store.path}; free space, then continue with --resume")
+    _PRISTINE.clear()  # the model snapshot lives for one suite
     result.calibration = calibration.summary() if calibration else {}
     return result
+
+
+def _records(executor, suite: Suite, todo: list[RunSpec], calibration, baseline, needs_relative, options: RunOptions):
+    """(spec, record) as the executor finishes runs; with relative metrics the baseline runs alone
+    first and its figures go to every later run."""
+
+    count = iter(range(1, len(todo) + 1))
+
+    def started(spec: RunSpec) -> None:
+        host().notify("on_run_start", suite=suite, spec=spec)
+        options.log(f"run {next(count)}/{len(todo)}: {spec.name} ({spec.run_id})")
+
+    first = [r for r in todo if r.is_baseline] if needs_relative else []
+    for batch in (first, [r for r in todo if r not in first]):
+        jobs = [Job(suite, spec, calibration, baseline, options.save_models) for spec in batch]
+        for spec, record in executor.run(jobs, started, options.log):
+            if spec.is_baseline and record["status"] == "ok":
+                baseline = record["metrics"]
+            yield spec, record
 
 
 @contextlib.contextmanager
@@ -145,43 +186,34 @@ def _interrupts():
         signal.signal(signal.SIGINT, previous)
 
 
-def execute(suite: Suite, spec: RunSpec, ctx: Context, options: RunOptions) -> dict:
+def execute(suite: Suite, spec: RunSpec, ctx: Context, save_models: Path | None = None) -> dict:
     """One run: fresh model, pipeline, metrics. Exceptions become a failed record."""
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    record: dict[str, Any] = {
-        "run_id": spec.run_id,
-        "suite": suite.name,
-        "name": spec.name,
-        "entry": spec.entry,
-        "grid": spec.grid,
-        "status": "ok",
-        "pipeline": [s.to_dict() for s in spec.pipeline],
-        "model": {"source": suite.model.source, "dtype": suite.model.dtype},
-        "evals": {name: to_dict(params) for name, params in suite.evals.items()},
-        "metrics": {},
-        "changes": {},
-        "notes": ctx.notes,
-        "error": None,
-    }
+    record = _new_record(suite, spec, ctx.notes)
     torch.manual_seed(suite.info.seed)
     model = None
     try:
-        model = load_model(suite)
+        model = load_model(suite, keep=True)
+        if spec.pipeline and placement.materialize(model.model):  # device = "auto" with offload
+            ctx.note("device=auto: offloaded layers were loaded into CPU memory to be edited, and ran there")
         t0 = time.perf_counter()
         steps: dict[str, float] = {}
-        record["changes"] = apply_pipeline(model, spec, ctx, steps)
+        with PeakMemory(suite.model.device) as peak:
+            record["changes"] = apply_pipeline(model, spec, ctx, steps)
         if spec.pipeline:
             record["metrics"]["compress_seconds"] = time.perf_counter() - t0
+            if peak.bytes is not None:
+                record["metrics"].update(compress_peak_bytes=peak.bytes, compress_peak_kind=peak.kind)
         if len(steps) > 1:
             record["metrics"]["compress_seconds_by_step"] = steps
-        if options.save_models is not None and spec.pipeline:
+        if save_models is not None and spec.pipeline:
             from .preflight import inside
 
-            folder = inside(options.save_models, options.save_models / model_card.folder_name(spec.name, spec.run_id), "saved model folder")
+            folder = inside(save_models, save_models / model_card.folder_name(spec.name, spec.run_id), "saved model folder")
             model.save(folder)
             loader = LOADER if model.needs_moebench_loader() else model_card.TRANSFORMERS
             record["saved_model"] = {"path": str(folder), "loader": loader}
-            options.log(f"  saved to {folder}; load it with:\n    " + model_card.how_to_load(folder, loader).replace("\n", "\n    "))
+            ctx.log(f"  saved to {folder}; load it with:\n    " + model_card.how_to_load(folder, loader).replace("\n", "\n    "))
         record["metrics"].update(measure(model, suite, ctx))
     except KeyboardInterrupt:
         raise
@@ -189,10 +221,6 @@ def execute(suite: Suite, spec: RunSpec, ctx: Context, options: RunOptions) -> d
         record["status"] = "failed"
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["traceback"] = traceback.format_exc(limit=8)
-        from .preflight import disk_error
-
-        if disk_error(exc):  # a full or failing disk: record this run, then stop the suite
-            ctx.extras["disk_error"] = f"{type(exc).__name__}: {exc}"
     finally:
         del model
         gc.collect()
@@ -208,7 +236,61 @@ def execute(suite: Suite, spec: RunSpec, ctx: Context, options: RunOptions) -> d
     return record
 
 
-def load_model(suite: Suite) -> MoEModel:
+def _new_record(suite: Suite, spec: RunSpec, notes: list[str]) -> dict[str, Any]:
+    return {
+        "run_id": spec.run_id,
+        "suite": suite.name,
+        "name": spec.name,
+        "entry": spec.entry,
+        "grid": spec.grid,
+        "status": "ok",
+        "pipeline": [s.to_dict() for s in spec.pipeline],
+        "model": {"source": suite.model.source, "dtype": suite.model.dtype},
+        "evals": {name: to_dict(params) for name, params in suite.evals.items()},
+        "metrics": {},
+        "changes": {},
+        "notes": notes,
+        "error": None,
+    }
+
+
+def failed_record(suite: Suite, spec: RunSpec, error: str) -> dict[str, Any]:
+    """The record of a run that never returned one (its worker died): failed, with the cause."""
+    record = _new_record(suite, spec, [])
+    record.update(status="failed", error=error, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    return record
+
+
+#: the suite's model as loaded, in host memory: (load arguments, snapshot); see load_model
+_PRISTINE: list = []
+
+
+def load_model(suite: Suite, keep: bool = False) -> MoEModel:
+    """A clean model for one run: with ``keep`` (the runs of a suite), loaded once and then
+    restored from a host-memory snapshot.
+
+    Restoring is a memory copy instead of re-reading the checkpoint; a model too large for
+    a second host copy (see :func:`moebench.models.snapshot`) is reloaded every run as before.
+    """
+    from .models import fingerprint, restore, snapshot
+
+    if not keep:
+        return _load(suite)
+    m = suite.model
+    local = fingerprint(m.source) if os.path.isdir(m.source) else None
+    key = (m.source, local, m.dtype, m.device, m.trust_remote_code, str(suite.hardware.max_memory))
+    if _PRISTINE and _PRISTINE[0][0] == key and m.device != "auto":
+        return restore(_PRISTINE[0][1], m.device)
+    _PRISTINE.clear()
+    model = _load(suite)
+    if m.device != "auto":
+        pristine = snapshot(model)
+        if pristine is not None:
+            _PRISTINE.append((key, pristine))
+    return model
+
+
+def _load(suite: Suite) -> MoEModel:
     m = suite.model
     return load(m.source, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code, max_memory=suite.hardware.max_memory, threads=suite.hardware.threads)
 
@@ -254,10 +336,10 @@ def measure(model: MoEModel, suite: Suite, ctx: Context, only: list[str] | None 
     return metrics
 
 
-def _measure_only(suite: Suite, spec: RunSpec, names: list[str], calibration) -> dict[str, Any]:
+def measure_only(suite: Suite, spec: RunSpec, names: list[str], calibration) -> dict[str, Any]:
     ctx = Context(seed=suite.info.seed, calibration=calibration, device=suite.model.device, suite=suite)
     torch.manual_seed(suite.info.seed)
-    model = load_model(suite)
+    model = load_model(suite, keep=True)
     try:
         return measure(model, suite, ctx, only=names)
     finally:
@@ -265,7 +347,7 @@ def _measure_only(suite: Suite, spec: RunSpec, names: list[str], calibration) ->
         gc.collect()
 
 
-def _precalibrate(suite: Suite, todo: list[RunSpec], calibration: Calibration, log) -> None:
+def precalibrate(suite: Suite, todo: list[RunSpec], calibration: Calibration, log) -> None:
     """Gather, in one pass, what every run's first step reads from the uncompressed model."""
     needs: list[str] = []
     for spec in todo:
@@ -275,7 +357,7 @@ def _precalibrate(suite: Suite, todo: list[RunSpec], calibration: Calibration, l
     needs = list(dict.fromkeys(needs))
     if not needs:
         return
-    model = load_model(suite)
+    model = load_model(suite, keep=True)
     try:
         calibration.stats(model, needs)
     finally:

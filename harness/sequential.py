@@ -420,7 +420,8 @@ class Sequential:
                     yield step
                     for g in groups:
                         g.stats = None  # free this layer's statistics before the next
-                self._advance(i)
+                if i < len(self.model.layers) - 1:  # the last layer's outputs feed nothing here
+                    self._advance(i)
                 self.layers_done += 1
         finally:
             self._hidden.clear()

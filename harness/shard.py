@@ -5,13 +5,18 @@ shards and keeps shard K's (1-based): every run lands in exactly one shard, neig
 grid points (often of similar cost) spread across shards, and the split depends only on
 the suite. The runner adds the baseline to every shard that runs anything, so speedups
 are measured against a baseline from the same process; :func:`merge` keeps one copy.
+
+``--shard slurm`` takes K/N from a SLURM job array (:func:`slurm_shard`): task K of an
+array of N, whatever id the array starts at or steps by. It is explicit rather than
+detected, because a job array may as well run a different suite in each task.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from .errors import MoebenchError
 
@@ -45,6 +50,48 @@ def parse_shard(text: str) -> Shard:
     if n < 1 or not 1 <= k <= n:
         raise MoebenchError(f"--shard {text!r}: expected 1 <= K <= N, got K={k}, N={n}")
     return Shard(k, n)
+
+
+def resolve_shard(text: str | None, environ: Mapping[str, str] | None = None) -> Shard | None:
+    """``--shard``: None, ``K/N``, or ``slurm`` (K/N from the SLURM array variables)."""
+    if text is None:
+        return None
+    if str(text).strip().lower() == "slurm":
+        return slurm_shard(os.environ if environ is None else environ)
+    return parse_shard(text)
+
+
+def slurm_shard(env: Mapping[str, str]) -> Shard:
+    """This array task's shard: K = position of SLURM_ARRAY_TASK_ID among the array's ids, N = SLURM_ARRAY_TASK_COUNT.
+
+    Array ids start anywhere (``--array=5-8``) and may step (``--array=0-10:2``); the position
+    is ``(id - SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP + 1``. A list of ids that is not
+    such a range (``--array=1,4,9``) cannot be mapped and is refused.
+    """
+    if "SLURM_ARRAY_TASK_ID" not in env:
+        raise MoebenchError("--shard slurm: SLURM_ARRAY_TASK_ID is not set; expected to run inside a SLURM job array (sbatch --array=1-N)")
+    names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN")
+    values = {}
+    for name in (*names, "SLURM_ARRAY_TASK_MAX", "SLURM_ARRAY_TASK_STEP"):
+        raw = env.get(name)
+        if raw is None:
+            if name in names:
+                raise MoebenchError(f"--shard slurm: {name} is not set; expected SLURM's job-array variables (SLURM 17.11 or later)")
+            continue
+        if not str(raw).strip().isdigit():
+            raise MoebenchError(f"--shard slurm: {name}={raw!r}; expected a non-negative integer")
+        values[name] = int(raw)
+    task, count, first = values["SLURM_ARRAY_TASK_ID"], values["SLURM_ARRAY_TASK_COUNT"], values["SLURM_ARRAY_TASK_MIN"]
+    step = values.get("SLURM_ARRAY_TASK_STEP", 1) or 1
+    last = values.get("SLURM_ARRAY_TASK_MAX", first + (count - 1) * step)
+    if count < 1 or (last - first) % step or (last - first) // step + 1 != count:
+        raise MoebenchError(
+            f"--shard slurm: array ids {first}-{last}:{step} do not form {count} evenly spaced tasks; "
+            "expected a range such as --array=0-3, 1-4 or 0-6:2, not a list of ids"
+        )
+    if not first <= task <= last or (task - first) % step:
+        raise MoebenchError(f"--shard slurm: SLURM_ARRAY_TASK_ID={task} is not one of the array's ids {first}-{last}:{step}")
+    return Shard((task - first) // step + 1, count)
 
 
 @dataclass

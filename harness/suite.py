@@ -46,8 +46,26 @@ class ModelSpec:
 
 @dataclass
 class HardwareSpec:
+    """``[hardware]``: threads, the memory budget of ``device = "auto"``, and what one run
+    reserves on a Ray cluster (defaults follow the model's device: 1 CPU, plus 1 GPU on cuda)."""
+
     threads: int | None = None
+    #: per device, for accelerate's device map: {"0" = "20GiB", cpu = "60GiB"}; the rest is offloaded to disk
     max_memory: dict[str, str] | None = None
+    gpus_per_run: float | None = None
+    cpus_per_run: float | None = None
+
+    def check(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads expected a positive integer, got {self.threads}")
+        if self.gpus_per_run is not None and self.gpus_per_run < 0:
+            raise ValueError(f"gpus_per_run expected a number >= 0, got {self.gpus_per_run}")
+        if self.cpus_per_run is not None and self.cpus_per_run <= 0:
+            raise ValueError(f"cpus_per_run expected a number > 0, got {self.cpus_per_run}")
+        if self.max_memory is not None:
+            from .placement import parse_max_memory
+
+            parse_max_memory(self.max_memory)
 
 
 @dataclass
@@ -166,6 +184,7 @@ def parse_suite(raw: dict, path: str = "<suite>") -> Suite:
     model = _dataclass(ModelSpec, raw["model"], "model", err)
     _check_model(model, err)
     hardware = _dataclass(HardwareSpec, raw.get("hardware", {}), "hardware", err)
+    _check_hardware(hardware, model, err)
     if hardware.threads is not None and not 1 <= hardware.threads <= 4096:
         raise err("hardware.threads", f"expected a positive number of threads, got {hardware.threads}")
 
@@ -355,6 +374,15 @@ def _check_model(model: ModelSpec, err) -> None:
             raise err("model.source", str(exc)) from None
     elif not os.path.isdir(source) and (source.count("/") != 1 or source.startswith((".", "/"))):
         raise err("model.source", f"{source!r} is neither zoo:NAME, twin:NAME, an existing model folder, nor a hub id like 'org/name'")
+
+
+def _check_hardware(hardware: HardwareSpec, model: ModelSpec, err) -> None:
+    if hardware.gpus_per_run == 0 and model.device.startswith("cuda"):
+        raise err("hardware.gpus_per_run", f"0 GPUs per run, but model.device is {model.device!r}; expected at least 1 (or a fraction of one)")
+    if hardware.gpus_per_run and model.device in ("cpu", "mps"):
+        raise err("hardware.gpus_per_run", f"{hardware.gpus_per_run:g} GPU(s) per run, but model.device is {model.device!r}, which uses none; expected 0 or device = 'cuda' / 'auto'")
+    if hardware.max_memory is not None and model.device != "auto":
+        raise err("hardware.max_memory", f"only used with model.device = 'auto' (accelerate's device map); model.device is {model.device!r}")
 
 
 def _check_data(spec: str, where: str, err) -> None:

@@ -60,22 +60,32 @@ def published(name: str) -> dict[str, Any]:
     return json.loads((CONFIGS / f"{name}.json").read_text())
 
 
+EXPERT_FIELDS = ("n_routed_experts", "num_local_experts", "num_experts")
+
+
 def parse_source(text: str) -> tuple[str, dict[str, int]]:
-    """``NAME`` or ``NAME?layers=N&seed=S`` (a ``twin:`` source without the prefix) as ``(name, options)``."""
+    """``NAME`` or ``NAME?layers=N&seed=S&experts=E`` (a ``twin:`` source without the prefix) as ``(name, options)``.
+
+    ``experts=E`` keeps only E routed experts per layer (top-k capped at E): a cost knob
+    for dry runs of real-width code on the CPU (bench/gpu_smoke.sh --cpu), not a real shape.
+    """
     name, _, query = text.partition("?")
     full = published(name)["num_hidden_layers"]
     options: dict[str, int] = {}
     for part in filter(None, query.split("&")):
         key, _, value = part.partition("=")
-        if key not in ("layers", "seed") or not value.isdigit():
-            raise MoebenchError(f"twin:{text}: expected twin:NAME or twin:NAME?layers=N&seed=S with whole numbers, got {part!r}")
+        if key not in ("layers", "seed", "experts") or not value.isdigit():
+            raise MoebenchError(f"twin:{text}: expected twin:NAME or twin:NAME?layers=N&seed=S&experts=E with whole numbers, got {part!r}")
         options[key] = int(value)
     if not 1 <= options.get("layers", full) <= full:
         raise MoebenchError(f"twin:{text}: layers must be between 1 and {full} (the real model's depth), got {options['layers']}")
+    routed = next(published(name)[f] for f in EXPERT_FIELDS if f in published(name))
+    if not 1 <= options.get("experts", routed) <= routed:
+        raise MoebenchError(f"twin:{text}: experts must be between 1 and {routed} (the real model's routed experts), got {options['experts']}")
     return name, options
 
 
-def config(name: str, layers: int | None = None, dtype: str = "bfloat16"):
+def config(name: str, layers: int | None = None, dtype: str = "bfloat16", experts: int | None = None):
     """The transformers config of a twin: published shape, ``layers`` deep, zoo vocabulary.
 
     With fewer layers the real model's dense-first layers are kept (DeepSeek's
@@ -92,9 +102,16 @@ def config(name: str, layers: int | None = None, dtype: str = "bfloat16"):
     fields["num_hidden_layers"] = layers
     if "first_k_dense_replace" in fields:
         fields["first_k_dense_replace"] = min(fields["first_k_dense_replace"], max(0, layers - 1))
+    if experts is not None:
+        for f in EXPERT_FIELDS:
+            if f in fields:
+                fields[f] = experts
+        fields["num_experts_per_tok"] = min(fields["num_experts_per_tok"], experts)
+        if fields.get("n_group", 1) > 1 and experts % fields["n_group"]:
+            fields.update(n_group=1, topk_group=1)
     fields.update(vocab_size=zoo.VOCAB_SIZE, bos_token_id=0, eos_token_id=1, pad_token_id=2, dtype=dtype)
     cfg = AutoConfig.for_model(model_type, **fields)
-    cfg.moebench_twin = {"name": name, "layers": layers, "full_layers": full, "source": published(name)["_source"]}
+    cfg.moebench_twin = {"name": name, "layers": layers, "full_layers": full, "experts": experts, "source": published(name)["_source"]}
     return cfg
 
 
@@ -126,10 +143,11 @@ def initialize(model, seed: int = 0) -> None:
         value.copy_(tensor(key, value.shape, value.dtype, seed))
 
 
-def _key(name: str, layers: int, seed: int, dtype: str) -> str:
+def _key(name: str, layers: int, seed: int, dtype: str, experts: int | None = None) -> str:
     import transformers
 
     payload = {"config": published(name), "layers": layers, "seed": seed, "dtype": dtype, "recipe": RECIPE,
+               **({"experts": experts} if experts is not None else {}),
                "out_gain": OUT_GAIN, "transformers": transformers.__version__.split(".")[0]}
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -143,7 +161,8 @@ def _shapes(cfg) -> dict[str, tuple[torch.Size, torch.dtype]]:
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
-def build(name: str, *, layers: int | None = None, seed: int = 0, dtype: str = "bfloat16", progress: bool = False) -> Path:
+def build(name: str, *, layers: int | None = None, seed: int = 0, dtype: str = "bfloat16", experts: int | None = None,
+          progress: bool = False) -> Path:
     """The folder of twin ``name`` (config, tokenizer, sharded safetensors, ``twin.json``), written if needed."""
     from safetensors.torch import save_file
 
@@ -152,10 +171,11 @@ def build(name: str, *, layers: int | None = None, seed: int = 0, dtype: str = "
 
     if dtype not in DTYPES:
         raise MoebenchError(f"twin dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    cfg = config(name, layers, dtype)
+    cfg = config(name, layers, dtype, experts)
     layers = cfg.num_hidden_layers
     root = cache_dir("twins")
-    final = root / f"{name}-L{layers}-s{seed}-{dtype}-{_key(name, layers, seed, dtype)}"
+    tag = f"-E{experts}" if experts is not None else ""
+    final = root / f"{name}-L{layers}{tag}-s{seed}-{dtype}-{_key(name, layers, seed, dtype, experts)}"
     if (final / "twin.json").exists():
         return final
     with _locked(root / f".{final.name}.lock"):
@@ -187,7 +207,7 @@ def build(name: str, *, layers: int | None = None, seed: int = 0, dtype: str = "
             cfg.save_pretrained(tmp)
             zoo.tokenizer().save_pretrained(tmp)
             info = {
-                "name": name, "layers": layers, "seed": seed, "dtype": dtype, "recipe": RECIPE, "out_gain": OUT_GAIN,
+                "name": name, "layers": layers, "experts": experts, "seed": seed, "dtype": dtype, "recipe": RECIPE, "out_gain": OUT_GAIN,
                 "source": published(name)["_source"], "bytes": total, "build_seconds": round(time.perf_counter() - start, 1),
                 "note": "shape twin: random weights; measures time, memory and correctness at real width, not quality",
             }

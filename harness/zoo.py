@@ -580,7 +580,7 @@ def build(name: str, *, steps: int | None = None, seed: int = 0, force: bool = F
     steps = spec.steps if steps is None else int(steps)
     threads = threads_for(threads)
     root = cache_dir("zoo")
-    final = root / f"{name}-{_key(spec, steps, seed, threads)}"
+    final = folder(name, steps=steps, seed=seed, threads=threads)
     if (final / "zoo.json").exists() and not force:
         return final
     with _locked(root / f".{final.name}.lock"):
@@ -628,6 +628,19 @@ def build(name: str, *, steps: int | None = None, seed: int = 0, force: bool = F
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return final
+
+
+def folder(name: str, *, steps: int | None = None, seed: int = 0, threads: int | None = None) -> Path:
+    """Where the build of ``name`` with these options lives in the cache (built or not)."""
+    spec = entry(name)
+    steps = spec.steps if steps is None else int(steps)
+    return cache_dir("zoo") / f"{name}-{_key(spec, steps, seed, threads_for(threads))}"
+
+
+def builds(name: str) -> list[Path]:
+    """Every finished build of ``name`` in the cache (any steps, seed or threads)."""
+    root = cache_dir("zoo")
+    return sorted(p for p in root.glob(f"{name}-*") if (p / "zoo.json").exists()) if root.exists() else []
 
 
 def path(name: str, **kw) -> Path:

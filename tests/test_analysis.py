@@ -151,6 +151,20 @@ def test_heatmaps_are_written(tmp_path):
     assert path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_heatmap_axes_are_whole_expert_indices():
+    import matplotlib.pyplot as plt
+
+    from moebench_plugins.fusion.analysis import heatmap_figure
+
+    fig = heatmap_figure({1: torch.rand(16, 16)}, "test")  # matplotlib's default ticks here are 0, 2.5, 5, 7.5...
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    ticks = [t for t in [*ax.get_xticks(), *ax.get_yticks()] if -0.5 <= t <= 15.5]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    assert ax.get_xlabel() == "expert"
+    plt.close(fig)
+
+
 def test_analyze_command_writes_heatmaps_and_matrices(tmp_path, monkeypatch):
     from moebench.cli import app
     from typer.testing import CliRunner

@@ -54,8 +54,10 @@ def test_offline_tasks_are_deterministic_well_formed_and_held_out(task):
     assert not {i["context"] for i in test} & {i["context"] for i in validation}
 
 
-def test_lm_eval_scores_the_in_memory_model_with_stderr(model):
+def test_lm_eval_scores_the_in_memory_model_with_stderr(model, capfd):
     out = LmEval().measure(model, parse(LmEvalParams, {"limit": 12, "batch_size": 16}), Context())
+    printed = "".join(capfd.readouterr())
+    assert "Tokenizing inputs" not in printed and "loglikelihood requests" not in printed  # lm-eval's bars stay off
     assert set(out["lm_eval"]) == set(lmeval_tasks.TASKS)
     for task, row in out["lm_eval"].items():
         assert 0 <= row["acc"] <= 1 and 0 <= row["acc_norm"] <= 1

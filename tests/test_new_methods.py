@@ -258,3 +258,100 @@ def test_naee_exhaustive_search_finds_the_true_best_combination(checkpoint):
     assert changes["kept"][block.layer] == list(best)
     greedy = _apply(load(str(checkpoint("mixtral"))), "naee", _ctx(), keep=3, max_combinations=10)
     assert greedy["search"][block.layer] == "greedy"
+
+
+def test_mc_smoe_alignment_merges_two_permuted_copies_back_to_the_original(checkpoint):
+    from moebench_plugins.fusion.alignment import permute
+    from moebench_plugins.fusion.grouping import Groups
+    from moebench_plugins.fusion.merge import merged_experts
+
+    model = load(str(checkpoint("mixtral")))
+    block = next(model.blocks())
+    perm = torch.randperm(block.intermediate_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        gu, dn = permute(block.gate_up_proj[0], block.down_proj[0], perm)
+        block.experts.gate_up_proj[1].copy_(gu)
+        block.experts.down_proj[1].copy_(dn)
+    groups = Groups([[0, 1]] + [[e] for e in range(2, block.num_experts)])
+    freq = torch.tensor([3.0, 1.0] + [1.0] * (block.num_experts - 2))
+    aligned_gu, aligned_dn = merged_experts(block, groups, freq, "frequency_average", {}, align=True)
+    torch.testing.assert_close(aligned_gu[0], block.gate_up_proj[0].detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(aligned_dn[0], block.down_proj[0].detach(), rtol=1e-6, atol=1e-7)
+    plain_gu, _ = merged_experts(block, groups, freq, "frequency_average", {}, align=False)
+    assert not torch.allclose(plain_gu[0], block.gate_up_proj[0].detach(), atol=1e-3), "without alignment the copies blur"
+
+
+def test_mc_smoe_groups_members_around_the_most_used_experts_by_router_logits(checkpoint):
+    from moebench_plugins.fusion.mc_smoe import router_logit_similarity
+
+    model = load(str(checkpoint("mixtral")))
+    ctx = _ctx()
+    block = next(model.blocks())
+    stats = ctx.stats(model, "routing_counts", "router_logits")
+    freq = stats["routing_counts"][block.layer].double()
+    sim = router_logit_similarity(stats["router_logits"][block.layer])
+    changes = _apply(model, "mc_smoe", ctx, keep=3)
+    groups = changes["groups"][block.layer]
+    dominant = [g[0] for g in groups]
+    assert sorted(dominant) == sorted(sorted(range(len(freq)), key=lambda e: (-freq[e].item(), e))[:3])
+    for g in groups:
+        for member in g[1:]:
+            assert max(dominant, key=lambda d: (sim[member, d].item(), -dominant.index(d))) == g[0]
+
+
+EIGHT = """
+[[methods]]
+name = "reap"
+method = "reap"
+params = { keep_ratio = 0.5 }
+[[methods]]
+name = "naee"
+method = "naee"
+params = { keep_ratio = 0.5 }
+[[methods]]
+name = "hc-smoe"
+method = "hc_smoe"
+params = { keep_ratio = 0.5 }
+[[methods]]
+name = "mc-smoe"
+method = "mc_smoe"
+params = { keep_ratio = 0.5, compress_rank = 4 }
+[[methods]]
+name = "d2-moe"
+method = "d2_moe"
+params = { rank = 4 }
+[[methods]]
+name = "moequant"
+method = "moequant"
+params = { bits = 4, group_size = 32, candidates = 1 }
+[[methods]]
+name = "expert-skip"
+method = "expert_skip"
+[[methods]]
+name = "dynamic-topk"
+method = "dynamic_topk"
+params = { p = 0.5 }
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["deepseek_v2", "mixtral"])
+def test_the_eight_methods_run_from_a_suite_and_reload_to_the_same_logits(arch, checkpoint, tmp_path, isolated_cache):
+    import tomllib
+
+    from conftest import suite_file
+    from moebench.models import load_pretrained
+    from moebench.runner import RunOptions, run_suite
+    from moebench.store import read_records
+    from moebench.suite import load_suite
+
+    path = suite_file(tmp_path, checkpoint(arch), EIGHT, max_samples=2)
+    run_suite(load_suite(path), RunOptions(out=tmp_path / "out", log=lambda m: None))
+    records = list(read_records(tmp_path / "out"))
+    assert [r["status"] for r in records] == ["ok"] * 9, [r.get("error") for r in records]
+    for entry in tomllib.loads(EIGHT)["methods"]:
+        model = load(str(checkpoint(arch)))
+        _apply(model, entry["method"], _ctx(samples=4, seqlen=32), **entry.get("params", {}))
+        expected = _logits(model.model)
+        model.save(tmp_path / entry["name"])
+        torch.testing.assert_close(_logits(load_pretrained(tmp_path / entry["name"])), expected, rtol=1e-5, atol=1e-5)

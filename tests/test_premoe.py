@@ -357,8 +357,18 @@ def test_cli_builds_the_index_streaming_and_prunes_a_checkpoint_for_a_prompt(che
     result = runner.invoke(app, ["premoe", "prune", str(path), "--index", str(tmp_path / "streamed"), "--keep", "4",
                                  "--query", f"@{query}", "--out", str(tmp_path / "pruned")])
     assert result.exit_code == 0, result.output
-    assert "retrieved task" in result.output and "/4 (" in result.output and "MiB of the checkpoint" in result.output
+    assert "retrieved task" in result.output and "kept 4 of 16 routed experts per layer, top-4 (" in result.output
+    assert "MiB of the checkpoint" in result.output and "load it with:" in result.output
     assert {b.num_experts for b in models.load(str(tmp_path / "pruned")).blocks()} == {4}
+
+    # --keep outside 1..experts is one line naming the flag and the range; below top-k needs --lower-top-k
+    for keep, message in (("40", "--keep 40: expected 1..16"), ("0", "--keep 0: expected 1..16"),
+                          ("2", "--keep 2 is below the model's top-k 4")):
+        result = runner.invoke(app, ["premoe", "prune", str(path), "--index", str(tmp_path / "streamed"), "--keep", keep, "--query", "x y"])
+        assert result.exit_code != 0 and message in str(result.exception), (keep, result.output)
+    result = runner.invoke(app, ["premoe", "prune", str(path), "--index", str(tmp_path / "streamed"), "--keep", "2",
+                                 "--lower-top-k", "--query", f"@{query}"])
+    assert result.exit_code == 0 and "top-2 (lowered from 4)" in result.output, result.output
 
     result = runner.invoke(app, ["premoe", "prune", str(path), "--index", str(tmp_path / "none"), "--keep", "4", "--query", "x y"])
     assert result.exit_code != 0 and "missing index.faiss" in str(result.output) + str(result.exception)

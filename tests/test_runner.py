@@ -28,9 +28,11 @@ def test_records_and_failed_run_does_not_stop_the_suite(tmp_path, checkpoint, is
         params = { keep_ratio = 0.5 }
     """)
     out = tmp_path / "out"
-    result = run_suite(load_suite(path), RunOptions(out=out, log=lambda m: None))
+    logged: list[str] = []
+    result = run_suite(load_suite(path), RunOptions(out=out, log=logged.append))
     records = list(read_records(out / "results.jsonl"))
     assert [r["name"] for r in records] == ["baseline", "too-many", "drop"]
+    assert [m.split(" (")[0] for m in logged if m.startswith("run ")] == ["run 1/3: baseline", "run 2/3: too-many", "run 3/3: drop"]
     base, bad, drop = records
     assert base["status"] == "ok" and base["pipeline"] == [] and base["metrics"]["perplexity"]["value"] > 1
     assert bad["status"] == "failed" and "n=10 would remove all" in bad["error"]
@@ -115,3 +117,25 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "model.source" in lines[0] and "did you mean 'mixtral'" in lines[0]
+
+
+def test_suite_loads_the_model_once_and_restores_clean_copies(tmp_path, checkpoint, monkeypatch):
+    from moebench import models, runner
+
+    loads = []
+    real = runner.load
+    monkeypatch.setattr(runner, "load", lambda *a, **k: loads.append(a) or real(*a, **k))
+    path = suite_file(tmp_path, checkpoint("qwen3_moe"), """
+        [[methods]]
+        name = "drop"
+        method = "expert_drop"
+        params = { keep_ratio = [0.5, 0.75] }
+    """)
+    records = run_suite(load_suite(path), RunOptions(out=tmp_path / "kept", log=lambda m: None)).records
+    assert len(loads) == 1 and not runner._PRISTINE  # one read of the checkpoint; the snapshot ends with the suite
+    monkeypatch.setattr(models, "SNAPSHOT_SHARE", 0.0)  # no room for a snapshot: reload every run, as before
+    again = run_suite(load_suite(path), RunOptions(out=tmp_path / "reloaded", log=lambda m: None)).records
+    assert len(loads) == 1 + 4  # the pre-calibration pass and each of the three runs
+    for a, b in zip(records, again):  # every run started from the same clean model
+        assert a["metrics"]["perplexity"]["value"] == b["metrics"]["perplexity"]["value"]
+        assert a["changes"] == b["changes"]

@@ -23,6 +23,7 @@ CASES = {
     "layer_drop": ("layer_drop", {"n": 1}),
     "block_drop": ("block_drop", {"n": 1}),
     "reap": ("reap", {"keep_ratio": 0.5}),
+    "naee": ("naee", {"keep_ratio": 0.5, "max_combinations": 200}),
     "dynamic_topk": ("dynamic_topk", {"p": 0.5}),
     "expert_skip": ("expert_skip", {}),
     "magnitude": ("magnitude", {"sparsity": 0.5}),
@@ -38,6 +39,8 @@ CASES = {
     "merge": ("merge", {"keep_ratio": 0.5}),
     "progressive_merge": ("progressive_merge", {"keep_ratio": 0.5}),
     "hc_smoe": ("hc_smoe", {"keep_ratio": 0.5}),
+    "mc_smoe": ("mc_smoe", {"keep_ratio": 0.5}),
+    "d2_moe": ("d2_moe", {"rank": 4}),
     "multiplexage": ("multiplexage", {"keep_ratio": 0.5}),
     "fused_lora": ("fused_lora", {"keep_ratio": 0.5, "rank": 4}),
     "mixture_of_lora": ("mixture_of_lora", {"rank": 8}),
@@ -94,5 +97,5 @@ def test_every_built_in_method_saves_a_model_plain_transformers_loads_right_or_r
     refused = {k for k, v in verdicts.items() if v == "refused"}
     assert refused == {
         "expert_drop_global", "layer_drop", "gptq_int4", "awq_int4", "rtn_int4", "bnb_4bit",
-        "multiplexage", "fused_lora", "mixture_of_lora", "dynamic_topk", "expert_skip", "hc_smoe",
+        "multiplexage", "fused_lora", "mixture_of_lora", "dynamic_topk", "expert_skip", "hc_smoe", "d2_moe", "mc_smoe",
     }, verdicts

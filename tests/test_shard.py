@@ -109,3 +109,37 @@ def test_two_shards_merge_to_the_unsharded_run(tmp_path, checkpoint, isolated_ca
     partial = _cli("merge", str(tmp_path / "shard2"), "--out", str(tmp_path / "partial.jsonl"), "--suite", str(path))
     assert partial.returncode == 1 and "missing from every input: drop[keep_ratio=0.75], layer" in partial.stderr
     assert _cli("run", str(path), "--shard", "3/2").returncode == 2
+
+
+def slurm_env(task: int, count: int, first: int, step: int | None = None) -> dict[str, str]:
+    env = {"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": str(count), "SLURM_ARRAY_TASK_MIN": str(first),
+           "SLURM_ARRAY_TASK_MAX": str(first + (count - 1) * (step or 1))}
+    if step is not None:
+        env["SLURM_ARRAY_TASK_STEP"] = str(step)
+    return env
+
+
+@pytest.mark.parametrize("first, step", [(0, None), (1, None), (5, None), (0, 2), (3, 3)])
+def test_slurm_array_tasks_map_to_every_shard_once(first, step):
+    from moebench.shard import resolve_shard
+
+    count = 4
+    ids = [first + i * (step or 1) for i in range(count)]
+    shards = [resolve_shard("slurm", slurm_env(task, count, first, step)) for task in ids]
+    assert shards == [Shard(k, count) for k in range(1, count + 1)], "array ids at any offset and step map to 1..N in order"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({}, "SLURM_ARRAY_TASK_ID is not set"),
+    ({"SLURM_ARRAY_TASK_ID": "3"}, "SLURM_ARRAY_TASK_COUNT is not set"),
+    (slurm_env(4, 3, 0, 2) | {"SLURM_ARRAY_TASK_ID": "3"}, "SLURM_ARRAY_TASK_ID=3 is not one of the array's ids 0-4:2"),
+    (slurm_env(1, 3, 1) | {"SLURM_ARRAY_TASK_MAX": "9"}, "do not form 3 evenly spaced tasks"),  # --array=1,4,9
+    (slurm_env(1, 3, 1) | {"SLURM_ARRAY_TASK_ID": "x"}, "SLURM_ARRAY_TASK_ID='x'"),
+])
+def test_slurm_misconfiguration_is_one_line_error(env, message):
+    from moebench.shard import resolve_shard
+
+    with pytest.raises(MoebenchError, match="--shard slurm") as info:
+        resolve_shard("slurm", env)
+    assert message in str(info.value)
+    assert resolve_shard(None, env) is None and resolve_shard("2/3", env) == Shard(2, 3)

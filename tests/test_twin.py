@@ -41,6 +41,14 @@ def test_source_parsing_errors_name_the_problem():
         twin.parse_source("deepseek_v2_lite?layers=40")
     with pytest.raises(MoebenchError, match="layers=N&seed=S"):
         twin.parse_source("olmoe_1b_7b?depth=2")
+    with pytest.raises(MoebenchError, match="experts must be between 1 and 8"):
+        twin.parse_source("mixtral_8x7b?experts=9")
+
+
+def test_fewer_experts_is_a_dry_run_knob_that_keeps_width():
+    cfg = twin.config("deepseek_v3", layers=2, experts=4)
+    assert cfg.n_routed_experts == 4 and cfg.num_experts_per_tok == 4 and cfg.n_group == 1
+    assert cfg.hidden_size == 7168 and cfg.moe_intermediate_size == 2048
 
 
 def test_recipe_is_seeded_by_name_and_scaled_by_fan_in():

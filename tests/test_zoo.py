@@ -147,3 +147,23 @@ def test_default_model_is_trained_and_specialised(default_model, tok):
     assert loaded_tok.get_vocab() == tok.get_vocab()
     again = zoo.evaluate(model, loaded_tok)
     assert again["perplexity"] == pytest.approx(after["perplexity"], rel=1e-3)
+
+
+def test_zoo_list_says_which_models_are_built_and_version_flag(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from moebench import __version__, zoo
+    from moebench.cli import app
+
+    monkeypatch.setenv("MOEBENCH_HOME", str(tmp_path))
+    built = zoo.folder("mixtral")
+    built.mkdir(parents=True)
+    (built / "zoo.json").write_text("{}")  # what a finished build leaves
+    (tmp_path / "zoo" / "olmoe-0123456789ab").mkdir()  # an unfinished one (no zoo.json) does not count
+    runner = CliRunner(env={"COLUMNS": "250"})
+    listing = runner.invoke(app, ["zoo", "list"])
+    assert listing.exit_code == 0, listing.output
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in listing.output.splitlines() if line.count("│") >= 3}
+    assert rows["mixtral"] == "yes" and rows["olmoe"] == "no (moebench zoo build olmoe)", rows
+    version = runner.invoke(app, ["--version"])
+    assert version.exit_code == 0 and version.output.strip() == f"moebench {__version__}"

@@ -20,7 +20,7 @@ Methods (all edit the model through :class:`moebench.adapter.MoEModel`):
   plus a truncated SVD of its difference from the core; the original router picks
   experts as before. At full rank the layer is reproduced exactly.
 
-Methods from recent papers, built on the same pieces: ``hc_smoe`` (:mod:`.hc_smoe`), ``d2_moe`` (:mod:`.d2_moe`).
+Methods from recent papers, built on the same pieces: ``hc_smoe`` (:mod:`.hc_smoe`), ``mc_smoe`` (:mod:`.mc_smoe`), ``d2_moe`` (:mod:`.d2_moe`).
 
 Any of them heals by distillation (``heal = {steps = ..., ...}``, :mod:`.healing`).
 
@@ -42,6 +42,7 @@ from .merge import Merge, ProgressiveMerge
 from .modules import CLASS_PATH, FusedMoE
 from .d2_moe import D2MoE
 from .hc_smoe import HcSmoe
+from .mc_smoe import McSmoe
 from .statistics import Coactivation, ExpertMeanOutput, OutputSimilarity
 from .variants import FusedLoRA, MixtureOfLoRA, Multiplexage
 
@@ -50,7 +51,7 @@ __all__ = ["CLASS_PATH", "FusedMoE"]
 
 @hookimpl
 def register_methods():
-    return [Merge, ProgressiveMerge, Multiplexage, FusedLoRA, MixtureOfLoRA, HcSmoe, D2MoE]
+    return [Merge, ProgressiveMerge, Multiplexage, FusedLoRA, MixtureOfLoRA, HcSmoe, McSmoe, D2MoE]
 
 
 @hookimpl

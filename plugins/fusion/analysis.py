@@ -128,10 +128,23 @@ def plot_heatmaps(
     The diagonal (an expert against itself) is left blank by default, so the colour
     scale spans the pairs that matter.
     """
+    import matplotlib.pyplot as plt
+
+    fig = heatmap_figure(matrices, title, vmin, vmax, hide_diagonal)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def heatmap_figure(matrices: Mapping[int, torch.Tensor], title: str, vmin=None, vmax=None, hide_diagonal: bool = True):
+    """The figure :func:`plot_heatmaps` saves; axes are expert indices, ticked at whole numbers only."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     layers = sorted(matrices)
     cols = min(4, max(1, len(layers)))
@@ -148,11 +161,11 @@ def plot_heatmaps(
         ax.set_title(f"layer {layer}", fontsize=9)
         ax.axis("on")
         ax.tick_params(labelsize=6)
+        for axis in (ax.xaxis, ax.yaxis):  # experts are whole numbers: no 2.5 ticks
+            axis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("expert", fontsize=7)
+        ax.set_ylabel("expert", fontsize=7)
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
     fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig

@@ -22,7 +22,6 @@ and speed include them, since no kernel here skips them.
 from __future__ import annotations
 
 import gc
-import inspect
 import json
 import math
 import os
@@ -233,37 +232,56 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _prefill_kwargs(model: torch.nn.Module) -> dict:
-    """Compute only the last position's logits in a prefill when the model allows (as ``generate`` does)."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+class _Stamp:
+    """A stopping criterion that never stops: it notes the clock when the first new token is chosen.
+
+    ``generate`` calls its stopping criteria once per new token, after choosing it, so the
+    first call ends the prefill (the prompt's forward pass and the first greedy choice).
+    """
+
+    def __init__(self, stamps: dict[str, float] | None, device: torch.device):
+        self.stamps, self.device = stamps, device
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self.stamps is not None and "prefilled" not in self.stamps:
+            _sync(self.device)
+            self.stamps["prefilled"] = time.perf_counter()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 @torch.no_grad()
 def greedy_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, stamps: dict[str, float] | None = None) -> torch.Tensor:
-    """Prefill ``ids`` with a KV cache, then decode ``new_tokens`` greedily; returns the new tokens ``[B, n]``.
+    """Greedy ``model.generate`` of exactly ``new_tokens`` tokens after ``ids`` (KV cache, no EOS stop); returns them ``[B, n]``.
 
+    transformers' own loop: a prefill that computes only the last position's logits, then
+    one cached step per token, with the cache handled as the model expects (no
+    hand-written ``past_key_values`` passing, which transformers 5 deprecates).
     ``stamps``, when given, receives clock readings (device synchronised) at ``"start"``,
     ``"prefilled"`` (first new token chosen) and ``"done"``.
     """
+    from transformers import GenerationConfig, StoppingCriteriaList
 
     def mark(stage: str) -> None:
         if stamps is not None:
             _sync(ids.device)
             stamps[stage] = time.perf_counter()
 
+    config = GenerationConfig(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=getattr(model.config, "pad_token_id", None) or 0,
+    )
     mark("start")
-    out = model(input_ids=ids, use_cache=True, **_prefill_kwargs(model))
-    token = out.logits[:, -1:].argmax(-1)
-    mark("prefilled")
-    tokens = [token]
-    past = out.past_key_values
-    for _ in range(new_tokens - 1):
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        token = out.logits[:, -1:].argmax(-1)
-        tokens.append(token)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        generation_config=config,
+        stopping_criteria=StoppingCriteriaList([_Stamp(stamps, ids.device)]),
+    )
     mark("done")
-    return torch.cat(tokens, dim=1)
+    return out[:, ids.shape[1] :]
 
 
 # ----------------------------------------------------------------------------- memory

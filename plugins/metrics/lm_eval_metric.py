@@ -92,6 +92,28 @@ def find_tasks(tasks: list[str], include_paths: tuple[str, ...] = ()):
     return manager
 
 
+@lru_cache(maxsize=1)
+def quiet_hflm():
+    """lm-eval's ``HFLM`` without its progress bars (they would interleave with the run log).
+
+    lm-eval passes ``disable_tqdm=False`` explicitly, so tqdm's environment defaults cannot
+    turn its bars off; each request type is asked with ``disable_tqdm=True`` instead.
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM
+
+
 def evaluate(
     model: MoEModel,
     tasks: list[str],
@@ -106,13 +128,12 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run lm-eval on the in-memory model; returns lm-eval's raw results dict."""
     from lm_eval import evaluator
-    from lm_eval.models.huggingface import HFLM
 
     if model.tokenizer is None:
         raise MoebenchError(f"model {model.source!r} has no tokenizer; lm-eval needs one")
     with _quiet():
         manager = find_tasks(list(tasks), tuple(include_paths))
-        lm = HFLM(pretrained=model.model, tokenizer=model.tokenizer, batch_size=batch_size, max_length=max_length)
+        lm = quiet_hflm()(pretrained=model.model, tokenizer=model.tokenizer, batch_size=batch_size, max_length=max_length)
         loaded = manager.load(list(tasks))
         for task in loaded["tasks"].values():  # what simple_evaluate does before evaluating
             if num_fewshot is not None:

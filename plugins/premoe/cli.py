@@ -55,6 +55,10 @@ def index_cmd(
         raise MoebenchError(f"--metric {metric!r}: expected 'l2' or 'cosine'")
     if k < 0:
         raise MoebenchError(f"--k {k}: expected 0 (the layer's top-k) or a positive number of experts")
+    if not 0 <= threshold < 1:
+        raise MoebenchError(f"--threshold {threshold}: expected a probability in [0, 1)")
+    if key_layer < 0:
+        raise MoebenchError(f"--key-layer {key_layer}: expected a MoE layer position >= 0")
     settings = premoe.IndexSettings(threshold, key_layer, metric, k)
     spec = s.calibration or CalibrationSpec(seed=s.seed)
     t0 = time.perf_counter()
@@ -79,44 +83,59 @@ def prune_cmd(
     out_dir: Path | None = typer.Option(None, "--out", help="save the pruned model here"),
     storage: str = typer.Option("dense", help="dense, or nf4: store the kept experts in 4 bits (bitsandbytes)"),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+    lower_top_k: bool = typer.Option(False, "--lower-top-k", help="allow --keep below the model's top-k; the model then routes to --keep experts per token"),
 ):
     """Retrieve the task nearest to a prompt and load only its kept experts (optionally save the result)."""
     import torch
 
     from . import index as premoe
     from moebench.data import encode
-    from moebench.models import DTYPES, resolve
+    from moebench.models import DTYPES, load_config, resolve
+    from moebench.plugins import host
 
     if dtype not in DTYPES:
         raise MoebenchError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    if keep < 1:
-        raise MoebenchError(f"--keep {keep}: expected a positive expert count")
+    if storage not in ("dense", "nf4"):
+        raise MoebenchError(f"--storage {storage!r}: expected 'dense' or 'nf4'")
+    path = resolve(checkpoint)
+    config = load_config(path)
+    adapter = host().adapter_for(config)
+    experts, top_k = getattr(config, adapter.num_experts_attr), getattr(config, adapter.top_k_attr)
+    if not 1 <= keep <= experts:
+        raise MoebenchError(f"--keep {keep}: expected 1..{experts} (the routed experts per MoE layer of {checkpoint})")
+    if keep < top_k and not lower_top_k:
+        raise MoebenchError(
+            f"--keep {keep} is below the model's top-k {top_k}: keep at least {top_k} experts, "
+            f"or pass --lower-top-k to route each token to {keep}"
+        )
     text = query
     if query.startswith("@"):
         try:
             text = Path(query[1:]).read_text()
         except OSError as exc:
             raise MoebenchError(f"--query {query}: cannot read the file ({exc.strerror})") from None
-    path = resolve(checkpoint)
     index = premoe.TaskIndex.load(index_dir)
     from transformers import AutoTokenizer
 
-    ids = encode(AutoTokenizer.from_pretrained(path), text)
+    ids = encode(AutoTokenizer.from_pretrained(path, config=config), text)
     if ids.numel() < 2:
         raise MoebenchError("--query: the prompt has fewer than 2 tokens")
     with torch.no_grad():
         model, report, matches = premoe.load_for_query(path, index, ids[None], keep, dtype=dtype, storage=storage)
     task, distance = matches[0]
     active = max(b.top_k for b in model.blocks())
-    out.print(f"retrieved task {task!r} (distance {distance:.4g}); kept {active}/{keep} "
+    out.print(f"retrieved task {task!r} (distance {distance:.4g}); kept {keep} of {experts} routed experts per layer, "
+              f"top-{active}{f' (lowered from {top_k})' if active < top_k else ''} "
               f"({report.experts_kept} of {report.experts_total} routed experts)", markup=False)
     out.print(f"read {report.bytes_read / 2**20:.1f} MiB of the checkpoint; peak memory {_peak_rss()}", markup=False)
     for note in report.notes:
         out.print(f"note: {note}", markup=False)
     if out_dir is not None:
+        from moebench import model_card
+
         model.save(out_dir)
-        loader = "moebench.models.load_pretrained" if model.needs_moebench_loader() else "transformers"
-        out.print(f"saved to {out_dir} (reload with {loader})", markup=False)
+        loader = model_card.LOADER if model.needs_moebench_loader() else model_card.TRANSFORMERS
+        out.print(f"saved to {out_dir}; load it with:\n  " + model_card.how_to_load(out_dir, loader).replace("\n", "\n  "), markup=False)
 
 
 def register(cli) -> None:

@@ -43,32 +43,50 @@ class NaeeParams:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
 
 
-@torch.no_grad()
-def subset_loss(block: MoEBlock, x: torch.Tensor, target: torch.Tensor, keep: list[int]) -> float:
-    """Squared distance between the block's output with only experts ``keep`` and ``target``."""
-    with experts_subset(block, keep) as trial:
-        out = trial(x.unsqueeze(0)).squeeze(0).float()
-    return ((out - target) ** 2).sum().item()
+class RoutedOutputs:
+    """Every expert's output on the calibration tokens, computed once; a subset's routed output then costs one router call.
+
+    The block output is ``routed + rest`` (shared experts and their gates do not depend on
+    which routed experts exist), so the reconstruction loss of a subset is the squared
+    distance between its routed output and the full set's.
+    """
+
+    def __init__(self, block: MoEBlock, x: torch.Tensor):
+        self.block, self.x = block, x
+        self.outputs = torch.stack([block.expert_forward(e, x).float() for e in range(block.num_experts)])  # [E, N, H]
+        self.full = self.routed(list(range(block.num_experts)))
+
+    @torch.no_grad()
+    def routed(self, keep: list[int]) -> torch.Tensor:
+        """``sum_slots weight * expert output`` with only experts ``keep``, routed as the architecture does."""
+        with experts_subset(self.block, keep):
+            _, weights, indices = self.block.adapter.route(self.block.router.forward(self.x))
+        chosen = torch.as_tensor(keep, device=indices.device)[indices]  # original expert ids [N, k]
+        tokens = torch.arange(self.x.shape[0], device=indices.device)[:, None]
+        return (weights.float()[..., None] * self.outputs[chosen, tokens]).sum(1)
+
+    def loss(self, keep: list[int]) -> float:
+        return ((self.routed(keep) - self.full) ** 2).sum().item()
 
 
 @torch.no_grad()
 def best_combination(block: MoEBlock, io: dict, budget: int, max_combinations: int) -> tuple[list[int], float, bool]:
     """``(kept experts, loss, exhaustive)``: the best ``budget`` experts by reconstruction loss."""
     x = io["input"].to(block.gate_up_proj.device, block.gate_up_proj.dtype)
-    target = io["output"].to(x.device).float()
+    cache = RoutedOutputs(block, x)
     n = block.num_experts
     if math.comb(n, budget) <= max_combinations:
         best, best_loss = None, math.inf
         for combo in itertools.combinations(range(n), budget):
-            loss = subset_loss(block, x, target, list(combo))
+            loss = cache.loss(list(combo))
             if loss < best_loss:
                 best, best_loss = list(combo), loss
         return best, best_loss, True
     keep = list(range(n))
     while len(keep) > budget:
-        losses = [subset_loss(block, x, target, [k for k in keep if k != e]) for e in keep]
+        losses = [cache.loss([k for k in keep if k != e]) for e in keep]
         keep.remove(keep[min(range(len(losses)), key=losses.__getitem__)])
-    return keep, subset_loss(block, x, target, keep), False
+    return keep, cache.loss(keep), False
 
 
 class Naee(Method):

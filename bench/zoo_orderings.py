@@ -1,0 +1,169 @@
+"""Does the default zoo model order the compression methods as the literature does?
+
+On the default ``zoo:deepseek_v2`` build, with the quickstart's evaluation settings
+(perplexity over the first 40 non-overlapping 128-token windows of a test split;
+calibration 32 x 128 tokens of the same domain's train split), for each calibration seed
+and each embedded domain (prose, code), checks:
+
+- baseline < expert drop keep 0.75 < keep 0.5 < keep 0.25 (frequency), each step >= 1% apart;
+- frequency expert drop beats random expert drop (keep 0.5);
+- WANDA beats magnitude pruning at 50% unstructured (routed experts);
+- SparseGPT at least ties WANDA (within 0.1%) at 50%;
+- GPTQ and AWQ beat round-to-nearest at 4 bits (routed experts, each method's defaults);
+- a fusion merge to 4 of 16 experts per layer, healed (distillation from the original
+  model), beats plain top-k expert drop to 4 of 16.
+
+Each method starts from a fresh copy of the loaded model. Prints one line per target,
+seed and domain with its figures and ``ok`` / ``FAIL``, then a summary; exits 1 if any
+target fails. ``tests/test_zoo_orderings.py`` (slow) runs the same checks.
+
+    python bench/zoo_orderings.py [--model zoo:deepseek_v2] [--seeds 0 1 2] [--domains prose code]
+        [--samples 32] [--seqlen 128] [--windows 40] [--heal-steps 100] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from dataclasses import dataclass, field
+
+import moebench  # noqa: F401  (OpenMP defaults before torch)
+import torch
+
+from moebench.adapter import MoEModel
+from moebench.calibration import Calibration, CalibrationSpec
+from moebench.data import encode, load_text, windows
+from moebench.method import Context
+from moebench.params import parse
+from moebench.plugins import host
+from moebench_plugins.metrics import perplexity
+
+#: label -> (method, params); ``{seed}`` in a value is replaced by the calibration seed
+RUNS: dict[str, tuple[str, dict]] = {
+    "drop 0.75": ("expert_drop", {"keep_ratio": 0.75, "criterion": "frequency"}),
+    "drop 0.5": ("expert_drop", {"keep_ratio": 0.5, "criterion": "frequency"}),
+    "drop 0.25": ("expert_drop", {"keep_ratio": 0.25, "criterion": "frequency"}),
+    "random drop 0.5": ("expert_drop", {"keep_ratio": 0.5, "criterion": "random", "seed": "{seed}"}),
+    "magnitude 50%": ("magnitude", {"sparsity": 0.5}),
+    "wanda 50%": ("wanda", {"sparsity": 0.5}),
+    "sparsegpt 50%": ("sparsegpt", {"sparsity": 0.5}),
+    "rtn 4-bit": ("rtn", {"bits": 4}),
+    "gptq 4-bit": ("gptq", {"bits": 4}),
+    "awq 4-bit": ("awq", {"bits": 4}),
+    "top-k drop 4/16": ("expert_drop", {"keep": 4, "criterion": "frequency"}),
+    "merge 4/16 + heal": ("merge", {"keep": 4, "heal": {"steps": "{heal_steps}", "train": "experts"}}),
+}
+TIE = 0.001  # "at least ties": within 0.1%
+STEP = 0.01  # expert-drop steps at least 1% apart
+
+
+@dataclass
+class Check:
+    target: str
+    ok: bool
+    figures: str
+
+
+@dataclass
+class Outcome:
+    """Perplexities per (domain, seed, label) and the checks made on them."""
+
+    ppl: dict[tuple[str, int, str], float] = field(default_factory=dict)
+    checks: list[tuple[str, int, Check]] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[tuple[str, int, Check]]:
+        return [c for c in self.checks if not c[2].ok]
+
+
+def _fill(value, **subs):
+    if isinstance(value, dict):
+        return {k: _fill(v, **subs) for k, v in value.items()}
+    if isinstance(value, str) and value.startswith("{") and value.endswith("}"):
+        return subs[value[1:-1]]
+    return value
+
+
+def checks_for(p: dict[str, float]) -> list[Check]:
+    """The targets on one domain and seed's perplexities ``p`` (label -> ppl)."""
+
+    def rel(a: str, b: str) -> float:
+        return p[b] / p[a] - 1
+
+    chain = ["baseline", "drop 0.75", "drop 0.5", "drop 0.25"]
+    steps = [rel(a, b) for a, b in zip(chain, chain[1:])]
+    return [
+        Check("expert drop: baseline < 0.75 < 0.5 < 0.25, steps >= 1%", all(s >= STEP for s in steps),
+              " < ".join(f"{p[k]:.3f}" for k in chain) + "  (steps " + ", ".join(f"{100 * s:+.2f}%" for s in steps) + ")"),
+        Check("frequency drop beats random drop (keep 0.5)", p["drop 0.5"] < p["random drop 0.5"],
+              f"{p['drop 0.5']:.3f} vs {p['random drop 0.5']:.3f}"),
+        Check("wanda beats magnitude at 50%", p["wanda 50%"] < p["magnitude 50%"],
+              f"{p['wanda 50%']:.3f} vs {p['magnitude 50%']:.3f}"),
+        Check("sparsegpt at least ties wanda at 50%", p["sparsegpt 50%"] <= p["wanda 50%"] * (1 + TIE),
+              f"{p['sparsegpt 50%']:.3f} vs {p['wanda 50%']:.3f}"),
+        Check("gptq beats rtn at 4 bits", p["gptq 4-bit"] < p["rtn 4-bit"], f"{p['gptq 4-bit']:.3f} vs {p['rtn 4-bit']:.3f} (baseline {p['baseline']:.3f})"),
+        Check("awq beats rtn at 4 bits", p["awq 4-bit"] < p["rtn 4-bit"], f"{p['awq 4-bit']:.3f} vs {p['rtn 4-bit']:.3f}"),
+        Check("healed merge beats top-k drop at 4 of 16", p["merge 4/16 + heal"] < p["top-k drop 4/16"],
+              f"{p['merge 4/16 + heal']:.3f} vs {p['top-k drop 4/16']:.3f}"),
+    ]
+
+
+def measure(model: str = "zoo:deepseek_v2", seeds=(0, 1, 2), domains=("prose", "code"), samples: int = 32,
+            seqlen: int = 128, windows_: int = 40, heal_steps: int = 100, threads: int | None = 2,
+            log=print) -> Outcome:
+    """Run every method for every seed and domain; log one line per check as it completes."""
+    from moebench.models import load
+
+    if threads:
+        torch.set_num_threads(threads)
+    base = load(model, threads=threads)
+    outcome = Outcome()
+    for domain in domains:
+        data = f"embedded:{domain}"
+        ids = windows(encode(base.tokenizer, load_text(data, "test")), seqlen, windows_)
+        baseline = perplexity(base.model, ids)
+        for seed in seeds:
+            calibration = Calibration(CalibrationSpec(data, samples, seqlen, seed=seed), cache=False)
+            p = {"baseline": baseline}
+            t0 = time.perf_counter()
+            for label, (method, table) in RUNS.items():
+                moe = MoEModel(copy.deepcopy(base.model), base.adapter, tokenizer=base.tokenizer, source=base.source, identity=base.identity)
+                cls = host().method(method)
+                ctx = Context(seed=seed, calibration=calibration, extras={"teacher": base})
+                cls().apply(moe, parse(cls.Params, _fill(table, seed=seed, heal_steps=heal_steps)), ctx)
+                p[label] = perplexity(moe.model, ids)
+                del moe
+            for label, value in p.items():
+                outcome.ppl[(domain, seed, label)] = value
+            for check in checks_for(p):
+                outcome.checks.append((domain, seed, check))
+                log(f"{domain:5s} seed {seed}  {'ok  ' if check.ok else 'FAIL'}  {check.target}: {check.figures}")
+            log(f"{domain:5s} seed {seed}  ({time.perf_counter() - t0:.0f} s)")
+    return outcome
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="zoo:deepseek_v2")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--domains", nargs="+", default=["prose", "code"])
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--heal-steps", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    print(f"model {args.model}; calibration embedded:DOMAIN train {args.samples}x{args.seqlen}, seeds {args.seeds}; "
+          f"perplexity on embedded:DOMAIN test, {args.windows}x{args.seqlen}; threads {args.threads}", flush=True)
+    t0 = time.perf_counter()
+    outcome = measure(args.model, args.seeds, args.domains, args.samples, args.seqlen, args.windows, args.heal_steps,
+                      args.threads, log=lambda line: print(line, flush=True))
+    n, bad = len(outcome.checks), len(outcome.failed)
+    print(f"{n - bad}/{n} checks hold ({time.perf_counter() - t0:.0f} s)")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

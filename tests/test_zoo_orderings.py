@@ -1,0 +1,54 @@
+"""The default zoo model orders compression methods as the literature does (bench/zoo_orderings.py's checks)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "zoo_orderings.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("zoo_orderings", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_checks_fail_when_an_ordering_is_reversed():
+    """The checks themselves: a table that holds every target passes, each reversal fails its own check."""
+    bench = _bench()
+    good = {
+        "baseline": 50.0, "drop 0.75": 51.0, "drop 0.5": 52.0, "drop 0.25": 56.0, "random drop 0.5": 53.0,
+        "magnitude 50%": 55.0, "wanda 50%": 54.0, "sparsegpt 50%": 54.02, "rtn 4-bit": 50.5, "gptq 4-bit": 50.3,
+        "awq 4-bit": 50.4, "top-k drop 4/16": 56.0, "merge 4/16 + heal": 53.0,
+    }
+    assert all(c.ok for c in bench.checks_for(good))
+    for label, value, target in [
+        ("drop 0.75", 50.2, "expert drop"),  # a step under 1%
+        ("random drop 0.5", 51.9, "random"),
+        ("magnitude 50%", 53.9, "wanda beats"),
+        ("sparsegpt 50%", 54.1, "sparsegpt"),
+        ("rtn 4-bit", 50.25, "gptq"),
+        ("rtn 4-bit", 50.35, "awq"),
+        ("merge 4/16 + heal", 56.1, "merge"),
+    ]:
+        failed = [c.target for c in bench.checks_for({**good, label: value}) if not c.ok]
+        assert any(target in t for t in failed), (label, failed)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="the 500-step default zoo does not meet issue #13's targets yet (expert-drop keep 0.75 -> 0.5 is "
+    "under 1% apart and 4-bit GPTQ/AWQ vs RTN is within its first-order noise; docs/benchmarks.md); strict, so "
+    "a zoo that meets them fails here until this marker is removed",
+)
+def test_default_zoo_model_orders_the_methods_for_three_seeds_and_both_domains(trained_zoo):
+    bench = _bench()
+    outcome = bench.measure(str(trained_zoo), seeds=(0, 1, 2), domains=("prose", "code"), log=lambda line: None)
+    assert not outcome.failed, "\n".join(f"{d} seed {s}: {c.target}: {c.figures}" for d, s, c in outcome.failed)
