@@ -40,9 +40,17 @@ class Adapter:
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layers
 
+    def set_layers(self, model: nn.Module, layers: nn.ModuleList) -> None:
+        """Put a new decoder-layer list in place (where :meth:`layers` reads it)."""
+        model.model.layers = layers
+
     def moe_block(self, layer: nn.Module) -> nn.Module | None:
         mlp = getattr(layer, "mlp", None)
         return mlp if mlp is not None and hasattr(mlp, "experts") and hasattr(mlp, "gate") else None
+
+    def set_moe_block(self, layer: nn.Module, module: nn.Module) -> None:
+        """Put ``module`` where the layer's MoE block sits (where :meth:`moe_block` reads it)."""
+        layer.mlp = module
 
     def router(self, block: nn.Module) -> nn.Module:
         return block.gate
@@ -349,7 +357,7 @@ class MoEModel:
     def skip_moe(self, layer: int) -> None:
         """Remove the MoE block of ``layer`` (shared experts included); attention stays."""
         self._moe(layer)
-        self.layers[layer].mlp = PassThrough()
+        self.adapter.set_moe_block(self.layers[layer], PassThrough())
         self._record(f"skip_moe({layer})")
 
     def drop_layers(self, indices: Sequence[int]) -> None:
@@ -366,7 +374,7 @@ class MoEModel:
             for module in layer.modules():
                 if hasattr(module, "layer_idx"):
                     module.layer_idx = new_idx
-        self.model.model.layers = new_layers
+        self.adapter.set_layers(self.model, new_layers)
         self.adapter.after_layers_dropped(self.config, kept, [old_moe[i] for i in kept])
         remap = {old: new for new, old in enumerate(kept)}
         self._write_structure(
@@ -478,14 +486,14 @@ class MoEModel:
         A model plain transformers can rebuild is saved in its family's original
         checkpoint format; one with a moebench structure keeps the in-memory (packed)
         names, which is what :func:`moebench.models.load_pretrained` reads back, and its
-        config refuses plain loaders (:func:`moebench.models.refuse_plain_loaders`).
+        config refuses plain loaders (:func:`moebench.saved.refuse_plain_loaders`).
         """
         own_layout = self.needs_moebench_loader()
         if own_layout:
             kwargs.setdefault("save_original_format", False)
         self.model.save_pretrained(path, **kwargs)
         if own_layout:
-            from .models import refuse_plain_loaders
+            from .saved import refuse_plain_loaders
 
             refuse_plain_loaders(path, self.config.model_type)
         if self.tokenizer is not None:
@@ -502,6 +510,15 @@ class MoEModel:
 
     def _record(self, edit: str) -> None:
         self.lineage.append(edit)
+
+    def record_step(self, method: str, params) -> None:
+        """Write a method step into the lineage (the runner does it after every step), so
+        statistics cached for the model before an in-place weight edit are not reused."""
+        import json
+
+        from .params import to_dict
+
+        self.lineage.append(f"{method}({json.dumps(to_dict(params), sort_keys=True, default=str)})")
 
 
 # router attributes that some families change when the expert count changes, and the

@@ -18,7 +18,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 import torch
 
@@ -38,6 +38,9 @@ class Statistic:
     """
 
     name: ClassVar[str]
+    #: its hooks look at one decoder layer at a time, so a layer-by-layer pass over a streamed
+    #: checkpoint (:class:`moebench.checkpoint.LayerStream`) gives the same result as a full one
+    streamable: ClassVar[bool] = False
 
     def __init__(self, model: "MoEModel", seed: int = 0):
         self.model = model
@@ -47,6 +50,52 @@ class Statistic:
         raise NotImplementedError
 
     def result(self) -> Any:
+        raise NotImplementedError
+
+
+class StopForward(Exception):
+    """Raised from a hook to end a forward pass early (the layers after it are not needed);
+    every pass that captures inputs or stops at a router uses this one exception."""
+
+
+def forward_windows(model: "torch.nn.Module", windows: torch.Tensor, batch_size: int, device) -> Iterator[int]:
+    """The one forward machinery: run token ``windows [n, seqlen]`` through a causal LM in
+    batches, without a KV cache; yields each batch's size after its pass.
+
+    Statistics (:meth:`Calibration.run`), the layer-sequential capture
+    (:class:`moebench.sequential.Sequential`) and checkpoint streaming
+    (:class:`moebench.checkpoint.LayerStream`) all drive their hooks through it; a hook
+    that has what it needs raises :class:`StopForward` to skip the rest of the pass.
+    """
+    with torch.no_grad():
+        for batch in windows.split(batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except StopForward:
+                pass
+            yield len(batch)
+
+
+def hidden_in(args, kwargs) -> torch.Tensor:
+    """The hidden states a module's forward pre-hook or hook received (first positional or ``hidden_states``)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class RouterStatistic(Statistic):
+    """Base for statistics read off each MoE router's output: implement ``update(layer, block,
+    logits, weights, indices)`` (the adapter's routing decision, detached) and ``result``."""
+
+    def attach(self) -> list:
+        handles = []
+        for block in self.model.blocks():
+            def hook(module, args, output, layer=block.layer, block=block):
+                logits, weights, indices = self.model.adapter.route(output)
+                self.update(layer, block, logits.detach(), weights.detach(), indices.detach())
+
+            handles.append(block.router.register_forward_hook(hook))
+        return handles
+
+    def update(self, layer: int, block, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> None:
         raise NotImplementedError
 
 
@@ -116,16 +165,23 @@ class Calibration:
         handles = [h for c in collectors for h in c.attach()]
         windows = self.windows(model.tokenizer)
         try:
-            with torch.no_grad(), progress_bar(f"calibration ({', '.join(names)})", len(windows)) as advance:
-                for start in range(0, len(windows), self.spec.batch_size):
-                    batch = windows[start : start + self.spec.batch_size].to(model.device)
-                    model.model(input_ids=batch, use_cache=False)
-                    advance(len(batch))
+            with progress_bar(f"calibration ({', '.join(names)})", len(windows)) as advance:
+                for n in forward_windows(model.model, windows, self.spec.batch_size, model.device):
+                    advance(n)
         finally:
             for h in handles:
                 h.remove()
         self.passes += 1
         return {c.name: c.result() for c in collectors}
+
+    def for_data(self, data: str) -> "Calibration":
+        """The same calibration settings on other text (e.g. one PreMoe task's): its statistics are
+        cached under their own keys, and what it computes or reuses is counted here too."""
+        from dataclasses import replace
+
+        other = Calibration(replace(self.spec, data=data), cache=self.cache)
+        other.computed, other.reused = self.computed, self.reused  # one summary for the run
+        return other
 
     def _key(self, model: "MoEModel", name: str) -> str:
         blob = json.dumps({"model": model.identity, "edits": model.lineage, "data": self.spec.key(), "stat": name}, sort_keys=True)

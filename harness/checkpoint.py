@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import MoEModel
+from .calibration import StopForward, forward_windows
 from .errors import MoebenchError
 
 FP8_BLOCK = 128
@@ -478,21 +479,7 @@ def _tokenizer(path):
         return None
 
 
-def parameter_bytes(model: nn.Module) -> int:
-    """Bytes of the materialised (non-meta) parameters and buffers."""
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if id(t) not in seen and not t.is_meta:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
-
-
 # --------------------------------------------------------------------------- streaming
-
-
-class _Stop(Exception):
-    """Raised from a hook to end a forward pass early."""
 
 
 class LayerStream:
@@ -574,14 +561,14 @@ class LayerStream:
                     raise MoebenchError(f"layer {i} has no MoE router; MoE layers are {self.model.moe_layers}")
 
                 def stop(module, args, output):
-                    raise _Stop
+                    raise StopForward
 
                 handle = block.router.register_forward_hook(stop)
             try:
                 for b, (h, kw) in enumerate(zip(hidden, kwargs)):
                     try:
                         out = self.layers[i](h, **kw)
-                    except _Stop:
+                    except StopForward:
                         continue
                     hidden[b] = out[0] if isinstance(out, (tuple, list)) else out
             finally:
@@ -597,16 +584,12 @@ class LayerStream:
         def catch(module, args, kw):
             hidden.append(args[0] if args else kw.pop("hidden_states"))
             kwargs.append(dict(kw))
-            raise _Stop
+            raise StopForward
 
         handle = self.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
         try:
-            for start in range(0, len(windows), batch_size):
-                batch = windows[start : start + batch_size].to(self.device)
-                try:
-                    self.model.model(input_ids=batch, use_cache=False)
-                except _Stop:
-                    pass
+            for _ in forward_windows(self.model.model, windows, batch_size, self.device):
+                pass
         finally:
             handle.remove()
         return hidden, kwargs
@@ -615,10 +598,12 @@ class LayerStream:
         """Calibration statistics gathered layer by layer (those that look at one layer at a time)."""
         from .plugins import host
 
-        refused = [n for n in names if n not in STREAMABLE]
+        stats = host().statistics
+        refused = [n for n in names if not host().statistic(n).streamable]
         if refused:
+            streamable = sorted(n for n, cls in stats.items() if cls.streamable)
             raise MoebenchError(
-                f"statistics {refused} relate several layers within one pass; layer-by-layer streaming supports {', '.join(sorted(STREAMABLE))}"
+                f"statistics {refused} relate several layers within one pass; layer-by-layer streaming supports {', '.join(streamable)}"
             )
         collectors = [host().statistic(n)(self.model, seed=seed) for n in names]
         handles = [h for c in collectors for h in c.attach()]
@@ -629,6 +614,3 @@ class LayerStream:
                 h.remove()
         return {c.name: c.result() for c in collectors}
 
-
-#: statistics whose hooks see one layer at a time, so layer-major order gives the same result
-STREAMABLE = frozenset({"routing_counts", "router_mass", "router_logits", "moe_similarity"})

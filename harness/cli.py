@@ -14,7 +14,6 @@ for _var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"
     os.environ.setdefault(_var, "1")
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from .errors import MoebenchError
@@ -22,9 +21,7 @@ from .errors import MoebenchError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmark Mixture-of-Experts compression methods.")
 zoo_app = typer.Typer(no_args_is_help=True, help="Tiny trained MoE checkpoints for every adapted architecture.")
 app.add_typer(zoo_app, name="zoo")
-# piped output gets a wide table instead of rich's 80-column default
-out = Console(width=None if sys.stdout.isatty() else 220)
-err = Console(stderr=True)
+from .console import err, out  # noqa: E402  (re-exported: plugins' commands print with moebench.cli.out/err)
 
 
 def _version(value: bool) -> None:
@@ -197,7 +194,9 @@ def main() -> None:
 
 
 # The report commands live in their own module; plugins add theirs through `register_commands`.
-from . import cli_reports  # noqa: E402,F401
+from . import cli_reports  # noqa: E402
+
+cli_reports.register(app)
 
 
 def _plugin_commands() -> None:

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Optional
 import typer
 from rich.table import Table
 
-from .cli import app, err, out
+from .console import err, out
 from .errors import MoebenchError
 
 
@@ -62,10 +62,9 @@ def _write(text: str, path: Optional[Path]) -> None:
 
 # --------------------------------------------------------------------------- report
 
-@app.command()
 def report(
     results: list[Path] = typer.Argument(..., help="results.jsonl files or run directories (several merge into one report)"),
-    format: str = typer.Option("terminal", "--format", "-f", help="terminal | markdown | csv | html (default: from --out's extension, else terminal)"),
+    format: str = typer.Option("terminal", "--format", "-f", help="terminal | markdown | csv | html (default: from --out's extension, else terminal) | lm-eval (lm-eval's results JSON per run, into the --out folder)"),
     out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="write to this file instead of standard output"),
     title: str = typer.Option("moebench report", "--title", help="page title (markdown, html)"),
     columns: Optional[str] = typer.Option(None, "--columns", help="metric columns to show, comma-separated globs (e.g. 'perplexity,weight_bytes,lm_eval.*.acc')"),
@@ -74,8 +73,18 @@ def report(
     from . import render
     from .report import terminal_table
 
+    if format == "lm-eval":
+        from . import lmeval_export
+
+        if out_path is None:
+            raise MoebenchError("--format lm-eval: name a folder with --out; one results JSON per run is written there")
+        written = lmeval_export.write(read_all(results), out_path)
+        if not written:
+            raise MoebenchError("--format lm-eval: no record has lm-eval scores (add an [eval.lm_eval] table to the suite)")
+        out.print(f"{len(written)} lm-eval results file(s) under {out_path}", markup=False)
+        return
     if format not in render.FORMATS:
-        raise MoebenchError(f"--format {format!r}: expected one of {', '.join(render.FORMATS)}")
+        raise MoebenchError(f"--format {format!r}: expected one of {', '.join(render.FORMATS)}, lm-eval")
     if format == "terminal" and out_path is not None:
         format = render.EXTENSIONS.get(out_path.suffix.lower(), "markdown")
     records = read_all(results)
@@ -94,7 +103,6 @@ def report(
 # --------------------------------------------------------------------------- compare
 
 
-@app.command()
 def compare(
     new: Path = typer.Argument(..., help="new results (results.jsonl or run directory)"),
     baseline: Path = typer.Argument(..., help="baseline results to hold them to (e.g. reports/baselines/ci.jsonl)"),
@@ -134,7 +142,6 @@ def compare(
 # --------------------------------------------------------------------------- leaderboard
 
 
-@app.command()
 def leaderboard(
     results: list[Path] = typer.Argument(..., help="result files or directories (searched for *.jsonl)"),
     out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="a .md or .html file, or a directory for leaderboard.md and leaderboard.html"),
@@ -161,7 +168,6 @@ def leaderboard(
 # --------------------------------------------------------------------------- merge
 
 
-@app.command()
 def merge(
     results: list[Path] = typer.Argument(..., help="the shards' results.jsonl files or run directories"),
     out_path: Path = typer.Option(..., "--out", "-o", help="merged results file (a directory gets results.jsonl)"),
@@ -224,7 +230,6 @@ def scaffold(name: str, parent: Path) -> Path:
     return root
 
 
-@app.command("new-plugin")
 def new_plugin(
     name: str = typer.Argument(..., help="the method's name (lowercase, e.g. my_prune); the package is moebench-NAME"),
     directory: Path = typer.Option(Path("."), "--dir", help="where to create the package folder"),
@@ -233,3 +238,10 @@ def new_plugin(
     root = scaffold(name, directory)
     typer.echo(f"created {root}")
     typer.echo(f"next: pip install -e {root} && pytest {root / 'tests'} && moebench run {root / 'suite.toml'}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the report commands to the ``moebench`` app (kept apart from :mod:`moebench.cli`, which calls this)."""
+    for fn in (report, compare, leaderboard, merge):
+        app.command()(fn)
+    app.command("new-plugin")(new_plugin)

@@ -15,7 +15,7 @@ The ``[compare]`` table of a suite::
 
     [compare]
     missing = "fail"                  # fail | warn: a baseline run or metric absent from the new results
-    defaults = true                   # also apply the built-in tolerances (DEFAULT_TOLERANCES)
+    defaults = true                   # also apply the tolerances the metrics declare (default_tolerances)
 
     [compare.tolerances]              # metric name or glob -> tolerance; first match wins
     perplexity = { rel = 0.02 }       # relative: |new - base| <= 0.02 * |base|
@@ -36,7 +36,7 @@ from typing import Any, Iterable
 from . import comparable
 from .errors import MoebenchError, SuiteError, did_you_mean
 from .report import better as default_better
-from .report import flatten
+from .record import Record, records_of
 
 KEYS = {"rel", "abs", "better", "ignore"}
 TABLE_KEYS = {"tolerances", "missing", "defaults"}
@@ -49,7 +49,7 @@ class Tolerance:
     pattern: str
     rel: float | None = None
     abs: float | None = None
-    better: str | None = None  # "lower" | "higher"; default from moebench.report.better
+    better: str | None = None  # "lower" | "higher"; default: the metric's declared direction
     ignore: bool = False
     source: str = "default"  # where it came from: command line | suite | default
 
@@ -71,24 +71,20 @@ class Tolerance:
         return " or ".join(parts) or "exact"
 
 
-#: tolerances applied unless a suite sets ``defaults = false``: quality within noise of a
-#: CPU rerun, sizes exact (they are deterministic); timings and memory are not gated
-DEFAULT_TOLERANCES = [
-    Tolerance("perplexity", rel=0.01),
-    Tolerance("lm_eval.*", abs=0.02),
-    Tolerance("params.*", rel=0.0),
-    Tolerance("weight_bytes", rel=0.0),
-    Tolerance("experts", rel=0.0),
-    Tolerance("blocks", rel=0.0),
-    Tolerance("flops_per_token", rel=0.001),
-]
+def default_tolerances() -> list[Tolerance]:
+    """Tolerances applied unless a suite sets ``defaults = false``: each metric declares its
+    own (``Column.tolerance``): quality within noise of a CPU rerun, sizes exact (they are
+    deterministic); timings and memory are not gated."""
+    from .columns import default_tolerances as declared
+
+    return [Tolerance(pattern, **tol) for pattern, tol in declared()]
 
 
 @dataclass
 class CompareSpec:
     """Tolerances in precedence order, and what a missing run or metric means."""
 
-    tolerances: list[Tolerance] = field(default_factory=lambda: list(DEFAULT_TOLERANCES))
+    tolerances: list[Tolerance] = field(default_factory=default_tolerances)
     missing: str = "fail"
 
     def tolerance_for(self, metric: str) -> Tolerance | None:
@@ -157,7 +153,7 @@ def parse_compare(table: Any, path: str = "<suite>") -> CompareSpec:
         parsed = [parse_tolerance(p, t) for p, t in tolerances.items()]
     except _FieldError as exc:
         raise SuiteError(path, exc.field, exc.message) from None
-    return CompareSpec(parsed + (list(DEFAULT_TOLERANCES) if defaults else []), missing)
+    return CompareSpec(parsed + (default_tolerances() if defaults else []), missing)
 
 
 def check_compare(table: Any, path: str = "<suite>") -> None:
@@ -167,7 +163,7 @@ def check_compare(table: Any, path: str = "<suite>") -> None:
 
 def compare_spec_from_suite(path: str | os.PathLike) -> CompareSpec:
     """The ``[compare]`` table of a suite file (only that table is validated)."""
-    from .suite import read_toml
+    from .toml_file import read_toml
 
     return parse_compare(read_toml(path).get("compare"), str(path))
 
@@ -273,17 +269,17 @@ class Comparison:
         return f"{verdict}: {self.runs} run(s), {self.gated} metric value(s) checked; {text}"
 
 
-def latest_by_run(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+def latest_by_run(records: Iterable[dict[str, Any] | Record]) -> dict[tuple[str, str], Record]:
     """One record per (suite, run name): the last ``ok`` one, else the last one."""
-    out: dict[tuple[str, str], dict[str, Any]] = {}
-    for r in records:
-        key = (r.get("suite"), r.get("name"))
-        if key not in out or r.get("status") == "ok" or out[key].get("status") != "ok":
+    out: dict[tuple[str, str], Record] = {}
+    for r in records_of(records):
+        key = (r.suite, r.name)
+        if key not in out or r.ok or not out[key].ok:
             out[key] = r
     return out
 
 
-def compare(new: Iterable[dict[str, Any]], baseline: Iterable[dict[str, Any]], spec: CompareSpec | None = None) -> Comparison:
+def compare(new: Iterable[dict[str, Any] | Record], baseline: Iterable[dict[str, Any] | Record], spec: CompareSpec | None = None) -> Comparison:
     """Check every baseline run's gated metrics in the new results."""
     spec = spec or CompareSpec()
     fail_missing = spec.missing == "fail"
@@ -297,24 +293,24 @@ def compare(new: Iterable[dict[str, Any]], baseline: Iterable[dict[str, Any]], s
             result.findings.append(Finding("missing_run", suite, name, message="in the baseline but not in the new results", blocking=fail_missing))
             continue
         result.runs += 1
-        b_ok, n_ok = base.get("status") == "ok", rec.get("status") == "ok"
+        b_ok, n_ok = base.ok, rec.ok
         if b_ok and not n_ok:
-            result.findings.append(Finding("failed", suite, name, message=str(rec.get("error")), blocking=True))
+            result.findings.append(Finding("failed", suite, name, message=str(rec.error), blocking=True))
             continue
         if not b_ok:  # nothing to compare against: the baseline run itself failed
             kind = "fixed" if n_ok else "still_failed"
-            result.findings.append(Finding(kind, suite, name, message=f"baseline: {base.get('error')}"))
+            result.findings.append(Finding(kind, suite, name, message=f"baseline: {base.error}"))
             continue
-        if base.get("run_id") != rec.get("run_id"):
+        if base.run_id != rec.run_id:
             result.findings.append(
-                Finding("config_changed", suite, name, message=f"run id {base.get('run_id')} → {rec.get('run_id')}: the suite or method parameters changed; compared anyway")
+                Finding("config_changed", suite, name, message=f"run id {base.run_id} → {rec.run_id}: the suite or method parameters changed; compared anyway")
             )
-        differ = comparable.differences(comparable.spec(base), comparable.spec(rec))
+        differ = comparable.differences(comparable.spec(base.to_dict()), comparable.spec(rec.to_dict()))
         if differ:  # another model or evaluation: the figures say nothing about a regression
             message = "measured differently (" + "; ".join(differ) + "): not compared; rerun with the baseline's settings or refresh the baseline"
             result.findings.append(Finding("incomparable", suite, name, message=message, blocking=True))
             continue
-        bm, nm = flatten(base.get("metrics") or {}), flatten(rec.get("metrics") or {})
+        bm, nm = base.flat_metrics(), rec.flat_metrics()
         for metric in sorted(set(bm) | set(nm)):
             tol = spec.tolerance_for(metric)
             if tol is None or tol.ignore:

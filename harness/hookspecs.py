@@ -1,8 +1,10 @@
-"""The plugin contract: every hook moebench calls.
+"""The plugin contract: every hook moebench calls, declared here and nowhere else.
 
 A plugin is a module (or object) with ``@hookimpl`` functions, registered under the
-``moebench`` entry-point group. The ``register_*`` hooks return classes; the ``on_*``
-hooks observe a running suite (for loggers, dashboards, notifications).
+``moebench`` entry-point group. The ``register_*`` hooks return what a plugin provides
+(classes, tables, columns, operators); ``register_commands`` extends the CLI; the
+``on_*`` hooks observe a running suite (for loggers, dashboards, notifications).
+docs/plugin-guide.md documents each hook with an example.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ def register_methods():
 
 @hookspec
 def register_metrics():
-    """Return a list of :class:`moebench.metric.Metric` subclasses."""
+    """Return a list of :class:`moebench.method.Metric` subclasses."""
 
 
 @hookspec
@@ -48,6 +50,25 @@ def register_module_classes():
     importing anything the file names. A plugin opts in per class; init arguments must
     be plain JSON data.
     """
+
+
+@hookspec
+def register_merge_operators():
+    """Return ``{name: fn(stack, weights, **options) -> tensor}``: merge operators the fusion
+    methods (``operator = "name"``) can use besides the built-in ones; a later plugin may
+    override a name (see :mod:`moebench_plugins.fusion.operators`)."""
+
+
+@hookspec
+def register_suite_tables():
+    """Return a list of :class:`moebench.suite.SuiteTable`: top-level suite tables this plugin
+    owns (e.g. PreMoe's ``[tasks]``), each with the parser that validates it."""
+
+
+@hookspec
+def register_report_columns():
+    """Return a list of :class:`moebench.columns.Column`: report columns this plugin contributes
+    besides those its metrics declare, e.g. a column derived from others (PreMoe's ``active/kept``)."""
 
 
 @hookspec

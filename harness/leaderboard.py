@@ -20,7 +20,8 @@ import pandas as pd
 
 from . import comparable
 from .render import accuracy_columns, esc, html_figure, html_page, html_table, label, md_table, origin, pareto_front, plot_perplexity_vs_bytes, versions
-from .report import better, flatten, fmt
+from .record import Record, records_of
+from .report import better, fmt
 
 
 @dataclass
@@ -28,7 +29,7 @@ class Entry:
     """One method configuration on a board: its best record and how it compares with the baseline."""
 
     config: str
-    record: dict[str, Any]
+    record: Record
     metrics: dict[str, float]
     delta: float | None = None  # relative change of the ranking metric against the baseline
     runs: int = 1  # records of this configuration on the board
@@ -36,7 +37,7 @@ class Entry:
 
     @property
     def env(self) -> dict[str, Any]:
-        return self.record.get("env") or {}
+        return self.record.environment
 
 
 @dataclass
@@ -51,14 +52,14 @@ class Board:
         return f"{self.model} — {self.metric}" + (f" ({self.setting})" if self.setting else "")
 
 
-def config_key(record: dict[str, Any]) -> str:
+def config_key(record: Record) -> str:
     """What makes two runs the same method configuration: the pipeline and its parameters."""
-    return json.dumps(record.get("pipeline") or [], sort_keys=True)
+    return json.dumps(record.pipeline, sort_keys=True)
 
 
-def config_label(record: dict[str, Any]) -> str:
+def config_label(record: Record) -> str:
     """``expert_drop(keep_ratio=0.5, criterion=frequency) → gptq(bits=4)``; unset parameters left out."""
-    steps = record.get("pipeline") or []
+    steps = record.pipeline
     if not steps:
         return "baseline"
     parts = []
@@ -68,37 +69,37 @@ def config_label(record: dict[str, Any]) -> str:
     return " → ".join(parts)
 
 
-def setting_of(record: dict[str, Any], metric: str) -> str:
+def setting_of(record: Record, metric: str) -> str:
     """The evaluation setting a metric value belongs to (perplexity: data, split, window length)."""
     head = metric.split(".")[0]
-    m = (record.get("metrics") or {}).get(head)
+    m = record.metrics.get(head)
     if head == "perplexity" and isinstance(m, dict):
         return f"{m.get('data')} {m.get('split', '')}, seqlen {m.get('seqlen')}".replace("  ", " ")
     return ""
 
 
-def boards(records: Iterable[dict[str, Any]], metric: str = "perplexity") -> list[Board]:
+def boards(records: Iterable[dict[str, Any] | Record], metric: str = "perplexity") -> list[Board]:
     """Group ok records into boards by (model, evaluation setting) and keep each configuration's best."""
     lower = better(metric) == "lower"
-    ranked = [r for r in records if r.get("status") == "ok" and _finite(flatten(r.get("metrics") or {}).get(metric))]
+    typed = records_of(records)
+    ranked = [r.to_dict() for r in typed if r.ok and _finite(r.flat_metrics().get(metric))]
 
     def model_of(r: dict[str, Any]) -> str:
-        model = (r.get("model") or {}).get("source") or "?"
-        dtype = (r.get("model") or {}).get("dtype")
-        return model + (f" ({dtype})" if dtype and dtype != "float32" else "")
+        t = Record.from_dict(r)
+        return (t.source or "?") + (f" ({t.dtype})" if t.dtype and t.dtype != "float32" else "")
 
     out = []
     # one board per model and evaluation spec of the ranking metric (data, split, seqlen, samples...)
     groups = comparable.group(ranked, key=model_of, tables=lambda r: [comparable.table_of(metric)])
-    settings = [setting_of(g.records[0], metric) for g in groups]
+    settings = [setting_of(Record.from_dict(g.records[0]), metric) for g in groups]
     for g, setting in zip(groups, settings):
-        model, recs = g.key, g.records
+        model, recs = g.key, records_of(g.records)
         if sum(1 for h, s in zip(groups, settings) if h.key == g.key and s == setting) > 1:  # the text does not tell them apart
             setting = f"{setting}; {g.label}" if setting else g.label
-        baselines = {(r.get("suite"), origin(r)): r for r in recs if not r.get("pipeline")}
+        baselines = {(r.suite, origin(r)): r for r in recs if r.is_baseline}
         best: dict[str, Entry] = {}
         for r in recs:
-            flat = flatten(r.get("metrics") or {})
+            flat = r.flat_metrics()
             key = config_key(r)
             entry = best.get(key)
             if entry is None or (flat[metric] < entry.metrics[metric] if lower else flat[metric] > entry.metrics[metric]):
@@ -108,8 +109,8 @@ def boards(records: Iterable[dict[str, Any]], metric: str = "perplexity") -> lis
         entries = sorted(best.values(), key=lambda e: e.metrics[metric] if lower else -e.metrics[metric])
         board_base = next((e for e in entries if e.config == "baseline"), None)
         for e in entries:
-            base = baselines.get((e.record.get("suite"), origin(e.record))) or (board_base.record if board_base else None)
-            b = flatten(base.get("metrics") or {}).get(metric) if base else None
+            base = baselines.get((e.record.suite, origin(e.record))) or (board_base.record if board_base else None)
+            b = base.flat_metrics().get(metric) if base else None
             if e.config != "baseline" and _finite(b) and b:
                 e.delta = (e.metrics[metric] - b) / abs(b)
         sized = [i for i, e in enumerate(entries) if _finite(e.metrics.get("weight_bytes"))]
@@ -151,11 +152,11 @@ def _rows(board: Board) -> tuple[list[str], list[list[str]]]:
                 e.config,
                 *values,
                 str(e.runs),
-                f"{e.record.get('suite')} / {e.record.get('name')}",
+                f"{e.record.suite} / {e.record.name}",
                 str(env.get("git_commit") or "–")[:12],
                 versions(env),
                 f"{env.get('device', '?')} ({env.get('device_name', '?')})",
-                str(e.record.get("finished") or "–")[:10],
+                str(e.record.finished or "–")[:10],
             ]
         )
     return headers, rows

@@ -10,13 +10,15 @@ quantization) is said with ``ctx.note``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from .params import NoParams
 
 if TYPE_CHECKING:
     from .adapter import MoEModel
     from .calibration import Calibration
+    from .columns import Column
+    from .suite import Suite
 
 
 @dataclass
@@ -29,11 +31,15 @@ class Context:
     notes: list[str] = field(default_factory=list)
     #: metrics of this suite's baseline run in this process (for speedups), if measured
     baseline: dict[str, Any] | None = None
-    #: the suite's evaluation settings, for metrics that need another metric's data
-    suite: Any = None
-    #: per-run scratch space shared by the steps of a pipeline (e.g. the original model for healing)
-    extras: dict[str, Any] = field(default_factory=dict)
-    log: Any = print
+    #: the suite being run (its file path, model, plugin tables such as ``tables["tasks"]``); None outside a suite
+    suite: "Suite | None" = None
+    #: what the pipeline's steps so far returned, keyed as in the record's ``changes``
+    #: (``method``, ``method#2``...): later steps and the run's metrics read it
+    changes: dict[str, Any] = field(default_factory=dict)
+    #: the uncompressed model, when a caller already holds one (healing distils from it;
+    #: otherwise it is reloaded from the suite's model source)
+    teacher: "MoEModel | Any" = None
+    log: Callable[[str], None] = print
 
     def note(self, text: str) -> None:
         """Record a caveat about this run (approximations, fallbacks) in its record."""
@@ -46,9 +52,41 @@ class Context:
             raise RuntimeError("this method needs calibration data; add a [calibration] table to the suite")
         return self.calibration.stats(model, names)
 
+    def sequential(self, model: "MoEModel", method: str, **kwargs):
+        """A layer-sequential pass (:class:`moebench.sequential.Sequential`) over the calibration
+        windows: the entry for methods that compress one decoder layer at a time on the inputs
+        the already-compressed earlier layers produce (WANDA, SparseGPT, GPTQ, AWQ)."""
+        from .sequential import Sequential
+
+        if self.calibration is None:
+            from .errors import MoebenchError
+
+            raise MoebenchError(f"{method} needs calibration data; add a [calibration] table to the suite")
+        windows = kwargs.pop("windows", None)  # a method may pass its own (e.g. more samples than the suite's)
+        if windows is None:
+            windows = self.calibration.windows(model.tokenizer)
+        return Sequential(model, windows, batch_size=self.calibration.spec.batch_size, **kwargs)
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What one method step reads from calibration: statistics (gathered in one cached pass,
+    read with ``ctx.stats``) and per-layer collections (a layer-sequential pass, ``ctx.sequential``)."""
+
+    stats: tuple[str, ...] = ()
+    sequential: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.stats) or self.sequential
+
 
 class Method:
-    """A compression method. Subclass, set ``name`` and ``Params``, implement ``apply``."""
+    """A compression method. Subclass, set ``name`` and ``Params``, implement ``apply``.
+
+    What it needs from calibration is declared with ``stats`` (or ``needs(params)`` when it
+    depends on the parameters) and ``needs_calibration``; the harness reads both through
+    :meth:`requires`.
+    """
 
     name: ClassVar[str]
     Params: ClassVar[type] = NoParams
@@ -70,18 +108,33 @@ class Method:
         :class:`moebench.preflight.ModelShape` read from its config); raise
         :class:`moebench.params.ParamError` naming the parameter. Default: no check."""
 
+    def requires(self, params) -> Needs:
+        """Everything this step reads from calibration, in one place (the suite check and the
+        runner's up-front calibration pass read this)."""
+        return Needs(tuple(self.needs(params)), self.needs_calibration)
+
     def apply(self, model: "MoEModel", params, ctx: Context) -> dict[str, Any]:
         raise NotImplementedError
 
 
 class Metric:
-    """A measurement, configured by the suite's ``[eval.<name>]`` table."""
+    """A measurement, configured by the suite's ``[eval.<name>]`` table.
+
+    ``columns`` describe the figures ``measure`` writes (header, which direction is better,
+    table order, change against the baseline, default tolerance of ``moebench compare``);
+    the report, the gate and the leaderboard read them from there.
+    """
 
     name: ClassVar[str]
     Params: ClassVar[type] = NoParams
     summary: ClassVar[str] = ""
     #: measured on every run even without an [eval.<name>] table (cheap, static figures)
     always: ClassVar[bool] = False
+    #: relative to the baseline (e.g. speedups): needs the baseline measured in this process
+    #: (``ctx.baseline``), so a resumed suite re-measures the baseline for it
+    relative: ClassVar[bool] = False
+    #: how reports read each column this metric writes (see :class:`moebench.columns.Column`)
+    columns: ClassVar[tuple["Column", ...]] = ()
 
     def measure(self, model: "MoEModel", params, ctx: Context) -> dict[str, Any]:
         """Return entries to merge into the record's ``metrics``."""

@@ -197,24 +197,7 @@ def load_pretrained(
 
 
 #: what a plain loader is told to use instead (part of the refusal message)
-LOADER = "moebench.models.load_pretrained"
-
-
-def refuse_plain_loaders(folder, model_type: str) -> None:
-    """Make a saved folder's ``config.json`` unloadable by plain transformers, with an error naming :data:`LOADER`.
-
-    Plain transformers would build the architecture's stock modules, report the moebench
-    tensors as unexpected and initialise the missing weights at random (wrong logits, no
-    error). An unknown ``model_type`` stops ``AutoConfig`` (so ``AutoModel*``, pipelines and
-    other engines that read the config) with "The checkpoint you are trying to load has
-    model type `<this text>` but Transformers does not recognize this architecture";
-    the real type is kept in ``moebench.model_type`` for :func:`load_config`.
-    """
-    file = Path(folder) / "config.json"
-    raw = json.loads(file.read_text())
-    raw["moebench"] = {**(raw.get("moebench") or {}), "model_type": model_type}
-    raw["model_type"] = f"{model_type}-moebench: load this folder with {LOADER}(folder), not transformers alone"
-    file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+from .saved import LOADER, refuse_plain_loaders  # noqa: E402,F401  (re-exported: moebench.models.LOADER)
 
 
 def load_config(path, *, trust_remote_code: bool = False):
@@ -270,7 +253,7 @@ def apply_structure(model, structure: dict, where: str = "config.moebench") -> N
         if hasattr(moe.block(int(layer)).module, "top_k"):
             moe.block(int(layer)).module.top_k = k
     for layer in structure["skip_moe"]:
-        moe.layers[layer].mlp = PassThrough()
+        moe.adapter.set_moe_block(moe.layers[layer], PassThrough())
     classes = host().module_classes
     for path, spec in structure["modules"].items():
         entry = f"{where}.modules[{path!r}]"

@@ -30,6 +30,8 @@ class PluginInfo:
     version: str
     provides: dict[str, list[str]] = field(default_factory=dict)
     error: str | None = None
+    #: the import error's traceback, for debugging a broken plugin
+    traceback: str | None = None
 
 
 class Host:
@@ -56,7 +58,7 @@ class Host:
             self._collect(PluginInfo(getattr(obj, "__name__", repr(obj)), "", "", ""), obj)
 
     def _collect(self, info: PluginInfo, module) -> None:
-        for kind in ("methods", "metrics", "adapters", "data_sources", "statistics", "module_classes"):
+        for kind in ("methods", "metrics", "adapters", "data_sources", "statistics", "suite_tables", "module_classes"):
             impl = getattr(module, f"register_{kind}", None)
             if impl is not None:
                 info.provides[kind] = [_name_of(c) for c in impl()]
@@ -98,6 +100,11 @@ class Host:
                 if getattr(cls, "class_path", None):
                     found[cls.class_path] = cls
         return found
+
+    @property
+    def suite_tables(self) -> dict:
+        """Top-level suite tables plugins own: name -> :class:`moebench.suite.SuiteTable`."""
+        return self._index("suite_tables", _name_of)
 
     def method(self, name: str):
         methods = self.methods

@@ -67,7 +67,8 @@ def _uses(suite) -> list[tuple[str, str, str | None]]:
         data = getattr(params, "data", None)
         if isinstance(data, str):
             found.append((f"eval.{name}.data", data, getattr(params, "split", None)))
-    for name, table in (suite.tasks or {}).items():
+    tasks = suite.raw.get("tasks") if isinstance(suite.raw.get("tasks"), dict) else {}
+    for name, table in tasks.items():
         if isinstance(table, dict) and isinstance(table.get("data"), str):
             found.append((f"tasks.{name}.data", table["data"], None))
     return found

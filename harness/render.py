@@ -21,7 +21,9 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from .report import DELTA_COLUMNS, LABELS, better, fmt, frame, with_deltas
+from . import columns as _columns
+from .record import Record, records_of
+from .report import better, fmt, frame, with_deltas
 
 ID_COLUMNS = ("suite", "origin", "name", "run_id", "status")
 
@@ -29,9 +31,9 @@ ID_COLUMNS = ("suite", "origin", "name", "run_id", "status")
 # --------------------------------------------------------------------------- merging
 
 
-def origin(record: dict[str, Any]) -> str:
+def origin(record: dict[str, Any] | Record) -> str:
     """Where a record was measured: short commit and device (hosts differ between shards, so they are left out)."""
-    env = record.get("env") or {}
+    env = Record.from_dict(record).environment
     commit = (env.get("git_commit") or "no-git")[:7] + ("-dirty" if str(env.get("git_commit", "")).endswith("-dirty") else "")
     device = env.get("device_name") or env.get("device") or "?"
     return f"{commit} {device}"
@@ -43,7 +45,7 @@ class SuiteTable:
 
     suite: str
     df: pd.DataFrame
-    records: list[dict] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
 
     @property
     def metrics(self) -> list[str]:
@@ -51,7 +53,7 @@ class SuiteTable:
         return [c for c in self.df.columns if c not in ID_COLUMNS and not c.startswith("Δ") and self.df[c].notna().any()]
 
 
-def suite_tables(records: Iterable[dict[str, Any]]) -> list[SuiteTable]:
+def suite_tables(records: Iterable[dict[str, Any] | Record]) -> list[SuiteTable]:
     """One table per suite and evaluation spec, in order of first appearance.
 
     A suite whose records were measured with different evaluation specs (model, eval data,
@@ -59,15 +61,16 @@ def suite_tables(records: Iterable[dict[str, Any]]) -> list[SuiteTable]:
     """
     from .comparable import group
 
-    by_suite: dict[str, list[dict]] = {}
-    for g in group(records, key=lambda r: r.get("suite")):
-        by_suite[f"{g.key} [{g.label}]" if g.label else g.key] = g.records
+    by_suite: dict[str, list[Record]] = {}
+    dicts = [r.to_dict() if isinstance(r, Record) else r for r in records]
+    for g in group(dicts, key=lambda r: r.get("suite")):
+        by_suite[f"{g.key} [{g.label}]" if g.label else g.key] = records_of(g.records)
     tables = []
     for suite, recs in by_suite.items():
         origins = list(dict.fromkeys(origin(r) for r in recs))
         seen: dict[str, set] = {}
         for r in recs:
-            seen.setdefault(r.get("run_id"), set()).add(origin(r))
+            seen.setdefault(r.run_id, set()).add(origin(r))
         split = len(origins) > 1 and any(len(o) > 1 for o in seen.values())
         if split:
             parts = []
@@ -86,7 +89,7 @@ def provenance(records: Iterable[dict[str, Any]]) -> list[dict[str, str]]:
     """The distinct environments the records were measured in (commit, device, versions, host)."""
     rows: dict[tuple, dict[str, str]] = {}
     for r in records:
-        env = r.get("env")
+        env = Record.from_dict(r).env
         if not env:
             continue
         row = {
@@ -104,10 +107,10 @@ def versions(env: dict[str, Any]) -> str:
     return " ".join(f"{k} {env[k]}" for k in keys if env.get(k))
 
 
-def record_of(table: SuiteTable, row: pd.Series) -> dict[str, Any]:
+def record_of(table: SuiteTable, row: pd.Series) -> Record:
     """The record a table row came from (the last one of its run id, as in :func:`moebench.report.frame`)."""
     for r in reversed(table.records):
-        if r.get("run_id") == row["run_id"] and ("origin" not in row or origin(r) == row["origin"]):
+        if r.run_id == row["run_id"] and ("origin" not in row or origin(r) == row["origin"]):
             return r
     return {}
 
@@ -115,33 +118,27 @@ def record_of(table: SuiteTable, row: pd.Series) -> dict[str, Any]:
 # --------------------------------------------------------------------------- cells
 
 
-#: bookkeeping columns left out of the Markdown and HTML tables (they stay in the CSV)
-HIDDEN = ("*stderr*", "lm_eval_info.*", "*_spread", "*.how")
-
-
 def display_columns(table: SuiteTable, columns: list[str] | None = None) -> list[str]:
     """Columns a person reads: name, status, then the metrics matching ``columns`` (globs, in
-    their order), or every metric but the bookkeeping ones in :data:`HIDDEN`."""
+    their order), or every metric but the bookkeeping ones (``hidden`` in their column description)."""
     ids = ["origin"] if "origin" in table.df.columns else []
     if columns:
         chosen = [m for pattern in columns for m in table.metrics if fnmatch.fnmatchcase(m, pattern)]
     else:
-        chosen = [m for m in table.metrics if not any(fnmatch.fnmatchcase(m, h) for h in HIDDEN)]
+        chosen = [m for m in table.metrics if not (_columns.column(m).hidden or "stderr" in m)]
     return ["name", *ids, "status", *dict.fromkeys(chosen)]
 
 
 def label(column: str) -> str:
-    """A column's short header: ``ppl``, ``weights``; ``pydoc_mc acc`` for ``lm_eval.pydoc_mc.acc``."""
-    if column.startswith("lm_eval."):
-        return column[len("lm_eval.") :].replace(".", " ")
-    return LABELS.get(column, column)
+    """A column's short header (``ppl``, ``weights``, ``pydoc_mc acc``), as its metric declares it."""
+    return _columns.label(column)
 
 
 def cell(row: pd.Series, column: str) -> str:
     """A formatted value, with its change against the baseline for the headline columns."""
     text = fmt(row.get(column), column)
     delta = row.get(f"Δ{column}")
-    if (column in DELTA_COLUMNS or column.startswith("lm_eval.")) and row.get("name") != "baseline" and _num(delta):
+    if _columns.column(column).delta and row.get("name") != "baseline" and _num(delta):
         text += f" ({delta:+.1%})"
     return text
 
@@ -192,8 +189,8 @@ def _failed(table: SuiteTable) -> list[dict]:
     shown = {(row["run_id"], row.get("origin")) for _, row in table.df.iterrows() if row["status"] != "ok"}
     out: dict[tuple, dict] = {}
     for r in table.records:
-        key = (r.get("run_id"), origin(r) if "origin" in table.df.columns else None)
-        if key in shown and r.get("status") != "ok":
+        key = (r.run_id, origin(r) if "origin" in table.df.columns else None)
+        if key in shown and not r.ok:
             out[key] = r
     return list(out.values())
 
@@ -202,7 +199,7 @@ def _failures_md(table: SuiteTable) -> list[str]:
     failed = _failed(table)
     if not failed:
         return []
-    return ["Failed runs:", "", *[f"- `{r.get('name')}`: {r.get('error')}" for r in failed], ""]
+    return ["Failed runs:", "", *[f"- `{r.name}`: {r.error}" for r in failed], ""]
 
 
 # --------------------------------------------------------------------------- csv
@@ -215,7 +212,7 @@ def csv(records: list[dict[str, Any]], columns: list[str] | None = None) -> str:
         if columns:
             keep = display_columns(table, columns)
             table.df = table.df[["suite", *[c for c in table.df.columns if c in keep or c == "run_id"], *[f"Δ{c}" for c in keep if f"Δ{c}" in table.df]]]
-        env = [(record_of(table, row).get("env") or {}) for _, row in table.df.iterrows()]
+        env = [record_of(table, row).environment for _, row in table.df.iterrows()]
         extra = pd.DataFrame(
             [{"git_commit": e.get("git_commit"), "device": e.get("device"), "device_name": e.get("device_name"), "versions": versions(e)} for e in env]
         )
@@ -361,22 +358,22 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def _series(record: dict, leave_out: tuple[str, ...]) -> str:
+def _series(record: Record, leave_out: tuple[str, ...]) -> str:
     """The line a run belongs to: its method entry plus the grid values other than the x axis."""
-    rest = [f"{k}={_short(v)}" for k, v in (record.get("grid") or {}).items() if k not in leave_out]
-    return " ".join([str(record.get("entry") or record.get("name")), *rest])
+    rest = [f"{k}={_short(v)}" for k, v in (record.grid or {}).items() if k not in leave_out]
+    return " ".join([str(record.entry or record.name), *rest])
 
 
-def _perplexity(record: dict) -> float | None:
-    value = ((record.get("metrics") or {}).get("perplexity") or {}).get("value")
+def _perplexity(record: Record) -> float | None:
+    value = ((record.metrics or {}).get("perplexity") or {}).get("value")
     return float(value) if _num(value) else None
 
 
-def _sweep(records: list[dict], x_of, leave_out: tuple[str, ...]) -> dict[str, list[tuple[float, float]]]:
+def _sweep(records: list[Record], x_of, leave_out: tuple[str, ...]) -> dict[str, list[tuple[float, float]]]:
     """Lines of ``(x, perplexity)`` points, keeping only lines that actually sweep x (two or more values)."""
     lines: dict[str, list[tuple[float, float]]] = {}
     for r in records:
-        if r.get("status") != "ok" or not r.get("pipeline"):
+        if not r.ok or not r.pipeline:
             continue
         x, y = x_of(r), _perplexity(r)
         if x is not None and y is not None:
@@ -384,24 +381,24 @@ def _sweep(records: list[dict], x_of, leave_out: tuple[str, ...]) -> dict[str, l
     return {k: sorted(v) for k, v in lines.items() if len({p[0] for p in v}) > 1}
 
 
-def experts_after(record: dict) -> int | None:
+def experts_after(record: Record) -> int | None:
     """Routed experts left by the last step that changed the expert count."""
-    for step in reversed(record.get("pipeline") or []):
-        n = ((record.get("changes") or {}).get(step["method"]) or {}).get("experts_after")
+    for step in reversed(record.pipeline):
+        n = ((record.changes or {}).get(step["method"]) or {}).get("experts_after")
         if n is not None:
             return n
     return None
 
 
-def lora_rank(record: dict) -> int | None:
-    for step in reversed(record.get("pipeline") or []):
+def lora_rank(record: Record) -> int | None:
+    for step in reversed(record.pipeline):
         if step.get("params", {}).get("rank") is not None:
             return step["params"]["rank"]
     return None
 
 
-def _baseline_line(ax, records: list[dict]) -> None:
-    base = next((_perplexity(r) for r in records if r.get("name") == "baseline" and r.get("status") == "ok"), None)
+def _baseline_line(ax, records: list[Record]) -> None:
+    base = next((_perplexity(r) for r in records if r.name == "baseline" and r.ok), None)
     if base is not None:
         ax.axhline(base, color="#333333", lw=1, ls="--", label="baseline")
 
@@ -415,7 +412,7 @@ def _legend(ax, lines: int) -> None:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
-def _sweep_plot(title: str, lines: dict, records: list[dict], xlabel: str, caption: str, log_x: bool = False) -> Plot | None:
+def _sweep_plot(title: str, lines: dict, records: list[Record], xlabel: str, caption: str, log_x: bool = False) -> Plot | None:
     if not lines:
         return None
     fig, ax = _figure()
@@ -443,14 +440,14 @@ def plot_perplexity_vs_rank(table: SuiteTable) -> Plot | None:
                        "one line per method and setting that sweeps the rank parameter", log_x=True)
 
 
-def loss_curves(records: list[dict]) -> dict[str, list[float]]:
+def loss_curves(records: Iterable[dict[str, Any] | Record]) -> dict[str, list[float]]:
     """Healing loss curves by run name (``changes.<method>.healing.loss_curve``)."""
     curves = {}
-    for r in records:
-        for step in r.get("pipeline") or []:
-            curve = (((r.get("changes") or {}).get(step["method"]) or {}).get("healing") or {}).get("loss_curve")
-            if curve and r.get("status") == "ok":
-                curves[str(r.get("name"))] = curve
+    for r in records_of(records):
+        for step in r.pipeline:
+            curve = (((r.changes or {}).get(step["method"]) or {}).get("healing") or {}).get("loss_curve")
+            if curve and r.ok:
+                curves[str(r.name)] = curve
     return curves
 
 
@@ -567,7 +564,7 @@ def html(records: list[dict[str, Any]], title: str = "moebench report", columns:
         body.append('<div class="scroll">' + html_table([label(c) for c in cols], rows, classes, row_classes, left=left) + "</div>")
         failed = _failed(table)
         if failed:
-            body.append("<p>Failed runs:</p><ul>" + "".join(f"<li><code>{esc(r.get('name'))}</code>: {esc(r.get('error'))}</li>" for r in failed) + "</ul>")
+            body.append("<p>Failed runs:</p><ul>" + "".join(f"<li><code>{esc(r.name)}</code>: {esc(r.error)}</li>" for r in failed) + "</ul>")
         body.append('<div class="plots">' + "".join(html_figure(p) for p in plots(table)) + "</div>")
     prov = provenance(records)
     body.append("<h2>provenance</h2>")

@@ -2,7 +2,9 @@
 
 Records are flattened into numeric columns (``perplexity``, ``params.active``,
 ``lm_eval.pydoc_mc.acc``...; a nested ``value`` takes its parent's name), then shown
-with the baseline's figures and each run's relative change.
+with the baseline's figures and each run's relative change. What a column means (its
+header, direction, order, whether it is a detail) comes from the metric that writes it
+(:mod:`moebench.columns`).
 """
 
 from __future__ import annotations
@@ -11,40 +13,15 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-#: columns shown first, in this order, when present; lower is better unless listed in HIGHER_IS_BETTER
-PREFERRED = [
-    "perplexity",
-    "params.total",
-    "params.active",
-    "weight_bytes",
-    "experts",
-    "active/kept",
-    "blocks",
-    "flops_per_token",
-    "peak_memory_bytes",
-    "speed.prefill_tok_s",
-    "speed.decode_tok_s",
-    "speed.speedup_prefill",
-    "speed.speedup_decode",
-    "compress_seconds",
-]
-HIGHER_IS_BETTER_PREFIXES = ("lm_eval.", "speed.")
-SKIP = {"perplexity.seqlen", "perplexity.windows", "perplexity.tokens"}
+from . import columns as _columns
+from .columns import flatten  # noqa: F401  (re-exported: moebench.report.flatten)
+from .record import Record, records_of
+
+#: identity columns of every row (the rest are metric columns described by moebench.columns)
+ID_COLUMNS = ("suite", "name", "run_id", "status")
 
 
-def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a nested metrics dict as dotted column names."""
-    out: dict[str, float] = {}
-    for key, value in metrics.items():
-        name = prefix[:-1] if key == "value" and prefix else f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and name not in SKIP:
-            out[name] = float(value)
-    return out
-
-
-def frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
+def frame(records: Iterable[dict[str, Any] | Record]) -> pd.DataFrame:
     """One row per record (suite, name, status, metric columns); later records of a run id win.
 
     Records of one suite name measured with different evaluation specs (model, eval
@@ -53,30 +30,24 @@ def frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """
     from .comparable import group
 
-    records = list(records)
+    records = [r.to_dict() if isinstance(r, Record) else r for r in records]
     labels = {}
     for g in group(records, key=lambda r: r.get("suite")):
         for r in g.records:
             labels[id(r)] = f"{g.key} [{g.label}]" if g.label else g.key
     rows: dict[tuple, dict] = {}
-    for r in records:
-        row = {"suite": labels[id(r)], "name": r.get("name"), "run_id": r.get("run_id"), "status": r.get("status")}
-        row.update(flatten(r.get("metrics") or {}))
-        row.update(routed_notation(row))
-        rows[(row["suite"], r.get("run_id"))] = row
+    for d in records:
+        r = Record.from_dict(d)
+        row = {"suite": labels[id(d)], "name": r.name, "run_id": r.run_id, "status": r.status}
+        row.update(r.flat_metrics())
+        _columns.derive(row)  # plugin columns built from others (e.g. PreMoe's active/kept)
+        rows[(row["suite"], r.run_id)] = row
     df = pd.DataFrame(list(rows.values()))
     if df.empty:
         return df
-    metric_cols = [c for c in df.columns if c not in ("suite", "name", "run_id", "status")]
-    ordered = [c for c in PREFERRED if c in metric_cols] + sorted(c for c in metric_cols if c not in PREFERRED)
+    metric_cols = [c for c in df.columns if c not in ID_COLUMNS]
+    ordered = sorted(metric_cols, key=_columns.order_key)
     return df[["suite", "name", "run_id", "status", *ordered]]
-
-
-def routed_notation(row: dict[str, Any]) -> dict[str, str]:
-    """PreMoe's ``active/kept`` notation (e.g. ``8/128``: top-k of the routed experts kept) as one
-    text column, in place of the numeric ``routed.active`` and ``routed.kept`` columns."""
-    active, kept = row.pop("routed.active", None), row.pop("routed.kept", None)
-    return {"active/kept": f"{int(active)}/{int(kept)}"} if active is not None and kept is not None else {}
 
 
 def with_deltas(df: pd.DataFrame) -> pd.DataFrame:
@@ -93,8 +64,8 @@ def with_deltas(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def better(column: str) -> str:
-    """``higher`` or ``lower``: which direction improves a metric column."""
-    return "higher" if column.startswith(HIGHER_IS_BETTER_PREFIXES) and "stderr" not in column else "lower"
+    """``higher`` or ``lower``: which direction improves a metric column (declared by its metric)."""
+    return _columns.better(column)
 
 
 def fmt(value: Any, column: str = "") -> str:
@@ -104,7 +75,7 @@ def fmt(value: Any, column: str = "") -> str:
         return value
     if column.endswith("bytes"):
         return f"{value / 2**20:.2f} MiB"
-    if column.startswith(("params.", "flops")):
+    if column and _columns.column(column).si:
         return _si(value)
     if abs(value) >= 1000:
         return f"{value:,.0f}"
@@ -118,24 +89,9 @@ def _si(value: float) -> str:
     return f"{value:.3g}"
 
 
-#: short headers for the terminal table
-LABELS = {
-    "perplexity": "ppl",
-    "params.total": "params",
-    "params.active": "active",
-    "weight_bytes": "weights",
-    "flops_per_token": "FLOPs/tok",
-    "peak_memory_bytes": "peak mem",
-    "speed.prefill_tok_s": "prefill tok/s",
-    "speed.decode_tok_s": "decode tok/s",
-    "speed.speedup_prefill": "prefill ×",
-    "speed.speedup_decode": "decode ×",
-    "compress_seconds": "compress s",
-}
-#: detail columns left out of the terminal table (they stay in the record, Markdown, CSV and HTML)
-TERMINAL_HIDDEN = ("stderr", "acc_norm", "lm_eval_info", "spread", "analytic", "above_runtime", "increase_bytes", "by_batch", "runs.", "by_step")
-#: columns whose change against the baseline is shown in the terminal
-DELTA_COLUMNS = {"perplexity", "params.total", "params.active", "weight_bytes", "flops_per_token"}
+def label(column: str) -> str:
+    """A column's short header (``ppl``, ``weights``), as its metric declares it."""
+    return _columns.label(column)
 
 
 def terminal_table(records: list[dict[str, Any]], columns: list[str] | None = None):
@@ -149,12 +105,11 @@ def terminal_table(records: list[dict[str, Any]], columns: list[str] | None = No
         return tables
     for suite, part in df.groupby("suite", sort=False):
         part = part.dropna(axis=1, how="all")
-        cols = columns or [c for c in part.columns if c not in ("suite", "run_id") and not any(h in c for h in TERMINAL_HIDDEN)]
+        cols = columns or [c for c in part.columns if c not in ("suite", "run_id") and (c in ("name", "status") or not _terminal_hidden(c))]
         base = part[part["name"] == "baseline"]
         table = Table(title=f"suite {suite}", show_lines=False)
         for c in cols:
-            label = LABELS.get(c) or (c[len("lm_eval.") :].replace(".", " ") if c.startswith("lm_eval.") else c)
-            table.add_column(escape(label), justify="left" if c in ("name", "status") else "right", overflow="fold", min_width=28 if c == "name" else None)
+            table.add_column(escape(label(c)), justify="left" if c in ("name", "status") else "right", overflow="fold", min_width=28 if c == "name" else None)
         for _, row in part.iterrows():
             cells = []
             for c in cols:
@@ -162,7 +117,7 @@ def terminal_table(records: list[dict[str, Any]], columns: list[str] | None = No
                 stderr = row.get(f"{c}_stderr") if f"{c}_stderr" in part else None
                 if stderr is not None and pd.notna(stderr) and pd.notna(row.get(c)):
                     text += f" ±{stderr:.2f}"
-                if c in DELTA_COLUMNS and len(base) and row["name"] != "baseline" and pd.notna(row.get(c)):
+                if _columns.column(c).delta is True and len(base) and row["name"] != "baseline" and pd.notna(row.get(c)):
                     b = base[c].iloc[0] if c in base else None
                     if b not in (None, 0) and pd.notna(b):
                         text += f" ({(row[c] - b) / abs(b):+.1%})"
@@ -170,3 +125,8 @@ def terminal_table(records: list[dict[str, Any]], columns: list[str] | None = No
             table.add_row(*cells)
         tables.append(table)
     return tables
+
+
+def _terminal_hidden(column: str) -> bool:
+    c = _columns.column(column)
+    return c.detail or c.hidden or "stderr" in column

@@ -119,7 +119,7 @@ def run_suite(suite: Suite, options: RunOptions) -> SuiteResult:
         executor.precalibrate(suite, todo, calibration, options.log)
 
     baseline: dict[str, Any] | None = None
-    needs_relative = [name for name in suite.evals if getattr(host().metric(name), "relative", False)]
+    needs_relative = [name for name in suite.evals if host().metric(name).relative]
     if todo and needs_relative and runs and runs[0].is_baseline and runs[0] not in todo:
         options.log("re-measuring the baseline for relative metrics: " + ", ".join(needs_relative))
         baseline = executor.measure(suite, runs[0], needs_relative, calibration)
@@ -301,7 +301,7 @@ def apply_pipeline(model: MoEModel, spec: RunSpec, ctx: Context, seconds: dict[s
     ``seconds``, when given, receives each step's wall time under the same key (device
     work included: CUDA is synchronised before the clock stops).
     """
-    changes: dict[str, Any] = {}
+    changes: dict[str, Any] = ctx.changes  # the run's metrics and later steps read it
     for step in spec.pipeline:
         method = host().method(step.method)()
         key = step.method
@@ -310,6 +310,7 @@ def apply_pipeline(model: MoEModel, spec: RunSpec, ctx: Context, seconds: dict[s
             key, n = f"{step.method}#{n}", n + 1
         t0 = time.perf_counter()
         changes[key] = method.apply(model, step.params, ctx) or {}
+        model.record_step(step.method, step.params)  # later steps never read statistics of the model before this one
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()
         if seconds is not None:
@@ -353,7 +354,7 @@ def precalibrate(suite: Suite, todo: list[RunSpec], calibration: Calibration, lo
     for spec in todo:
         if spec.pipeline:
             first = spec.pipeline[0]
-            needs.extend(host().method(first.method)().needs(first.params))
+            needs.extend(host().method(first.method)().requires(first.params).stats)
     needs = list(dict.fromkeys(needs))
     if not needs:
         return

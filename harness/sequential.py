@@ -24,7 +24,6 @@ expert's ``act(gate x) * up x``.
 
 from __future__ import annotations
 
-import json
 import math
 import resource
 import sys
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from .adapter import MoEModel
+from .calibration import StopForward, forward_windows
 from .errors import MoebenchError
 
 #: module kinds a method can target
@@ -193,10 +193,6 @@ def find_groups(model: MoEModel, layer: int, targets: Iterable[str]) -> list[Gro
 
 
 # -- the pass -----------------------------------------------------------------------------
-class _Stop(Exception):
-    """Raised by the last layer's recorder so the capture pass skips the head."""
-
-
 @dataclass
 class LayerStep:
     """One decoder layer during the pass: its index, module, and the groups to compress.
@@ -299,7 +295,7 @@ class Sequential:
                     current["hidden"] = hidden
                 current["calls"].append((tuple(args[1:]), kwargs))
                 if i == last:
-                    raise _Stop
+                    raise StopForward
                 return hidden
 
             return forward
@@ -307,15 +303,12 @@ class Sequential:
         for i, layer in enumerate(layers):
             layer.forward = recorder(i)
         try:
-            for batch in self.windows.split(self.batch_size):
-                current.clear()
-                current["calls"] = []
-                try:
-                    self.model.model(input_ids=batch.to(self.device), use_cache=False)
-                except _Stop:
-                    pass
+            current["calls"] = []
+            for _ in forward_windows(self.model.model, self.windows, self.batch_size, self.device):
                 self._hidden.append(current["hidden"])
                 self._calls.append(current["calls"])
+                current.clear()
+                current["calls"] = []
         finally:
             for layer, old in zip(layers, saved):
                 if old is None:
@@ -449,13 +442,8 @@ def peak_rss_bytes() -> int:
 
 
 def from_context(model: MoEModel, ctx, method: str, **kwargs) -> Sequential:
-    """A :class:`Sequential` pass over the suite's calibration windows (``ctx.calibration``), or ``windows=`` given."""
-    if ctx.calibration is None:
-        raise MoebenchError(f"{method} needs calibration data; add a [calibration] table to the suite")
-    windows = kwargs.pop("windows", None)
-    if windows is None:
-        windows = ctx.calibration.windows(model.tokenizer)
-    return Sequential(model, windows, batch_size=ctx.calibration.spec.batch_size, **kwargs)
+    """A :class:`Sequential` pass over the suite's calibration windows: ``ctx.sequential`` (kept for callers of this name)."""
+    return ctx.sequential(model, method, **kwargs)
 
 
 def static_steps(model: MoEModel, targets: Iterable[str]) -> Iterator[LayerStep]:
@@ -468,10 +456,11 @@ def static_steps(model: MoEModel, targets: Iterable[str]) -> Iterator[LayerStep]
 
 
 def record_edit(model: MoEModel, method: str, params) -> None:
-    """Write an in-place weight edit into the model's lineage, so cached statistics of the old weights are not reused."""
-    from .params import to_dict
+    """Write an in-place weight edit into the model's lineage, so cached statistics of the old weights are not reused.
 
-    model.lineage.append(f"{method}({json.dumps(to_dict(params), sort_keys=True)})")
+    The runner records every pipeline step by itself (:meth:`MoEModel.record_step`); call
+    this only for an edit in the middle of a step that then reads statistics again."""
+    model.record_step(method, params)
 
 
 def inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 from .errors import MoebenchError
+from .record import Record
 
 
 @dataclass(frozen=True)
@@ -109,23 +110,25 @@ def merge(inputs: Iterable[Iterable[dict[str, Any]]], order: list[str] | None = 
     """
     chosen: dict[tuple, dict[str, Any]] = {}
     duplicates = []
+    typed: dict[int, Record] = {}  # the typed view of each record, by the identity of its JSON object
     for records in inputs:
         for r in records:
-            key = (r.get("suite"), r.get("run_id"))
+            t = typed[id(r)] = Record.from_dict(r)
+            key = (t.suite, t.run_id)
             if key not in chosen:
                 chosen[key] = r
                 continue
-            duplicates.append(f"{r.get('suite')}/{r.get('name')}")
-            if chosen[key].get("status") != "ok" and r.get("status") == "ok":
+            duplicates.append(f"{t.suite}/{t.name}")
+            if not typed[id(chosen[key])].ok and t.ok:
                 chosen[key] = r
     records = list(chosen.values())
     missing: list[str] = []
     if order is not None:
         rank = {rid: i for i, rid in enumerate(order)}
-        present = {r.get("run_id") for r in records}
+        present = {typed[id(r)].run_id for r in records}
         missing = [rid for rid in order if rid not in present]
-        records.sort(key=lambda r: rank.get(r.get("run_id"), len(rank)))
+        records.sort(key=lambda r: rank.get(typed[id(r)].run_id, len(rank)))
     else:
-        suites = list(dict.fromkeys(r.get("suite") for r in records))
-        records.sort(key=lambda r: (suites.index(r.get("suite")), r.get("name") != "baseline"))
+        suites = list(dict.fromkeys(typed[id(r)].suite for r in records))
+        records.sort(key=lambda r: (suites.index(typed[id(r)].suite), typed[id(r)].name != "baseline"))
     return Merged(records, duplicates, missing)

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from .record import Record
 from .errors import MoebenchError
 
 
@@ -51,11 +52,17 @@ class ResultStore:
     def records(self) -> list[dict[str, Any]]:
         return list(read_records(self.path))
 
+    def typed(self) -> list[Record]:
+        """The records as :class:`moebench.record.Record` s."""
+        return [Record.from_dict(r) for r in read_records(self.path)]
+
     def finished_ids(self) -> set[str]:
         """Run ids with an ``ok`` record (failed runs are retried on resume)."""
-        return {r["run_id"] for r in self.records() if r.get("status") == "ok"}
+        return {r.run_id for r in self.typed() if r.ok}
 
-    def append(self, record: dict[str, Any]) -> None:
+    def append(self, record: dict[str, Any] | Record) -> None:
+        if isinstance(record, Record):
+            record = record.to_dict()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = (json.dumps(record, sort_keys=False, default=_jsonable) + "\n").encode("utf-8")
         try:

@@ -13,19 +13,20 @@ import itertools
 import json
 import os
 import re
-import tomllib
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .calibration import CalibrationSpec
 from .errors import MoebenchError, SuiteError, did_you_mean
 from .params import ParamError, is_list_type, parse, to_dict
+from .toml_file import read_toml  # noqa: F401  (re-exported: moebench.suite.read_toml)
 
 #: a suite name is a folder name under reports/: letters, digits and - _ . (never a path)
 SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
-TABLES = {"suite", "model", "hardware", "calibration", "eval", "methods", "compare", "tasks"}
+#: the tables the harness parses; plugins add theirs with ``register_suite_tables``
+TABLES = {"suite", "model", "hardware", "calibration", "eval", "methods", "compare"}
 DEVICES_HELP = "cpu | cuda | cuda:N | auto"
 
 
@@ -68,6 +69,22 @@ class HardwareSpec:
             parse_max_memory(self.max_memory)
 
 
+@dataclass(frozen=True)
+class SuiteTable:
+    """A top-level suite table a plugin owns (``register_suite_tables``), e.g. PreMoe's ``[tasks]``.
+
+    ``parse(raw, err)`` validates the raw TOML value and returns what methods and metrics
+    read from ``Suite.tables[name]``; ``err(field, message)`` builds the one-line error
+    naming the suite file. With ``run_id`` the raw table is hashed into every run id of a
+    suite that has it (it shapes the runs' numbers).
+    """
+
+    name: str
+    parse: Callable[[Any, Callable[[str, str], Exception]], Any]
+    run_id: bool = True
+    help: str = ""
+
+
 @dataclass
 class Step:
     """One method of a pipeline with its parsed parameters."""
@@ -104,8 +121,11 @@ class Suite:
     evals: dict[str, Any]
     methods: list[dict]
     compare: dict[str, Any] = field(default_factory=dict)
-    tasks: dict[str, Any] = field(default_factory=dict)
+    #: plugin-owned tables (``register_suite_tables``): name -> what the table's parser returned
+    tables: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    #: plugin-owned tables hashed into every run id: name -> raw TOML value
+    hashed_tables: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -128,36 +148,9 @@ class Suite:
             "calibration": self.calibration.key() if (spec.pipeline and self.calibration) else None,
             "eval": {name: to_dict(p) for name, p in sorted(self.evals.items())},
             "seed": self.info.seed,
-            **({"tasks": self.tasks} if self.tasks else {}),  # task data shapes premoe and task_perplexity
+            **{name: value for name, value in sorted(self.hashed_tables.items()) if value},  # plugin tables that shape the runs
         }
         return hashlib.sha1(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def read_toml(path: str | os.PathLike) -> dict[str, Any]:
-    """A suite file's raw tables; a missing file or bad TOML is a one-line error naming the file."""
-    path = str(path)
-    if not os.path.exists(path):
-        raise MoebenchError(f"{path}: suite file not found")
-    if os.path.isdir(path):
-        raise MoebenchError(f"{path}: is a folder; expected a suite TOML file")
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
-        raise MoebenchError(f"{path}: cannot read the suite file ({exc.strerror or exc})") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise SuiteError(path, "toml", f"not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); expected a UTF-8 TOML file") from None
-    if not text.strip():
-        raise SuiteError(path, "toml", "empty file; expected a suite with at least a [model] table")
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise SuiteError(path, "toml", f"not valid TOML ({exc})") from None
-    if not raw:
-        raise SuiteError(path, "toml", "empty file (only comments or blank lines); expected a suite with at least a [model] table")
-    return raw
 
 
 def load_suite(path: str | os.PathLike) -> Suite:
@@ -171,9 +164,11 @@ def parse_suite(raw: dict, path: str = "<suite>") -> Suite:
     def err(field_name: str, message: str) -> SuiteError:
         return SuiteError(path, field_name, message)
 
+    owned = host().suite_tables
+    known = TABLES | set(owned)
     for key in raw:
-        if key not in TABLES:
-            raise err(key, f"unknown table{did_you_mean(key, TABLES)}; expected one of {', '.join(sorted(TABLES))}")
+        if key not in known:
+            raise err(key, f"unknown table{did_you_mean(key, known)}; expected one of {', '.join(sorted(known))}")
 
     default_name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).stem).strip(".") or "suite"
     info = _dataclass(SuiteInfo, raw.get("suite", {}), "suite", err, default_name=default_name)
@@ -200,7 +195,7 @@ def parse_suite(raw: dict, path: str = "<suite>") -> Suite:
         _check_positive(calibration, ("samples", "seqlen", "batch_size"), "calibration", err)
         _check_data(calibration.data, "calibration.data", err)
 
-    for table_name, kind in (("eval", dict), ("methods", list), ("tasks", dict), ("compare", dict)):
+    for table_name, kind in (("eval", dict), ("methods", list), ("compare", dict)):
         if table_name in raw and not isinstance(raw[table_name], kind):
             what = "a list of [[methods]] tables" if kind is list else f"a [{table_name}] table"
             raise err(table_name, f"expected {what}, got {type(raw[table_name]).__name__}")
@@ -228,18 +223,17 @@ def parse_suite(raw: dict, path: str = "<suite>") -> Suite:
         entries.append(parsed)
     needs_calibration = [
         (e["name"], s.method) for e in entries for r in e["runs"] for s in r.pipeline
-        if host().method(s.method)().needs(s.params) or host().method(s.method).needs_calibration
+        if host().method(s.method)().requires(s.params)
     ]
     if needs_calibration and calibration is None:
         name, method = needs_calibration[0]
         raise err("calibration", f"missing [calibration] table; method {method!r} of {name!r} needs calibration data")
-    from moebench_plugins.premoe.index import parse_tasks
+    tables = {name: table.parse(raw.get(name), err) for name, table in owned.items()}
+    hashed = {name: raw[name] for name, table in owned.items() if table.run_id and name in raw}
+    from .compare import check_compare  # here, not at the top: it brings pandas
 
-    parse_tasks(raw.get("tasks"), err)
-    from .compare import check_compare
-
-    check_compare(raw.get("compare"), path)  # [compare] tolerances for `moebench compare`  # [tasks.NAME] data = "..." (query optional); kept raw in Suite.tasks
-    suite = Suite(path, info, model, hardware, calibration, evals, entries, raw.get("compare", {}), raw.get("tasks", {}), raw)
+    check_compare(raw.get("compare"), path)  # [compare] tolerances for `moebench compare`
+    suite = Suite(path, info, model, hardware, calibration, evals, entries, raw.get("compare", {}), tables, raw, hashed)
     _check_unique_runs(suite, err)
     return suite
 

@@ -52,7 +52,7 @@ def calibration():
 
 def run(method: str, model: MoEModel, calibration, teacher=None, **params) -> dict:
     cls = host().method(method)
-    ctx = Context(calibration=calibration, extras={"teacher": teacher} if teacher is not None else {})
+    ctx = Context(calibration=calibration, teacher=teacher)
     return cls().apply(model, parse(cls.Params, params), ctx)
 
 
@@ -240,7 +240,7 @@ def test_healing_lowers_the_distillation_loss_it_optimises(method, params, calib
     batch = calibration.windows(model.tokenizer)[: spec.batch_size]
     changes = run(method, model, calibration, teacher=teacher, heal=heal, **params)
     record = changes["healing"]
-    assert len(record["loss_curve"]) == 12 and record["teacher"] == "extras"
+    assert len(record["loss_curve"]) == 12 and record["teacher"] == "context"
     assert record["loss_after"] < record["loss_before"]
     # the record's figures are the loss itself, on the batch it names
     assert distillation_loss(model.model, teacher, batch, spec) == pytest.approx(record["loss_after"], rel=1e-3)

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from moebench import lmeval_tasks, zoo
+from moebench import zoo
+from moebench_plugins.metrics import lmeval_tasks
 from moebench.adapter import MoEModel
 from moebench.data import encode, load_text, windows
 from moebench.errors import MoebenchError

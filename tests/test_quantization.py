@@ -326,3 +326,14 @@ def test_awq_block_objective_shares_the_gate_up_scale_and_folds_down_into_up():
     assert (scales == scales[0]).all() and not (scales == 1).all()  # one gate/up scale for the whole block
     assert (stored.down_input_scale.view(torch.float16) == 1).all()  # down's scale lives in the up rows
     assert changes["awq_error_vs_rtn"]["experts"]["max"] <= 1  # the grid holds RTN (alpha = 0)
+
+
+def test_size_metric_counts_quantized_experts_without_dequantizing(monkeypatch):
+    from moebench_plugins.metrics import parameter_counts
+
+    fake, stored = tiny(), tiny()
+    apply(fake, "rtn", context())
+    apply(stored, "rtn", context(), storage="int4")
+    expected = parameter_counts(fake)
+    monkeypatch.setattr(PackedInt4Experts, "weight", lambda self, attr, e: pytest.fail("the size metric dequantized an expert"))
+    assert parameter_counts(stored) == expected

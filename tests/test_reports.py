@@ -88,7 +88,7 @@ def test_cli_report_formats(run_dir, tmp_path):
     done = _cli("report", str(run_dir), "-f", "csv", "-o", str(tmp_path / "r.csv"))
     assert done.returncode == 0 and len(pd.read_csv(tmp_path / "r.csv")) == 4
     bad = _cli("report", str(run_dir), "--format", "pdf")
-    assert bad.returncode == 2 and "expected one of terminal, markdown, csv, html" in bad.stderr
+    assert bad.returncode == 2 and "expected one of terminal, markdown, csv, html, lm-eval" in bad.stderr
 
 
 def _with_env(records, commit, device_name, scale=1.0):
@@ -195,6 +195,30 @@ def test_leaderboard_best_per_configuration_with_provenance(tmp_path):
     assert html.count("<img") == 2 and "cpu (cpu-new)" in html  # one plot per board
     missing = _cli("leaderboard", str(tmp_path), "--metric", "nope")
     assert missing.returncode == 2 and "no ok record has the metric 'nope'" in missing.stderr
+
+
+def test_lm_eval_results_json_per_run_reads_in_lm_eval(tmp_path):
+    from lm_eval.utils import make_table
+
+    records = fixture_records()
+    for r in records:
+        r["finished"] = "2026-11-30T01:00:00+00:00"
+        r["metrics"]["lm_eval_info"] = {"samples": {"pydoc_mc": 40}, "num_fewshot": {"pydoc_mc": 0}, "limit": None}
+    records[0]["metrics"]["lm_eval"]["pydoc_mc"]["acc/strict"] = None  # another filter, stderr lm-eval could not compute
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    done = _cli("report", str(tmp_path / "r"), "--format", "lm-eval", "--out", str(tmp_path / "lm"))
+    assert done.returncode == 0, done.stderr
+    files = sorted((tmp_path / "lm").glob("*/results_*.json"))
+    assert len(files) == 4 and files[0].parent.name.startswith("baseline-id-baseline")
+    data = json.loads(files[0].read_text())
+    assert data["results"]["pydoc_mc"]["acc,none"] == 0.62 and data["results"]["pydoc_mc"]["acc_stderr,none"] == 0.02
+    assert data["results"]["pydoc_mc"]["acc,strict"] == "N/A" and data["n-shot"] == {"pydoc_mc": 0}
+    assert data["config"]["moebench"]["run_id"] == "id-baseline"
+    table = make_table(data)  # lm-eval's own renderer of a results file
+    assert "pydoc_mc" in table and "| 0.62|±  |  0.02|" in table
+    nothing = _cli("report", str(tmp_path / "r"), "--format", "lm-eval")
+    assert nothing.returncode == 2 and "--format lm-eval: name a folder with --out" in nothing.stderr
 
 
 def test_results_with_different_evaluation_specs_are_never_one_group(tmp_path):

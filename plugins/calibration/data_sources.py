@@ -135,24 +135,42 @@ class _Mapped(Sequence):
 
 
 class TextBlocks(_Mapped):
-    """A large text file as stretches of about ``block`` bytes ending at blank lines.
+    """A large text file as stretches of about ``block`` bytes that start and end at blank lines.
 
-    Joining the stretches with a blank line (as :func:`moebench.data.load_text` does)
-    gives the file's text back exactly.
+    Stretch ``i`` runs from the first blank line at or after byte ``i * block`` to the first
+    at or after ``(i + 1) * block``, found when it is read: nothing scans the file up front,
+    so opening a file of any size costs nothing. Where every stretch holds a blank line,
+    joining them with one (as :func:`moebench.data.load_text` does) gives the text back.
     """
 
     def __init__(self, path: Path, block: int = 2**20):
         super().__init__(path)
-        pos, size = 0, len(self.map)
-        while pos < size:
-            cut = self.map.find(b"\n\n", min(pos + block, size))
-            end = size if cut < 0 else cut
-            self.starts.append(pos)
-            self.ends.append(end)
-            pos = size if cut < 0 else cut + 2
+        self.block = block
+        self.size = len(self.map)
+
+    def __len__(self) -> int:
+        return max(1, -(-self.size // self.block))
+
+    def _boundary(self, pos: int) -> int:
+        """Offset of the first blank line at or after ``pos`` (the file's end if none)."""
+        if pos <= 0:
+            return 0
+        if pos >= self.size:
+            return self.size
+        cut = self.map.find(b"\n\n", pos)
+        return self.size if cut < 0 else cut
 
     def __getitem__(self, i):
-        return self._text(i)
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        start = self._boundary(i * self.block)
+        start = start + 2 if i > 0 and start < self.size else start
+        end = self._boundary((i + 1) * self.block)
+        try:
+            return self.map[start : max(start, end)].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise MoebenchError(f"data file:{self.path}: cannot read it as UTF-8 text ({exc})") from None
 
 
 class JsonLines(_Mapped):

@@ -11,36 +11,19 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from moebench.calibration import Statistic
+from moebench.calibration import RouterStatistic, Statistic, hidden_in
 from moebench.hookspecs import hookimpl
-
-
-def _hidden_in(args, kwargs) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
 
 
 def _first(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-class _RouterStatistic(Statistic):
-    """Base for statistics read off each MoE router's output."""
-
-    def attach(self) -> list:
-        handles = []
-        for block in self.model.blocks():
-            def hook(module, args, output, layer=block.layer, block=block):
-                logits, weights, indices = self.model.adapter.route(output)
-                self.update(layer, block, logits.detach(), weights.detach(), indices.detach())
-
-            handles.append(block.router.register_forward_hook(hook))
-        return handles
-
-
-class RoutingCounts(_RouterStatistic):
+class RoutingCounts(RouterStatistic):
     """How many tokens select each expert (top-k selections), per MoE layer: ``{layer: [E]}``."""
 
     name = "routing_counts"
+    streamable = True  # per-layer hooks: a layer-by-layer pass gives the same result
 
     def __init__(self, model, seed=0):
         super().__init__(model, seed)
@@ -55,7 +38,7 @@ class RoutingCounts(_RouterStatistic):
         return self.counts
 
 
-class RouterMass(_RouterStatistic):
+class RouterMass(RouterStatistic):
     """Accumulated router score per expert: full probabilities and the routed (top-k) weights.
 
     ``{layer: {"prob": [E], "routed": [E], "tokens": T}}``; ``prob`` sums the router's
@@ -63,6 +46,7 @@ class RouterMass(_RouterStatistic):
     """
 
     name = "router_mass"
+    streamable = True  # per-layer hooks: a layer-by-layer pass gives the same result
 
     def __init__(self, model, seed=0):
         super().__init__(model, seed)
@@ -82,10 +66,11 @@ class RouterMass(_RouterStatistic):
         return self.mass
 
 
-class RouterLogits(_RouterStatistic):
+class RouterLogits(RouterStatistic):
     """Every token's router logits, per MoE layer: ``{layer: [T, E]}`` (float16 to stay small)."""
 
     name = "router_logits"
+    streamable = True  # per-layer hooks: a layer-by-layer pass gives the same result
 
     def __init__(self, model, seed=0):
         super().__init__(model, seed)
@@ -121,7 +106,7 @@ class LayerSimilarity(Statistic):
         last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
             def hook(module, args, kwargs, output, i=i):
-                self._states[i] = F.normalize(_hidden_in(args, kwargs).detach().float().reshape(-1, output_dim(output)), dim=-1)
+                self._states[i] = F.normalize(hidden_in(args, kwargs).detach().float().reshape(-1, output_dim(output)), dim=-1)
                 if i == last:
                     self._states[i + 1] = F.normalize(_first(output).detach().float().reshape(-1, output_dim(output)), dim=-1)
                     self._accumulate()
@@ -151,6 +136,7 @@ class MoESimilarity(Statistic):
     """
 
     name = "moe_similarity"
+    streamable = True  # per-layer hooks: a layer-by-layer pass gives the same result
 
     def __init__(self, model, seed=0):
         super().__init__(model, seed)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import typer
 
-from moebench.cli import err, out
+from moebench.console import err, out
 from moebench.errors import MoebenchError
 
 TITLES = {

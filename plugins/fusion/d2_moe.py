@@ -34,9 +34,8 @@ import torch
 from moebench.adapter import MoEModel
 from moebench.method import Context, Method
 from moebench.params import param
-from moebench.sequential import from_context
 
-from .merge import digest, module_path
+from .merge import module_path
 from .modules import CLASS_PATH, FusedMoE, MixtureOfLoRAExperts, block_spec
 from .variants import experts_init
 
@@ -152,7 +151,7 @@ class D2MoE(Method):
 
             raise MoebenchError("d2_moe needs calibration data; add a [calibration] table to the suite")
         fisher = expert_fisher(model, windows, ctx.calibration.spec.batch_size, params.fisher == "elementwise")
-        run = from_context(model, ctx, self.name, targets=["experts"], collect=["hessian"], router_weighted=False)
+        run = ctx.sequential(model, self.name, targets=["experts"], collect=["hessian"], router_weighted=False)
         facts, before = {}, model.expert_counts()
         for step in run:
             block = model.block(step.index)
@@ -160,7 +159,6 @@ class D2MoE(Method):
                 continue
             grams = {g.attr: g.stats.hessian for g in step.groups if g.module is block.experts}
             facts[block.layer] = self._decompose(model, block, fisher[block.layer], grams, params)
-        model.lineage.append(f"d2_moe({digest([params.rank, params.fisher, params.damp])})")
         ctx.note("d2_moe: decomposed layers are opaque to the MoEModel view (later steps and the experts count skip them)")
         return {"rank": params.rank, "fisher": params.fisher, "layers": facts, "experts_before": sum(before.values()),
                 "reload": "moebench", "module_class": CLASS_PATH}

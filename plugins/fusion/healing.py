@@ -7,7 +7,7 @@ MSE (each decoder layer's output against the teacher's, relative to its size), o
 The loss curve, the loss before and after on a fixed batch, and the wall time go into
 the method's record.
 
-The teacher is the *original* model: ``ctx.extras["teacher"]`` when a caller put one
+The teacher is the *original* model: ``ctx.teacher`` when a caller put one
 there, else a fresh load of ``model.source`` with the suite's dtype and device. Loading
 after the edit (rather than copying before it) means the two copies alive together are
 the original and the already smaller student, never two originals; the teacher is
@@ -86,21 +86,21 @@ def resolved(spec: HealParams, trains: str) -> HealParams:
 
 
 def teacher_for(model: MoEModel, ctx: Context) -> tuple[torch.nn.Module, str]:
-    """The original model and where it came from (``extras`` or ``source``)."""
-    if ctx.extras.get("teacher") is not None:
+    """The original model and where it came from (``context``: ``ctx.teacher``, or ``source``)."""
+    if ctx.teacher is not None:
         from moebench.adapter import MoEModel
 
-        teacher = ctx.extras["teacher"]  # a MoEModel or the causal LM itself
-        return (teacher.model if isinstance(teacher, MoEModel) else teacher), "extras"
+        teacher = ctx.teacher  # a MoEModel or the causal LM itself
+        return (teacher.model if isinstance(teacher, MoEModel) else teacher), "context"
     if not model.source:
-        raise RuntimeError("healing needs the original model: load the model from a source, or put it in ctx.extras['teacher']")
+        raise RuntimeError("healing needs the original model: load the model from a source, or set ctx.teacher")
     from moebench.models import load
 
-    suite_model = getattr(ctx.suite, "model", None)
+    suite_model = ctx.suite.model if ctx.suite is not None else None
     dtype = suite_model.dtype if suite_model is not None else _dtype_name(model)
     device = suite_model.device if suite_model is not None else str(model.device)
     trust = suite_model.trust_remote_code if suite_model is not None else False
-    threads = getattr(getattr(ctx.suite, "hardware", None), "threads", None)
+    threads = ctx.suite.hardware.threads if ctx.suite is not None else None
     return load(model.source, dtype=dtype, device=device, trust_remote_code=trust, threads=threads).model, "source"
 
 

@@ -11,9 +11,9 @@ from typing import Any, Literal
 
 import torch
 from moebench.adapter import MoEBlock, MoEModel
+from moebench.budgets import check_keep, global_budgets, kept_count
 from moebench.method import Context, Method
 from moebench.params import param
-from moebench_plugins.trimming import _count, _global_budgets
 from torch import nn
 
 from .analysis import (
@@ -59,12 +59,7 @@ class GroupParams:
     heal: HealParams = param(default_factory=HealParams, help="distillation healing, e.g. {steps = 100, loss = 'kl'} (steps = 0: none)")
 
     def check(self):
-        if self.keep is None and self.keep_ratio is None:
-            raise ValueError("keep_ratio or keep must be set")
-        if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
-        if self.keep is not None and self.keep < 1:
-            raise ValueError(f"keep must be >= 1, got {self.keep}")
+        check_keep(self.keep, self.keep_ratio)
         known = operators()
         if self.operator not in known:
             raise ValueError(f"operator must be one of {', '.join(sorted(known))}, got {self.operator!r}")
@@ -153,11 +148,11 @@ def stats_needed(params: GroupParams, router: str | None = None) -> tuple[str, .
 
 def layer_budgets(model: MoEModel, blocks: list[MoEBlock], params: GroupParams, stats: dict) -> dict[int, int]:
     """Merged experts per layer: the same count everywhere, or one budget spread by normalised routing frequency."""
-    budgets = {b.layer: _count(b.num_experts, params) for b in blocks}
+    budgets = {b.layer: kept_count(b.num_experts, params.keep, params.keep_ratio) for b in blocks}
     if params.scope == "global":
         counts = stats["routing_counts"]
         scores = {b.layer: counts[b.layer].double() / counts[b.layer].sum().clamp_min(1) - 1e-12 * torch.arange(b.num_experts) for b in blocks}
-        budgets = _global_budgets(blocks, scores, sum(budgets.values()))
+        budgets = global_budgets(blocks, scores, sum(budgets.values()))
     return budgets
 
 

@@ -10,30 +10,24 @@ each member was routed to), ``slerp`` (spherical barycentre of the members' dire
 norms averaged; exact SLERP for two members) and ``sce`` (FuseChat's select, calculate,
 erase, on task vectors taken against the most-used member, as mergekit runs it).
 
-Plugins add operators with the ``register_merge_operators`` hook, returning
+Plugins add operators with the ``register_merge_operators`` hook (declared in
+:mod:`moebench.hookspecs`), returning
 ``{name: fn(stack, weights, **options) -> tensor}``; methods look them up by name through
 :func:`operators`, so a suite can name a third-party operator like a built-in one.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 
 import torch
 
 from moebench.errors import MoebenchError, did_you_mean
-from moebench.hookspecs import hookspec
 
 #: ``fn(stack [n, *shape], weights [n], **options) -> merged [*shape]``
 MergeOperator = Callable[..., torch.Tensor]
 
 _BUILTIN: dict[str, MergeOperator] = {}
-
-
-@hookspec
-def register_merge_operators():
-    """Return ``{name: fn(stack, weights, **options)}`` merge operators (see :mod:`moebench_plugins.fusion.operators`)."""
 
 
 def builtin(name: str):
@@ -50,12 +44,8 @@ def operators() -> dict[str, MergeOperator]:
     """Every merge operator: the built-ins, then those plugins provide (a plugin may override one)."""
     from moebench.plugins import host
 
-    pm = host().pm
-    caller = getattr(pm.hook, "register_merge_operators", None)
-    if caller is None or caller.spec is None:
-        pm.add_hookspecs(sys.modules[__name__])
     found = dict(_BUILTIN)
-    for group in pm.hook.register_merge_operators():
+    for group in host().pm.hook.register_merge_operators():
         found.update(group or {})
     return found
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import torch
 from moebench.adapter import MoEBlock
-from moebench.calibration import Statistic
-from moebench_plugins.calibration.statistics import _hidden_in, _RouterStatistic
+from moebench.calibration import RouterStatistic, Statistic, hidden_in
 
 from .analysis import (
     coactivation_counts,
@@ -16,7 +15,7 @@ from .analysis import (
 
 
 # == calibration statistics ===============================================================
-class Coactivation(_RouterStatistic):
+class Coactivation(RouterStatistic):
     """Tokens that select both experts, per MoE layer: ``{layer: [E, E] int64}`` (diagonal: selections)."""
 
     name = "coactivation"
@@ -55,7 +54,7 @@ class OutputSimilarity(Statistic):
         handles = []
         for block in self.model.blocks():
             def hook(module, args, kwargs, output, block=block):
-                self._update(block, _hidden_in(args, kwargs))
+                self._update(block, hidden_in(args, kwargs))
 
             handles.append(block.module.register_forward_hook(hook, with_kwargs=True))
         return handles
@@ -100,7 +99,7 @@ class ExpertMeanOutput(Statistic):
         handles = []
         for block in self.model.blocks():
             def hook(module, args, kwargs, output, block=block):
-                self._update(block, _hidden_in(args, kwargs))
+                self._update(block, hidden_in(args, kwargs))
 
             handles.append(block.module.register_forward_hook(hook, with_kwargs=True))
         return handles

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from moebench.adapter import MoEModel
+from moebench.columns import Column
 from moebench.data import SPLITS, encode, load_text, windows
 from moebench.hookspecs import hookimpl
 from moebench.method import Context, Metric
@@ -68,6 +69,13 @@ class Perplexity(Metric):
 
     name = "perplexity"
     Params = PerplexityParams
+    columns = (
+        Column("perplexity", label="ppl", order=10, delta=True, tolerance={"rel": 0.01}),
+        # the evaluation setting stored beside the value, not figures to compare
+        Column("perplexity.seqlen", skip=True),
+        Column("perplexity.windows", skip=True),
+        Column("perplexity.tokens", skip=True),
+    )
 
     def measure(self, model: MoEModel, params: PerplexityParams, ctx: Context) -> dict:
         ids = windows(encode(model.tokenizer, load_text(params.data, params.split)), params.seqlen, params.max_samples)
@@ -99,10 +107,18 @@ def parameter_counts(model: MoEModel) -> dict[str, int]:
     total += sum(getattr(m, "stored_numel", 0) for m in model.model.modules())
     inactive = 0
     for block in model.blocks():
-        per_expert = (block.gate_up_proj.numel() + block.down_proj.numel()) // max(block.num_experts, 1)
+        per_expert = _expert_numel(block)
         inactive += per_expert * (block.num_experts - min(block.top_k, block.num_experts))
     inactive += sum(m.inactive_numel() for m in model.model.modules() if callable(getattr(m, "inactive_numel", None)))
     return {"total": total, "active": total - inactive}
+
+
+def _expert_numel(block) -> int:
+    """Weights of one routed expert, read from shapes: quantized storage is never dequantized to count it."""
+    shapes = getattr(block.experts, "shapes", None) if getattr(block.experts, "quantized", False) else None
+    if shapes:
+        return sum(rows * cols for rows, cols in shapes.values())
+    return (block.gate_up_proj.numel() + block.down_proj.numel()) // max(block.num_experts, 1)
 
 
 def routed_experts(model: MoEModel) -> int:
@@ -127,6 +143,14 @@ class ModelSize(Metric):
 
     name = "size"
     always = True
+    # sizes are deterministic: gated exactly
+    columns = (
+        Column("params.total", label="params", order=20, delta=True, tolerance={"rel": 0.0}, si=True),
+        Column("params.active", label="active", order=21, delta=True, tolerance={"rel": 0.0}, si=True),
+        Column("weight_bytes", label="weights", order=30, delta=True, tolerance={"rel": 0.0}),
+        Column("experts", order=40, tolerance={"rel": 0.0}),
+        Column("blocks", order=60, tolerance={"rel": 0.0}),
+    )
 
     def measure(self, model: MoEModel, params, ctx: Context) -> dict:
         return {

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from moebench.adapter import MoEModel
+from moebench.columns import Column
 from moebench.data import SPLITS, encode, load_text
 from moebench.errors import MoebenchError
 from moebench.hookspecs import hookimpl
@@ -197,6 +198,10 @@ class Flops(Metric):
 
     name = "flops"
     Params = FlopsParams
+    columns = (
+        Column("flops_per_token", label="FLOPs/tok", order=70, delta=True, tolerance={"rel": 0.001}, si=True),
+        Column("flops.*", detail=True, si=True),
+    )
 
     def measure(self, model: MoEModel, params: FlopsParams, ctx: Context) -> dict:
         ids = prompt_ids(model, params.data, params.split, params.batch_size, params.seqlen)
@@ -446,6 +451,11 @@ class Memory(Metric):
 
     name = "memory"
     Params = MemoryParams
+    columns = (
+        Column("peak_memory_bytes", label="peak mem", order=80),
+        Column("memory.*above_runtime*", detail=True),
+        Column("memory.*increase_bytes*", detail=True),
+    )
 
     def measure(self, model: MoEModel, params: MemoryParams, ctx: Context) -> dict:
         note_dense_zeros(model, ctx)
@@ -533,6 +543,16 @@ class Speed(Metric):
     name = "speed"
     Params = SpeedParams
     relative = True  # speedups need the baseline measured in this process (ctx.baseline)
+    columns = (
+        Column("speed.prefill_tok_s", label="prefill tok/s", order=90, better="higher"),
+        Column("speed.decode_tok_s", label="decode tok/s", order=91, better="higher"),
+        Column("speed.speedup_prefill", label="prefill ×", order=92, better="higher"),
+        Column("speed.speedup_decode", label="decode ×", order=93, better="higher"),
+        Column("speed.*_spread", hidden=True, better="higher"),
+        Column("speed.runs.*", detail=True, better="higher"),
+        Column("speed.by_batch.*", detail=True, better="higher"),
+        Column("speed.*", better="higher"),
+    )
 
     def measure(self, model: MoEModel, params: SpeedParams, ctx: Context) -> dict:
         note_dense_zeros(model, ctx)

@@ -7,7 +7,7 @@ with no save/reload round trip. We call lm-eval's ``evaluate`` rather than
 gathers environment details the runner already records.
 
 Task names are looked up first among the offline tasks that ship with moebench
-(``pydoc_mc``, ``pydoc_cloze``; see :mod:`moebench.lmeval_tasks`) and the suite's
+(``pydoc_mc``, ``pydoc_cloze``; see :mod:`moebench_plugins.metrics.lmeval_tasks`) and the suite's
 ``include_paths``; lm-eval's own registry (thousands of YAML files, slow to index) is
 read only when a name is not found there, and once per process.
 """
@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from moebench.adapter import MoEModel
+from moebench.columns import Column
 from moebench.errors import MoebenchError, did_you_mean
 from moebench.hookspecs import hookimpl
-from moebench.lmeval_tasks import TASKS, TASKS_DIR
+from .lmeval_tasks import TASKS, TASKS_DIR
 from moebench.method import Context, Metric
 from moebench.params import param
 
@@ -193,7 +194,7 @@ class LmEval(Metric):
         find_tasks(list(params.tasks), resolve_paths(params.include_paths, getattr(suite, "path", None)))
 
     def measure(self, model: MoEModel, params: LmEvalParams, ctx: Context) -> dict:
-        include = resolve_paths(params.include_paths, getattr(ctx.suite, "path", None))
+        include = resolve_paths(params.include_paths, ctx.suite.path if ctx.suite is not None else None)
         results = evaluate(
             model,
             params.tasks,
@@ -218,6 +219,19 @@ class LmEval(Metric):
                 "how": f"measured: lm-eval {getattr(lm_eval, '__version__', '?')} HFLM on the in-memory model",
             },
         }
+
+
+def _task_label(column: str) -> str:
+    """``pydoc_mc acc`` for ``lm_eval.pydoc_mc.acc``."""
+    return column[len("lm_eval.") :].replace(".", " ")
+
+
+LmEval.columns = (
+    Column("lm_eval.*stderr*", hidden=True),  # error bars print beside their score
+    Column("lm_eval.*acc_norm*", label=_task_label, better="higher", delta="tables", detail=True),
+    Column("lm_eval.*", label=_task_label, better="higher", delta="tables", tolerance={"abs": 0.02}),
+    Column("lm_eval_info.*", hidden=True),
+)
 
 
 @hookimpl

@@ -23,11 +23,14 @@ from typing import ClassVar, Literal
 
 from moebench_plugins.premoe import index as premoe
 from moebench.adapter import MoEModel
+from moebench.budgets import check_keep, kept_count
 from moebench.calibration import CalibrationSpec
+from moebench.columns import Column
 from moebench.data import SPLITS, DataSpec, encode, load_text, random_windows, windows
 from moebench.errors import MoebenchError
 from moebench.hookspecs import hookimpl
 from moebench.method import Context, Method, Metric
+from moebench.suite import SuiteTable
 from moebench.params import param
 from moebench_plugins.metrics import WindowParams, perplexity
 
@@ -47,12 +50,7 @@ class PreMoeParams:
     index: str | None = param(None, help="folder of a saved PreMoe index (default: built from the suite's tasks table and cached)")
 
     def check(self):
-        if self.keep is None and self.keep_ratio is None:
-            raise ValueError("keep_ratio or keep must be set")
-        if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
-        if self.keep is not None and self.keep < 1:
-            raise ValueError(f"keep must be >= 1, got {self.keep}")
+        check_keep(self.keep, self.keep_ratio)
         if self.k < 0:
             raise ValueError(f"k must be >= 0 (0: the layer's top-k), got {self.k}")
         if not 0 <= self.threshold < 1:
@@ -76,15 +74,16 @@ class PreMoe(Method):
     stats = ()
 
     def apply(self, model: MoEModel, params: PreMoeParams, ctx: Context) -> dict:
-        tasks = premoe.parse_tasks(getattr(ctx.suite, "tasks", None) or {})
+        tasks = _tasks(ctx)
         settings = premoe.IndexSettings(params.threshold, params.key_layer, params.metric, params.k)
         if params.index:
             index = premoe.TaskIndex.load(params.index, model)
             if index.settings != settings:
                 ctx.note(f"premoe: the saved index's settings {index.settings} are used, not the run's")
         else:
-            spec = ctx.calibration.spec if ctx.calibration is not None else CalibrationSpec(seed=ctx.seed)
-            index = premoe.cached(model, tasks, spec, settings)
+            # through the run's calibration service: its statistics show in the record's calibration summary
+            service = ctx.calibration if ctx.calibration is not None else CalibrationSpec(seed=ctx.seed)
+            index = premoe.cached(model, tasks, service, settings)
         expected, matches = None, []
         if params.task == "retrieve":
             text, expected = self._query(params, tasks)
@@ -105,12 +104,11 @@ class PreMoe(Method):
                 raise MoebenchError(f"premoe: task {chosen!r} is not among the indexed tasks ({', '.join(index.tasks)}); name one or use 'retrieve'")
         blocks = list(model.blocks())
         total = {b.layer: b.num_experts for b in blocks}
-        n = _count(max(total.values()), params)
+        n = kept_count(max(total.values()), params.keep, params.keep_ratio)
         kept = index.keep(chosen, n)
         for layer, experts in kept.items():
             for note in model.keep_experts(layer, experts):
                 ctx.note(f"layer {layer}: {note}")
-        ctx.extras["premoe_task"] = expected or chosen
         active = max(model.block(layer).top_k for layer in kept)
         changes = {
             "notation": f"{active}/{n}",
@@ -144,9 +142,19 @@ class PreMoe(Method):
         return params.query, None
 
 
-def _count(num_experts: int, p: PreMoeParams) -> int:
-    n = p.keep if p.keep is not None else round(p.keep_ratio * num_experts)
-    return max(1, min(num_experts, n))
+def _tasks(ctx: Context) -> dict:
+    """The suite's ``[tasks]`` table, parsed (none without a suite)."""
+    return ctx.suite.tables.get("tasks", {}) if ctx.suite is not None else {}
+
+
+def _own_task(changes: dict) -> str | None:
+    """The task a premoe step of this run kept experts for: the query's own task when the
+    query named one, else the task chosen (None when no premoe step ran)."""
+    own = None
+    for key, change in changes.items():
+        if key.split("#")[0] == PreMoe.name and isinstance(change, dict):
+            own = (change.get("retrieval") or {}).get("expected") or change.get("task")
+    return own
 
 
 # -- per-task evaluation --------------------------------------------------------------
@@ -157,14 +165,14 @@ class TaskPerplexity(Metric):
     Params = WindowParams  # each task's own data, so no data field
 
     def measure(self, model: MoEModel, params: WindowParams, ctx: Context) -> dict:
-        tasks = premoe.parse_tasks(getattr(ctx.suite, "tasks", None) or {})
+        tasks = _tasks(ctx)
         if not tasks:
             raise MoebenchError("[eval.task_perplexity] needs a [tasks] table: [tasks.NAME] data = 'embedded:prose'")
         values = {}
         for name, task in tasks.items():
             ids = windows(encode(model.tokenizer, load_text(task.data, params.split)), params.seqlen, params.max_samples)
             values[name] = perplexity(model.model, ids, params.batch_size)
-        own = ctx.extras.get("premoe_task")
+        own = _own_task(ctx.changes)
         if own in values:
             values["own"] = values[own]
         blocks = list(model.blocks())
@@ -218,6 +226,23 @@ def register_methods():
 @hookimpl
 def register_metrics():
     return [TaskPerplexity]
+
+
+@hookimpl
+def register_suite_tables():
+    return [SuiteTable("tasks", premoe.parse_tasks, help="[tasks.NAME] data = 'SCHEME:ARG' (query optional): PreMoe's tasks")]
+
+
+def _active_kept(row: dict):
+    """PreMoe's ``active/kept`` notation (e.g. ``8/128``: top-k of the routed experts kept) as one
+    text column, in place of the numeric ``routed.active`` and ``routed.kept`` columns."""
+    active, kept = row.get("routed.active"), row.get("routed.kept")
+    return f"{int(active)}/{int(kept)}" if active is not None and kept is not None else None
+
+
+@hookimpl
+def register_report_columns():
+    return [Column("active/kept", order=50, derive=_active_kept, consumes=("routed.active", "routed.kept"))]
 
 
 @hookimpl

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from moebench.cli import out
+from moebench.console import out
 from moebench.errors import MoebenchError
 
 premoe_app = typer.Typer(help="PreMoe task indexes and task-pruned loading, for models larger than memory", no_args_is_help=True)
@@ -48,7 +48,7 @@ def index_cmd(
         import torch
 
         torch.set_num_threads(s.hardware.threads)
-    tasks = premoe.parse_tasks(s.tasks or {})
+    tasks = s.tables.get("tasks") or {}
     if not tasks:
         raise MoebenchError(f"{suite}: tasks: no [tasks.NAME] tables; the index needs at least one task")
     if metric not in ("l2", "cosine"):

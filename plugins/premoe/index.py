@@ -36,7 +36,7 @@ from moebench.errors import MoebenchError, did_you_mean
 
 if TYPE_CHECKING:
     from moebench.adapter import MoEModel
-    from moebench.calibration import CalibrationSpec
+    from moebench.calibration import Calibration, CalibrationSpec
 
 FORMAT = "moebench-premoe"
 VERSION = 1
@@ -406,31 +406,36 @@ def _sha256(path: Path) -> str:
 # --------------------------------------------------------------------------- building and querying
 
 
-def task_scores(model: MoEModel, data: str, spec: CalibrationSpec, threshold: float = 0.0, cache: bool = True, k: int = 1) -> dict[int, torch.Tensor]:
-    """TCESS per MoE layer of ``model`` over ``data`` (train split), through the calibration service (cached)."""
-    from dataclasses import replace
-
+def _service(spec: "CalibrationSpec | Calibration", cache: bool = True) -> "Calibration":
+    """The calibration service a run already has (``ctx.calibration``), or one for these settings."""
     from moebench.calibration import Calibration
 
-    logits = Calibration(replace(spec, data=data), cache=cache).stats(model, ["router_logits"])["router_logits"]
+    return spec if isinstance(spec, Calibration) else Calibration(spec, cache=cache)
+
+
+def task_scores(model: MoEModel, data: str, spec: "CalibrationSpec | Calibration", threshold: float = 0.0, cache: bool = True, k: int = 1) -> dict[int, torch.Tensor]:
+    """TCESS per MoE layer of ``model`` over ``data`` (train split), through the calibration service (cached)."""
+    logits = _service(spec, cache).for_data(data).stats(model, ["router_logits"])["router_logits"]
     return layer_scores(logits, {b.layer: b.top_k for b in model.blocks()}, threshold, k)
 
 
 def build(
     model: MoEModel,
     tasks: Mapping[str, TaskSpec],
-    spec: CalibrationSpec,
+    spec: "CalibrationSpec | Calibration",
     settings: IndexSettings = IndexSettings(),
     cache: bool = True,
 ) -> TaskIndex:
     """One pattern per task from its calibration text, indexed by key-layer TCESS."""
+    service = _service(spec, cache)
+    spec = service.spec
     if not tasks:
         raise MoebenchError("PreMoe needs at least one task; add [tasks.NAME] data = '...' tables to the suite")
     signature = ModelSignature.of(model)
     _check_key_layer(settings.key_layer, signature)
     patterns = []
     for task in tasks.values():
-        scores = task_scores(model, task.data, spec, settings.threshold, cache, settings.k)
+        scores = task_scores(model, task.data, service, settings.threshold, cache, settings.k)
         patterns.append(Pattern.from_scores([scores[layer] for layer in signature.moe_layers], settings.key_layer))
     info = {"model": model.identity, "calibration": spec.key(), "tasks": {t.name: t.data for t in tasks.values()}}
     return TaskIndex(list(tasks), patterns, signature, settings, info)
@@ -449,11 +454,10 @@ def build_streaming(
 
     Same patterns as :func:`build` on the loaded model (FP8 checkpoints dequantized on read).
     """
-    from dataclasses import replace
-
     from moebench import checkpoint
-    from moebench.calibration import Calibration
 
+    service = _service(spec, cache=False)
+    spec = service.spec
     if not tasks:
         raise MoebenchError("PreMoe needs at least one task; add [tasks.NAME] data = '...' tables to the suite")
     stream = checkpoint.LayerStream(path, dtype=dtype, device=device)
@@ -462,7 +466,7 @@ def build_streaming(
     top_k = {b.layer: b.top_k for b in stream.model.blocks()}
     patterns = []
     for task in tasks.values():
-        windows = Calibration(replace(spec, data=task.data), cache=False).windows(stream.model.tokenizer)
+        windows = service.for_data(task.data).windows(stream.model.tokenizer)
         logits = stream.statistics(["router_logits"], windows, spec.batch_size, spec.seed)["router_logits"]
         scores = layer_scores(logits, top_k, settings.threshold, settings.k)
         patterns.append(Pattern.from_scores([scores[layer] for layer in signature.moe_layers], settings.key_layer))
@@ -470,10 +474,12 @@ def build_streaming(
     return TaskIndex(list(tasks), patterns, signature, settings, info)
 
 
-def cached(model: MoEModel, tasks: Mapping[str, TaskSpec], spec: CalibrationSpec, settings: IndexSettings, cache: bool = True) -> TaskIndex:
+def cached(model: MoEModel, tasks: Mapping[str, TaskSpec], spec: "CalibrationSpec | Calibration", settings: IndexSettings, cache: bool = True) -> TaskIndex:
     """:func:`build`, saved under the cache and reused while model, tasks, calibration and settings agree."""
     from moebench import paths
 
+    service = _service(spec, cache)
+    spec = service.spec
     blob = json.dumps(
         {
             "model": model.identity,
@@ -489,7 +495,7 @@ def cached(model: MoEModel, tasks: Mapping[str, TaskSpec], spec: CalibrationSpec
     folder = paths.cache_dir("premoe") / hashlib.sha1(blob.encode()).hexdigest()[:20]
     if cache and (folder / "patterns.safetensors").exists():
         return TaskIndex.load(folder, model)
-    index = build(model, tasks, spec, settings, cache)
+    index = build(model, tasks, service, settings, cache)
     if cache:
         import shutil
         import tempfile

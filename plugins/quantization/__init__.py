@@ -53,7 +53,7 @@ from moebench_plugins.quantization.quant import (
     theoretical_bits,
     unpack_int4,
 )
-from moebench.sequential import Group, check_targets, from_context, record_edit, static_steps
+from moebench.sequential import Group, check_targets, static_steps
 
 FAKE = "{method}: weights are fake-quantized (quantized, then dequantized back to {dtype}); bytes are theoretical"
 NO_TOKENS = "{n} routed expert(s) received no calibration tokens; they were quantized round-to-nearest"
@@ -424,7 +424,7 @@ class _Quantizer(Method):
 
     def apply(self, model: MoEModel, params: QuantParams, ctx: Context) -> dict:
         if self.collect:
-            run = from_context(model, ctx, self.name, targets=params.targets, collect=self.collect_for(params),
+            run = ctx.sequential(model, self.name, targets=params.targets, collect=self.collect_for(params),
                                router_weighted=params.router_weighted, windows=self.calibration_windows(model, params, ctx),
                                **self.run_options(params))
             steps = run
@@ -456,7 +456,6 @@ class _Quantizer(Method):
             if run.experts_without_tokens:
                 ctx.note(NO_TOKENS.format(n=run.experts_without_tokens))
         changes.update(self.summarize(extra))
-        record_edit(model, self.name, params)
         return changes
 
     def run_options(self, params) -> dict:
@@ -703,7 +702,6 @@ class Bnb4bit(Method):
                     experts.setdefault(group.path, {})[group.attr] = (group.weight,)
             for path, fill in experts.items():
                 tally.stored(store_experts(model, path, Bnb4bitExperts, fill, **init), "experts")
-        record_edit(model, self.name, params)
         return {"quant_type": params.quant_type, "blocksize": params.blocksize, "storage": "bnb_4bit", **tally.summary("stored")}
 
 

@@ -23,7 +23,7 @@ from moebench.adapter import MoEModel
 from moebench.hookspecs import hookimpl
 from moebench.method import Context, Method
 from moebench.params import param
-from moebench.sequential import Group, check_targets, from_context, record_edit, static_steps
+from moebench.sequential import Group, check_targets, static_steps
 from moebench_plugins.slimming.sparsity import NM, NM_CONVENTION, mask_for, nm_holds, sparsegpt, wanda_score
 
 MASKED = "sparsity is masked zeros; no sparse kernel"
@@ -103,7 +103,7 @@ class _Pruner(Method):
         else:
             changes["variant"] = self.variant(params)
         if self.needs_calibration:
-            run = from_context(model, ctx, self.name, targets=params.targets, collect=self.collect,
+            run = ctx.sequential(model, self.name, targets=params.targets, collect=self.collect,
                                router_weighted=params.router_weighted)
             steps = run
         else:
@@ -117,7 +117,6 @@ class _Pruner(Method):
             changes["calibration"] = run.summary()
             if run.experts_without_tokens:
                 ctx.note(NO_TOKENS.format(n=run.experts_without_tokens))
-        record_edit(model, self.name, params)
         return {**changes, **achieved(groups, params.pattern)}
 
     def variant(self, params) -> str:

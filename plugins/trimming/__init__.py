@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 
 from moebench.adapter import MoEBlock, MoEModel, experts_subset
+from moebench.budgets import check_keep, global_budgets, kept_count
 from moebench.hookspecs import hookimpl
 from moebench.method import Context, Method
 from moebench.params import ParamError, param
@@ -57,12 +58,7 @@ class ExpertDropParams:
     seed: int = param(0, help="seed for the random criterion")
 
     def check(self):
-        if self.keep is None and self.keep_ratio is None:
-            raise ValueError("set keep_ratio or keep")
-        if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
-        if self.keep is not None and self.keep < 1:
-            raise ValueError(f"keep must be >= 1, got {self.keep}")
+        check_keep(self.keep, self.keep_ratio, "set keep_ratio or keep")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
 
@@ -90,7 +86,7 @@ class ExpertDrop(Method):
             raise ParamError("keep", "the model has no MoE layers with routed experts to drop")
         if params.top_k is not None and any(params.top_k < k for k in shape.top_k.values()):
             return  # lowering top-k alone is a change
-        if all(_count(n, params) >= n for n in shape.experts.values()):
+        if all(kept_count(n, params.keep, params.keep_ratio) >= n for n in shape.experts.values()):
             field, value = ("keep", params.keep) if params.keep is not None else ("keep_ratio", params.keep_ratio)
             raise ParamError(field, f"{field}={value} keeps every expert (the model's MoE layers have {shape.min_experts}); expected fewer than {shape.min_experts}, or this run would do nothing")
 
@@ -108,7 +104,7 @@ class ExpertDrop(Method):
 
     def apply(self, model: MoEModel, params: ExpertDropParams, ctx: Context) -> dict:
         blocks = list(model.blocks())
-        budgets = {b.layer: _count(b.num_experts, params) for b in blocks}
+        budgets = {b.layer: kept_count(b.num_experts, params.keep, params.keep_ratio) for b in blocks}
         if all(budgets[b.layer] >= b.num_experts for b in blocks) and (params.top_k is None or all(params.top_k >= b.top_k for b in blocks)):
             raise ValueError(f"expert_drop would keep every expert (layers have {sorted({b.num_experts for b in blocks})}); nothing to compress")
         if params.criterion == "reconstruction":
@@ -122,7 +118,7 @@ class ExpertDrop(Method):
                 scores = {layer: -s for layer, s in scores.items()}
             if params.scope == "global":
                 floor = {b.layer: 1 if params.global_floor == "one" else min(b.top_k, b.num_experts) for b in blocks}
-                budgets = _global_budgets(blocks, scores, sum(budgets.values()), floor)
+                budgets = global_budgets(blocks, scores, sum(budgets.values()), floor)
             keeps = {b.layer: sorted(torch.argsort(scores[b.layer], descending=True)[: budgets[b.layer]].tolist()) for b in blocks}
         before = {b.layer: b.num_experts for b in blocks}
         for b in blocks:
@@ -149,11 +145,6 @@ class ExpertDrop(Method):
         }
 
 
-def _count(num_experts: int, p: ExpertDropParams) -> int:
-    n = p.keep if p.keep is not None else round(p.keep_ratio * num_experts)
-    return max(1, min(num_experts, n))
-
-
 def _scores(model: MoEModel, blocks: list[MoEBlock], p: ExpertDropParams, ctx: Context) -> dict[int, torch.Tensor]:
     """Per-layer expert importance, normalised to sum to 1 in each layer (comparable across layers)."""
     if p.criterion == "random":
@@ -167,23 +158,6 @@ def _scores(model: MoEModel, blocks: list[MoEBlock], p: ExpertDropParams, ctx: C
         raw = {layer: mass[source].double() for layer, mass in ctx.stats(model, "router_mass")["router_mass"].items()}
     # a tiny index-based tie-break keeps the order deterministic when counts are equal
     return {b.layer: raw[b.layer] / raw[b.layer].sum().clamp_min(1e-12) - 1e-12 * torch.arange(b.num_experts) for b in blocks}
-
-
-def _global_budgets(blocks: list[MoEBlock], scores: dict[int, torch.Tensor], total: int, floor: dict[int, int] | None = None) -> dict[int, int]:
-    """Spend one expert budget across layers by normalised score; each layer keeps at least its floor (default top-k)."""
-    budgets = dict(floor) if floor is not None else {b.layer: min(b.top_k, b.num_experts) for b in blocks}
-    ranked = sorted(
-        ((s.item(), b.layer, rank) for b in blocks for rank, s in enumerate(torch.sort(scores[b.layer], descending=True).values)),
-        reverse=True,
-    )
-    left = total - sum(budgets.values())
-    for _, layer, rank in ranked:
-        if left <= 0:
-            break
-        if rank >= budgets[layer]:  # the layer's (rank+1)-th best expert; ranks arrive in order per layer
-            budgets[layer] += 1
-            left -= 1
-    return budgets
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from moebench.adapter import MoEBlock, experts_subset
+from moebench.budgets import check_keep, kept_count
 from moebench.method import Context, Method
 from moebench.params import param
 
@@ -31,12 +32,7 @@ class NaeeParams:
     top_k: int | None = param(None, help="new experts-per-token after pruning (default: unchanged)")
 
     def check(self):
-        if self.keep is None and self.keep_ratio is None:
-            raise ValueError("keep_ratio: set keep_ratio or keep")
-        if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
-        if self.keep is not None and self.keep < 1:
-            raise ValueError(f"keep must be >= 1, got {self.keep}")
+        check_keep(self.keep, self.keep_ratio, "keep_ratio: set keep_ratio or keep")
         if self.max_combinations < 1:
             raise ValueError(f"max_combinations must be >= 1, got {self.max_combinations}")
         if self.top_k is not None and self.top_k < 1:
@@ -102,14 +98,12 @@ class Naee(Method):
     stats = ("moe_io",)
 
     def apply(self, model, params: NaeeParams, ctx: Context) -> dict:
-        from . import _count
-
         io = ctx.stats(model, "moe_io")["moe_io"]
         blocks = list(model.blocks())
         before = {b.layer: b.num_experts for b in blocks}
         keeps, losses, search = {}, {}, {}
         for b in blocks:
-            budget = _count(b.num_experts, params)
+            budget = kept_count(b.num_experts, params.keep, params.keep_ratio)
             keeps[b.layer], losses[b.layer], exhaustive = best_combination(b, io[b.layer], budget, params.max_combinations)
             search[b.layer] = "exhaustive" if exhaustive else "greedy"
         if any(s == "greedy" for s in search.values()):

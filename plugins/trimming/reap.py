@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch
 
+from moebench.budgets import check_keep, global_budgets, kept_count
 from moebench.calibration import Statistic
 from moebench.method import Context, Method
 from moebench.params import param
@@ -89,12 +90,7 @@ class ReapParams:
     top_k: int | None = param(None, help="new experts-per-token after pruning (default: unchanged)")
 
     def check(self):
-        if self.keep is None and self.keep_ratio is None:
-            raise ValueError("keep_ratio: set keep_ratio or keep")
-        if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
-        if self.keep is not None and self.keep < 1:
-            raise ValueError(f"keep must be >= 1, got {self.keep}")
+        check_keep(self.keep, self.keep_ratio, "keep_ratio: set keep_ratio or keep")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
 
@@ -111,15 +107,13 @@ class Reap(Method):
     stats = ("reap",)
 
     def apply(self, model, params: ReapParams, ctx: Context) -> dict:
-        from . import _count, _global_budgets
-
         sums = ctx.stats(model, "reap")["reap"]
         blocks = list(model.blocks())
         scores = {b.layer: reap_scores(sums[b.layer], params.renormalize) for b in blocks}
-        budgets = {b.layer: _count(b.num_experts, params) for b in blocks}
+        budgets = {b.layer: kept_count(b.num_experts, params.keep, params.keep_ratio) for b in blocks}
         if params.scope == "global":
             normed = {k: s / s.sum().clamp_min(1e-30) - 1e-12 * torch.arange(s.numel()) for k, s in scores.items()}
-            budgets = _global_budgets(blocks, normed, sum(budgets.values()))
+            budgets = global_budgets(blocks, normed, sum(budgets.values()))
         before = {b.layer: b.num_experts for b in blocks}
         keeps = {}
         for b in blocks:

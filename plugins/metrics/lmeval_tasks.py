@@ -16,7 +16,7 @@ from its ``validation`` split; the zoo models never trained on either.
 
 Chance is 25% on both. Items are built deterministically (seeded per task and split)
 and shuffled once, so lm-eval's ``limit`` takes a spread of documents. The YAML
-configs and their ``custom_dataset`` loader live in ``moebench/tasks`` (:data:`TASKS_DIR`).
+configs and their ``custom_dataset`` loader live in ``moebench_plugins/metrics/tasks`` (:data:`TASKS_DIR`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from . import corpus
+from moebench import corpus
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 TASKS = ("pydoc_mc", "pydoc_cloze")

@@ -1,6 +1,6 @@
 """``custom_dataset`` loaders for the offline pydoc tasks (lm-eval imports this file by path)."""
 
-from moebench import lmeval_tasks
+from moebench_plugins.metrics import lmeval_tasks
 
 
 def pydoc_mc(**kwargs):
