@@ -10,8 +10,9 @@ ends with an extrapolation to the full 27-layer model: compression seconds times
 26 / (MoE layers here), and the weights of the full model (from its config, on the meta
 device) plus the peak the method added over this twin's weights.
 
-``--cpu`` is the dry run CI uses: the same suite and code on the CPU, with a 2-layer twin
-of 8 routed experts (``experts=8``; width unchanged) and a few calibration tokens.
+``--cpu`` is the dry run: the same suite and code on the CPU, with a 3-layer twin (1 dense +
+2 MoE layers, the fewest layer_drop accepts) of 4 routed experts (``experts=4``; width
+unchanged) and a few calibration tokens.
 
     bash bench/gpu_smoke.sh            # on a GPU box
     bash bench/gpu_smoke.sh --cpu      # the CI dry run
@@ -44,7 +45,7 @@ METHODS = [
 
 
 def suite_text(cpu: bool) -> str:
-    source = "twin:deepseek_v2_lite?layers=2&experts=8" if cpu else "twin:deepseek_v2_lite?layers=4"
+    source = "twin:deepseek_v2_lite?layers=3&experts=4" if cpu else "twin:deepseek_v2_lite?layers=4"
     samples, seqlen = (2, 32) if cpu else (16, 256)
     ppl = (32, 2) if cpu else (256, 8)
     speed = "prefill = 16\ndecode = 2\nwarmup = 0\nrepeats = 1" if cpu else "prefill = 256\ndecode = 32\nwarmup = 1\nrepeats = 3"
@@ -101,7 +102,7 @@ def table(records: list[dict], moe_layers: int, twin_bytes: int, full_bytes: int
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cpu", action="store_true", help="dry run on the CPU (CI): 2-layer, 8-expert twin, few tokens")
+    ap.add_argument("--cpu", action="store_true", help="dry run on the CPU: 3-layer, 4-expert twin, few tokens")
     ap.add_argument("--out", help="results folder (default: a temporary one)")
     args = ap.parse_args()
 

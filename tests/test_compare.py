@@ -196,6 +196,7 @@ def _write(path, records):
     return str(path)
 
 
+@pytest.mark.slow  # 14-61 CPU s on the 2-core box (issue #13: the fast set under 5 minutes)
 def test_cli_exit_codes_and_markdown(tmp_path):
     base = _write(tmp_path / "base.jsonl", BASE)
     same = _write(tmp_path / "same.jsonl", copy.deepcopy(BASE))
