@@ -55,10 +55,14 @@ def run(
     from .shard import resolve_shard
     from .suite import load_suite
 
+    from .preflight import check_output
+
     s = load_suite(suite)
     chosen = resolve_shard(shard)
     select = chosen.selector() if chosen else None
     runner = make_executor(executor, address=address, retries=retries)
+    if out_dir is not None:
+        check_output(out_dir, create=True)  # an existing file, an unwritable place: said before anything else
     target = out_dir or (latest_out(s) if resume else None) or default_out(s)
     err.print(f"suite {s.name}: {len(s.runs())} run(s){f', shard {chosen}' if chosen else ''}{f', on {executor}' if executor != 'serial' else ''} -> {target / 'results.jsonl'}")
     try:
@@ -78,11 +82,16 @@ def run(
 
 
 @app.command()
-def validate(suite: Path = typer.Argument(..., help="suite TOML file")):
-    """Check a suite without running it; lists the runs it expands to."""
+def validate(
+    suite: Path = typer.Argument(..., help="suite TOML file"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="also check this results directory is writable (default: reports/)"),
+):
+    """Check a suite without running it (data, tasks, model, parameters, output folder); lists its runs."""
+    from .preflight import check_suite
     from .suite import load_suite
 
     s = load_suite(suite)
+    check_suite(s, out_dir if out_dir is not None else Path("reports"))
     runs = s.runs()
     out.print(f"{suite}: ok, {len(runs)} run(s)")
     for r in runs:
@@ -177,6 +186,10 @@ def main() -> None:
         app()
     except MoebenchError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except OSError as exc:  # a disk or file problem outside the checks (full, read-only, vanished): one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        err.print(f"error: {where}{exc.strerror or exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

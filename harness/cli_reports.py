@@ -34,10 +34,13 @@ def collect(paths: Iterable[Path]) -> list[Path]:
 
 def read_all(paths: Iterable[Path]) -> list[dict[str, Any]]:
     """Every record of every result file, in order (later files after earlier ones)."""
-    from .store import read_records
+    from .store import read_records, skipped_summary
 
     files = collect(paths)
-    records = [r for f in files for r in read_records(f)]
+    skipped: list[str] = []
+    records = [r for f in files for r in read_records(f, skipped)]
+    if skipped:
+        err.print(skipped_summary(skipped), markup=False, highlight=False, soft_wrap=True)
     if not records:
         raise MoebenchError("no records in " + ", ".join(map(str, files)))
     return records
@@ -47,8 +50,13 @@ def _write(text: str, path: Optional[Path]) -> None:
     if path is None:
         typer.echo(text, nl=not text.endswith("\n"))
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    if path.is_dir():
+        raise MoebenchError(f"--out {path}: is a folder; expected a file name to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise MoebenchError(f"--out {path}: cannot write it ({exc.strerror or exc})") from None
     err.print(f"wrote {path}", markup=False, highlight=False)
 
 
@@ -167,7 +175,7 @@ def merge(
 ):
     """Join shards' (or machines') results into one results file; one record per run."""
     from .shard import merge as join
-    from .store import ResultStore, read_records
+    from .store import ResultStore, read_records, skipped_summary
 
     files = collect(results)
     order = names = None
@@ -176,9 +184,12 @@ def merge(
 
         runs = load_suite(suite).runs()
         order, names = [r.run_id for r in runs], {r.run_id: r.name for r in runs}
-    merged = join([list(read_records(f)) for f in files], order)
+    skipped: list[str] = []
+    merged = join([list(read_records(f, skipped)) for f in files], order)
+    if skipped:
+        err.print(skipped_summary(skipped), markup=False, highlight=False, soft_wrap=True)
     target = out_path / "results.jsonl" if out_path.is_dir() or not out_path.suffix else out_path
-    if target.exists() and target.stat().st_size:
+    if target.exists() and (target.is_dir() or target.stat().st_size):
         raise MoebenchError(f"{target}: already exists; merge writes a new file")
     store = ResultStore(target)
     for r in merged.records:

@@ -41,6 +41,18 @@ def register_statistics():
 
 
 @hookspec
+def register_module_classes():
+    """Return :class:`torch.nn.Module` subclasses a saved model's ``config.moebench`` may name.
+
+    The allow-list for reloading: a checkpoint's ``modules`` entry names a class as
+    ``"package.module:Class"`` and the loader builds only classes registered here (looked
+    up by that name, or by the class's ``class_path`` attribute when it sets one), never
+    importing anything the file names. A plugin opts in per class; init arguments must
+    be plain JSON data.
+    """
+
+
+@hookspec
 def register_merge_operators():
     """Return ``{name: fn(stack, weights, **options) -> tensor}``: merge operators the fusion
     methods (``operator = "name"``) can use besides the built-in ones; a later plugin may

@@ -102,6 +102,12 @@ class Method:
         """Statistics needed for these parameters (override when they depend on a criterion)."""
         return self.stats
 
+    @classmethod
+    def check_model(cls, params, shape) -> None:
+        """Refuse parameters that do not fit the model before any work (``shape``: a
+        :class:`moebench.preflight.ModelShape` read from its config); raise
+        :class:`moebench.params.ParamError` naming the parameter. Default: no check."""
+
     def requires(self, params) -> Needs:
         """Everything this step reads from calibration, in one place (the suite check and the
         runner's up-front calibration pass read this)."""
@@ -133,6 +139,11 @@ class Metric:
     def measure(self, model: "MoEModel", params, ctx: Context) -> dict[str, Any]:
         """Return entries to merge into the record's ``metrics``."""
         raise NotImplementedError
+
+    @classmethod
+    def preflight(cls, params, suite) -> None:
+        """Checks that need no model, run by ``validate`` and before a suite starts (e.g. task names);
+        raise :class:`moebench.errors.MoebenchError` or :class:`moebench.params.ParamError`. Default: none."""
 
 
 def summary_of(cls) -> str:

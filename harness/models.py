@@ -12,7 +12,7 @@ of silently re-initialising the weights it cannot place; :func:`load_config` rea
 from __future__ import annotations
 
 import copy
-import importlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -206,7 +206,8 @@ def load_config(path, *, trust_remote_code: bool = False):
 
     file = Path(path) / "config.json"
     raw = json.loads(file.read_text()) if file.is_file() else {}
-    real = (raw.get("moebench") or {}).get("model_type")
+    marker = raw.get("moebench")
+    real = marker.get("model_type") if isinstance(marker, dict) else None
     if not real or raw.get("model_type") == real:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -218,32 +219,151 @@ def load_config(path, *, trust_remote_code: bool = False):
     return CONFIG_MAPPING[real].from_dict(raw)
 
 
-def apply_structure(model, structure: dict) -> None:
-    """Reshape a freshly built model to the structure a moebench save recorded."""
+def apply_structure(model, structure: dict, where: str = "config.moebench") -> None:
+    """Reshape a freshly built model to the structure a moebench save recorded.
+
+    The structure is data: it is checked first (:func:`check_structure`), and custom
+    modules are built only from classes on the allow-list plugins register
+    (``register_module_classes``); nothing the file names is ever imported.
+    """
+    structure = check_structure(structure, where)
     moe = MoEModel(model, host().adapter_for(model))
-    for layer, n in structure.get("num_experts", {}).items():
+    layers = len(moe.layers)
+    for key in ("num_experts", "top_k", "router"):
+        for layer in structure[key]:
+            if int(layer) >= layers or moe.block(int(layer)) is None:
+                raise MoebenchError(f"{where}.{key}: layer {layer} has no MoE block (the model has {layers} layers; MoE layers {moe.moe_layers})")
+    for layer in structure["skip_moe"]:
+        if layer >= layers:
+            raise MoebenchError(f"{where}.skip_moe: layer {layer} is out of range (the model has {layers} layers)")
+    for layer, n in structure["num_experts"].items():
         block = moe.block(int(layer))
+        if n > block.num_experts:
+            raise MoebenchError(f"{where}.num_experts.{layer}: {n} experts, more than the {block.num_experts} the config builds")
         block.experts.gate_up_proj = torch.nn.Parameter(block.gate_up_proj.data[:n].clone())
         block.experts.down_proj = torch.nn.Parameter(block.down_proj.data[:n].clone())
         block.experts.num_experts = n
         moe.adapter.slice_router(block.router, torch.arange(n))
-    for layer, state in structure.get("router", {}).items():
+    for layer, state in structure["router"].items():
         router = moe.block(int(layer)).router
         for key, value in state.items():
             setattr(router, key, value)
-    for layer, k in structure.get("top_k", {}).items():
+    for layer, k in structure["top_k"].items():
         moe.block(int(layer)).router.top_k = k
         if hasattr(moe.block(int(layer)).module, "top_k"):
             moe.block(int(layer)).module.top_k = k
-    for layer in structure.get("skip_moe", []):
+    for layer in structure["skip_moe"]:
         moe.adapter.set_moe_block(moe.layers[layer], PassThrough())
-    for path, spec in structure.get("modules", {}).items():
-        module_name, _, cls_name = spec["class"].partition(":")
-        cls = getattr(importlib.import_module(module_name), cls_name)
+    classes = host().module_classes
+    for path, spec in structure["modules"].items():
+        entry = f"{where}.modules[{path!r}]"
+        cls = classes.get(spec["class"])
+        if cls is None:
+            raise MoebenchError(
+                f"{entry}: class {spec['class']!r} is not on moebench's allow-list of module classes "
+                f"(registered by plugins: {', '.join(sorted(classes)) or 'none'}); refusing to load it"
+            )
+        init = spec.get("init", {})
+        try:
+            inspect.signature(cls).bind(**init)
+        except TypeError as exc:
+            raise MoebenchError(f"{entry}: init arguments do not fit {spec['class']} ({exc})") from None
         parent_path, _, attr = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, attr, cls(**spec.get("init", {})))
+        try:
+            parent = model.get_submodule(parent_path) if parent_path else model
+        except AttributeError:
+            raise MoebenchError(f"{entry}: the model has no submodule {parent_path!r}") from None
+        try:
+            module = cls(**init)
+        except MoebenchError as exc:
+            raise MoebenchError(f"{entry}: {exc}") from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as exc:
+            raise MoebenchError(f"{entry}: {spec['class']} could not be built from its init ({type(exc).__name__}: {exc})") from None
+        setattr(parent, attr, module)
     install_routing(model, moe.adapter)  # routing rules rebuilt above act on their routers again
+
+
+PLAIN = (str, int, float, bool, type(None))
+
+
+def _plain(value, where: str) -> None:
+    """Refuse anything but JSON data (str, numbers, bools, null, lists and str-keyed tables)."""
+    if isinstance(value, PLAIN):
+        return
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _plain(v, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise MoebenchError(f"{where}: key {k!r} is not a string")
+            _plain(v, f"{where}.{k}")
+        return
+    raise MoebenchError(f"{where}: expected plain data (string, number, bool, list, table), got {type(value).__name__}")
+
+
+def _layer_key(key, where: str) -> int:
+    try:
+        layer = int(key)
+    except (TypeError, ValueError):
+        layer = -1
+    if isinstance(key, bool) or layer < 0:
+        raise MoebenchError(f"{where}: {key!r} is not a layer index (expected a non-negative integer)")
+    return layer
+
+
+def check_structure(structure, where: str = "config.moebench") -> dict:
+    """``config.moebench`` checked against its schema, every value plain data; one-line error otherwise."""
+    if not isinstance(structure, dict):
+        raise MoebenchError(f"{where}: expected a table, got {type(structure).__name__}")
+    known = ("num_experts", "top_k", "router", "skip_moe", "modules", "model_type")
+    for key in structure:
+        if key not in known:
+            raise MoebenchError(f"{where}.{key}: unknown field; expected one of {', '.join(known)}")
+    _plain(structure, where)
+    out: dict = {}
+    for key in ("num_experts", "top_k"):
+        table = structure.get(key) or {}
+        if not isinstance(table, dict):
+            raise MoebenchError(f"{where}.{key}: expected a table of layer -> count")
+        for layer, n in table.items():
+            _layer_key(layer, f"{where}.{key}")
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise MoebenchError(f"{where}.{key}.{layer}: expected a positive integer, got {n!r}")
+        out[key] = table
+    routers = structure.get("router") or {}
+    if not isinstance(routers, dict):
+        raise MoebenchError(f"{where}.router: expected a table of layer -> router attributes")
+    for layer, state in routers.items():
+        _layer_key(layer, f"{where}.router")
+        if not isinstance(state, dict):
+            raise MoebenchError(f"{where}.router.{layer}: expected a table of router attributes")
+        for k, v in state.items():
+            if k.startswith("_") or not k.isidentifier() or not isinstance(v, (int, float, str, bool, type(None))):
+                raise MoebenchError(f"{where}.router.{layer}.{k}: expected a public attribute with a number, string, bool or null value")
+    out["router"] = routers
+    skip = structure.get("skip_moe") or []
+    if not isinstance(skip, list) or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in skip):
+        raise MoebenchError(f"{where}.skip_moe: expected a list of layer indices")
+    out["skip_moe"] = skip
+    modules = structure.get("modules") or {}
+    if not isinstance(modules, dict):
+        raise MoebenchError(f"{where}.modules: expected a table of module path -> {{class, init}}")
+    for path, spec in modules.items():
+        entry = f"{where}.modules[{path!r}]"
+        if not path or not all((part.isidentifier() and not part.startswith("_")) or part.isdigit() for part in path.split(".")):
+            raise MoebenchError(f"{entry}: expected a dotted module path like model.layers.0.mlp")
+        if not isinstance(spec, dict) or not isinstance(spec.get("class"), str) or set(spec) - {"class", "init"}:
+            raise MoebenchError(f"{entry}: expected {{class = 'package.module:Class', init = {{...}}}}")
+        init = spec.get("init", {})
+        if not isinstance(init, dict):
+            raise MoebenchError(f"{entry}.init: expected a table of keyword arguments")
+        private = [k for k in init if k.startswith("_")]
+        if private:
+            raise MoebenchError(f"{entry}.init: private argument {private[0]!r} cannot come from a file")
+    out["modules"] = modules
+    return out
 
 
 def fingerprint(path) -> str:

@@ -58,7 +58,7 @@ class Host:
             self._collect(PluginInfo(getattr(obj, "__name__", repr(obj)), "", "", ""), obj)
 
     def _collect(self, info: PluginInfo, module) -> None:
-        for kind in ("methods", "metrics", "adapters", "data_sources", "statistics", "suite_tables"):
+        for kind in ("methods", "metrics", "adapters", "data_sources", "statistics", "suite_tables", "module_classes"):
             impl = getattr(module, f"register_{kind}", None)
             if impl is not None:
                 info.provides[kind] = [_name_of(c) for c in impl()]
@@ -91,12 +91,35 @@ class Host:
         return self._index("statistics", _name_of)
 
     @property
+    def module_classes(self) -> dict[str, type]:
+        """The module classes saved models may name, keyed by ``module:Class`` (and each ``class_path``)."""
+        found: dict[str, type] = {}
+        for group in self.pm.hook.register_module_classes():
+            for cls in group or ():
+                found[f"{cls.__module__}:{cls.__qualname__}"] = cls
+                if getattr(cls, "class_path", None):
+                    found[cls.class_path] = cls
+        return found
+
+    @property
     def suite_tables(self) -> dict:
         """Top-level suite tables plugins own: name -> :class:`moebench.suite.SuiteTable`."""
         return self._index("suite_tables", _name_of)
 
     def method(self, name: str):
-        return _lookup(self.methods, name, "method")
+        methods = self.methods
+        if name not in methods and self.broken():
+            raise MoebenchError(f"unknown method {name!r}{did_you_mean(name, methods)}{self.broken_hint()}")
+        return _lookup(methods, name, "method")
+
+    def broken_hint(self) -> str:
+        """``; plugins that failed to load (and may provide it): NAME (module): ERROR`` or ``''``."""
+        broken = self.broken()
+        if not broken:
+            return ""
+        return "; plugin(s) that failed to load and may provide it: " + "; ".join(
+            f"{p.name} ({p.module}): {p.error}" for p in broken
+        )
 
     def metric(self, name: str):
         return _lookup(self.metrics, name, "metric")

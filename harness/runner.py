@@ -93,9 +93,15 @@ def latest_out(suite: Suite, reports: str | os.PathLike = "reports") -> Path | N
 
 
 def run_suite(suite: Suite, options: RunOptions) -> SuiteResult:
+    from .preflight import check_output, check_suite, disk_failure, inside
+
+    check_suite(suite)  # every bad input that can be known without weights, before any work
+    check_output(options.out, create=True)
+    if options.save_models is not None:
+        check_output(options.save_models, "--save-models", create=True)
     if suite.hardware.threads:
         torch.set_num_threads(suite.hardware.threads)
-    store = ResultStore(options.out / "results.jsonl")
+    store = ResultStore(inside(options.out, options.out / "results.jsonl", "results file"))
     runs = suite.runs()
     if options.select is not None:
         chosen = options.select(runs)
@@ -121,13 +127,17 @@ def run_suite(suite: Suite, options: RunOptions) -> SuiteResult:
     records = contextlib.closing(_records(executor, suite, todo, calibration, baseline, needs_relative, options))
     with _interrupts() as interrupted, records as finished:  # closing cancels what an executor still has queued
         for spec, record in finished:
-            store.append(record)
+            store.append(record)  # a disk that refuses it stops the suite here (DiskFull), the file left whole
             host().notify("on_record", suite=suite, record=record)
             result.records.append(record)
             status = "ok" if record["status"] == "ok" else f"FAILED: {record['error']}"
             options.log(f"  {spec.name}: {status}")
             if interrupted.is_set():  # Ctrl-C landed in a finalizer, which swallows the exception
                 raise KeyboardInterrupt
+            if disk_failure(record.get("error")):  # a run the disk failed: recorded, then the suite stops
+                from .store import DiskFull
+
+                raise DiskFull(f"run {spec.name!r}: the disk refused data ({record['error']}); stopped after this run, finished runs are in {store.path}; free space, then continue with --resume")
     _PRISTINE.clear()  # the model snapshot lives for one suite
     result.calibration = calibration.summary() if calibration else {}
     return result
@@ -197,7 +207,9 @@ def execute(suite: Suite, spec: RunSpec, ctx: Context, save_models: Path | None 
         if len(steps) > 1:
             record["metrics"]["compress_seconds_by_step"] = steps
         if save_models is not None and spec.pipeline:
-            folder = save_models / model_card.folder_name(spec.name, spec.run_id)
+            from .preflight import inside
+
+            folder = inside(save_models, save_models / model_card.folder_name(spec.name, spec.run_id), "saved model folder")
             model.save(folder)
             loader = LOADER if model.needs_moebench_loader() else model_card.TRANSFORMERS
             record["saved_model"] = {"path": str(folder), "loader": loader}

@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -22,6 +23,8 @@ from .errors import MoebenchError, SuiteError, did_you_mean
 from .params import ParamError, is_list_type, parse, to_dict
 from .toml_file import read_toml  # noqa: F401  (re-exported: moebench.suite.read_toml)
 
+#: a suite name is a folder name under reports/: letters, digits and - _ . (never a path)
+SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 #: the tables the harness parses; plugins add theirs with ``register_suite_tables``
 TABLES = {"suite", "model", "hardware", "calibration", "eval", "methods", "compare"}
 DEVICES_HELP = "cpu | cuda | cuda:N | auto"
@@ -167,22 +170,35 @@ def parse_suite(raw: dict, path: str = "<suite>") -> Suite:
         if key not in known:
             raise err(key, f"unknown table{did_you_mean(key, known)}; expected one of {', '.join(sorted(known))}")
 
-    info = _dataclass(SuiteInfo, raw.get("suite", {}), "suite", err, default_name=Path(path).stem)
+    default_name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).stem).strip(".") or "suite"
+    info = _dataclass(SuiteInfo, raw.get("suite", {}), "suite", err, default_name=default_name)
+    if not SAFE_NAME.fullmatch(info.name) or set(info.name) == {"."}:
+        raise err("suite.name", f"{info.name!r} is not a safe name; expected letters, digits and - _ . only (it names a folder under reports/)")
     if "model" not in raw:
         raise err("model", "missing [model] table; expected at least source = 'zoo:deepseek_v2' or a model folder / hub id")
     model = _dataclass(ModelSpec, raw["model"], "model", err)
     _check_model(model, err)
     hardware = _dataclass(HardwareSpec, raw.get("hardware", {}), "hardware", err)
     _check_hardware(hardware, model, err)
+    if hardware.threads is not None and not 1 <= hardware.threads <= 4096:
+        raise err("hardware.threads", f"expected a positive number of threads, got {hardware.threads}")
 
     calibration = None
     if "calibration" in raw:
+        if not isinstance(raw["calibration"], dict):
+            raise err("calibration", f"expected a [calibration] table, got {type(raw['calibration']).__name__}")
         cal = dict(raw["calibration"])
+        if "seed" in cal and (not isinstance(cal["seed"], int) or isinstance(cal["seed"], bool)):
+            raise err("calibration.seed", f"expected an integer, got {cal['seed']!r}")
         calibration = _dataclass(CalibrationSpec, cal, "calibration", err)
         calibration.seed = cal.get("seed", info.seed)
         _check_positive(calibration, ("samples", "seqlen", "batch_size"), "calibration", err)
         _check_data(calibration.data, "calibration.data", err)
 
+    for table_name, kind in (("eval", dict), ("methods", list), ("compare", dict)):
+        if table_name in raw and not isinstance(raw[table_name], kind):
+            what = "a list of [[methods]] tables" if kind is list else f"a [{table_name}] table"
+            raise err(table_name, f"expected {what}, got {type(raw[table_name]).__name__}")
     evals = {}
     metrics = host().metrics
     for name, table in (raw.get("eval") or {}).items():
@@ -217,7 +233,22 @@ def parse_suite(raw: dict, path: str = "<suite>") -> Suite:
     from .compare import check_compare  # here, not at the top: it brings pandas
 
     check_compare(raw.get("compare"), path)  # [compare] tolerances for `moebench compare`
-    return Suite(path, info, model, hardware, calibration, evals, entries, raw.get("compare", {}), tables, raw, hashed)
+    suite = Suite(path, info, model, hardware, calibration, evals, entries, raw.get("compare", {}), tables, raw, hashed)
+    _check_unique_runs(suite, err)
+    return suite
+
+
+def _check_unique_runs(suite: Suite, err) -> None:
+    """Two runs with one id would measure the same thing twice (e.g. a grid axis listing a value twice)."""
+    seen: dict[str, RunSpec] = {}
+    index = {e["name"]: i for i, e in enumerate(suite.methods)}
+    for spec in suite.runs():
+        if spec.run_id in seen:
+            first = seen[spec.run_id]
+            where = f"methods[{index.get(spec.entry, 0)}]" if not spec.is_baseline else "methods"
+            what = "the baseline (an empty pipeline)" if first.is_baseline else f"run {first.name!r}"
+            raise err(where, f"run {spec.name!r} is the same run as {what} (same run id {spec.run_id}); remove the repeated value or entry")
+        seen[spec.run_id] = spec
 
 
 def _method_entry(entry: Any, i: int, err) -> dict:
@@ -233,6 +264,8 @@ def _method_entry(entry: Any, i: int, err) -> dict:
     if ("method" in entry) == ("pipeline" in entry):
         raise err(where, "expected exactly one of method = '...' or pipeline = [...]")
     if "method" in entry:
+        if not isinstance(entry.get("params") or {}, dict):
+            raise err(f"{where}.params", "expected a table of parameters, e.g. params = {keep_ratio = 0.5}")
         steps = [{"method": entry["method"], **(entry.get("params") or {})}]
         step_where = [f"{where}.params"]
     else:
@@ -254,9 +287,14 @@ def _method_entry(entry: Any, i: int, err) -> dict:
             raise err(sw, "expected a table with method = '...' and its parameters")
         step = dict(step)
         method = step.pop("method")
-        step.update(step.pop("params", None) or {})
+        extra = step.pop("params", None) or {}
+        if not isinstance(extra, dict):
+            raise err(f"{sw}.params", "expected a table of parameters")
+        step.update(extra)
+        if not isinstance(method, str):
+            raise err(f"{sw}.method" if "pipeline" in sw else f"{where}.method", f"expected a method name (a string), got {type(method).__name__}")
         if method not in methods:
-            raise err(f"{sw}.method" if "pipeline" in sw else f"{where}.method", f"unknown method {method!r}{did_you_mean(method, methods)}; known: {', '.join(sorted(methods))}")
+            raise err(f"{sw}.method" if "pipeline" in sw else f"{where}.method", f"unknown method {method!r}{did_you_mean(method, methods)}; known: {', '.join(sorted(methods))}{host().broken_hint()}")
         hints = typing.get_type_hints(methods[method].Params)
         values = {}
         for key, value in step.items():

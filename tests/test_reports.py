@@ -41,8 +41,8 @@ def run_dir(tmp_path_factory, checkpoint):
         params = { keep_ratio = [0.75, 0.5] }
         [[methods]]
         name = "too-many"
-        method = "layer_drop"
-        params = { n = 99 }
+        # a pipeline: its first step passes the up-front shape checks, the second fails at run time
+        pipeline = [{ method = "expert_drop", keep_ratio = 0.5 }, { method = "layer_drop", n = 99 }]
     """)
     run_suite(load_suite(path), RunOptions(out=tmp / "out", log=lambda m: None))
     return tmp / "out"

@@ -20,8 +20,8 @@ def test_records_and_failed_run_does_not_stop_the_suite(tmp_path, checkpoint, is
     path = suite_file(tmp_path, checkpoint("mixtral"), """
         [[methods]]
         name = "too-many"
-        method = "layer_drop"
-        params = { n = 10 }
+        # a pipeline: its first step passes the up-front shape checks, the second fails at run time
+        pipeline = [{ method = "expert_drop", keep_ratio = 0.5 }, { method = "layer_drop", n = 10 }]
         [[methods]]
         name = "drop"
         method = "expert_drop"

@@ -1,6 +1,7 @@
 """Built-in data sources: ``embedded:`` (ships with Python), ``file:`` (local text), ``hf:`` (Hugging Face datasets).
 
-Each is a class with a ``scheme`` and ``documents(arg, split)``; the harness joins a
+Each is a class with a ``scheme``, ``documents(arg, split)`` and optionally ``check(arg, split)``
+(run before a suite starts, offline); the harness joins a
 split's documents with blank lines (:func:`moebench.data.load_text`).
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from moebench import corpus
-from moebench.errors import MoebenchError
+from moebench.errors import MoebenchError, did_you_mean
 from moebench.hookspecs import hookimpl
 
 
@@ -25,6 +26,11 @@ class EmbeddedSource:
 
     def documents(self, arg: str, split: str) -> list[str]:
         return corpus.documents(arg, split)
+
+    def check(self, arg: str, split: str | None) -> None:
+        """The domain exists (every domain has every split)."""
+        if arg not in corpus.DOMAINS:
+            raise MoebenchError(f"data embedded:{arg}: no such domain{did_you_mean(arg, corpus.DOMAINS)}; expected one of {', '.join(corpus.DOMAINS)}")
 
 
 # File names tried, in order, for each split when ``file:`` points at a folder
@@ -67,6 +73,17 @@ class FileSource:
         if not path.is_file():
             raise MoebenchError(f"data file:{arg}: no such file or folder: {path}")
         return self._read(path)
+
+    def check(self, arg: str, split: str | None) -> None:
+        """The file or folder exists, and a folder has a file for ``split`` (checked before a run starts)."""
+        path = Path(arg).expanduser()
+        if path.is_dir():
+            if split is not None and not any((path / name).is_file() for name in SPLIT_FILES.get(split, ())):
+                raise MoebenchError(
+                    f"data file:{arg}: no file for split {split!r} in that folder (looked for {', '.join(SPLIT_FILES.get(split, ()))})"
+                )
+        elif not path.is_file():
+            raise MoebenchError(f"data file:{arg}: no such file or folder: {path}")
 
     @classmethod
     def _read(cls, path: Path) -> Sequence[str]:

@@ -55,6 +55,12 @@ def register_methods():
 
 
 @hookimpl
+def register_module_classes():
+    """FusedMoE may be rebuilt from a saved config (by its CLASS_PATH); its experts classes are chosen inside it."""
+    return [FusedMoE]
+
+
+@hookimpl
 def register_statistics():
     return [Coactivation, OutputSimilarity, ExpertMeanOutput]
 

@@ -3,15 +3,16 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
 from moebench.adapter import MoEBlock, MoEModel
 from torch import nn
 
+#: the name saved models give FusedMoE (its entry in moebench's module-class allow-list)
 CLASS_PATH = "moebench_plugins.fusion:FusedMoE"
 
 
@@ -296,12 +297,18 @@ class FusedMoE(nn.Module):
     ``config`` (the model config as JSON, with this layer's expert count and top-k),
     ``router`` (router attributes to restore), ``experts`` (a class of this module) and
     ``experts_init``. The block sits under ``fused``, not ``experts``/``gate``, so the
-    MoEModel view treats the layer as opaque.
+    MoEModel view treats the layer as opaque. Every argument is data read from a saved
+    config: ``block`` must be the MoE block class of the config's own transformers model
+    and ``experts`` one of :data:`EXPERTS_CLASSES`; nothing else is imported.
     """
+
+    class_path = CLASS_PATH
 
     def __init__(self, block: str, config: str, router: str, experts: str, experts_init: dict, _inner: nn.Module | None = None, _experts: nn.Module | None = None):
         super().__init__()
         inner = _inner if _inner is not None else _build_block(block, config, router)
+        if _experts is None and experts not in EXPERTS_CLASSES:
+            raise ValueError(f"experts {experts!r}: expected one of {', '.join(EXPERTS_CLASSES)}")
         inner.experts = _experts if _experts is not None else EXPERTS_CLASSES[experts](**experts_init)
         self.fused = inner
         self.kind = experts
@@ -350,15 +357,37 @@ def block_spec(model: MoEModel, block: MoEBlock) -> dict[str, str]:
     return {"block": f"{cls.__module__}:{cls.__qualname__}", "config": json.dumps(config, sort_keys=True), "router": json.dumps(router, sort_keys=True)}
 
 
+def block_class(block: str, cfg) -> type:
+    """The class ``block`` ("module:Class") names, only if it lives in the transformers module of ``cfg``'s model.
+
+    Resolving the model class of ``cfg.model_type`` imports that transformers module (as
+    building the model would); the block name is then looked up in it. A name anywhere
+    else is refused, so a saved config cannot make moebench import or call other code.
+    """
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model_cls = AutoModelForCausalLM._model_mapping[type(cfg)]
+    except KeyError:
+        raise ValueError(f"block {block!r}: no causal LM class for model type {cfg.model_type!r}") from None
+    module_name, _, cls_name = block.partition(":")
+    cls = getattr(sys.modules.get(module_name), cls_name, None) if module_name == model_cls.__module__ and cls_name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"block {block!r}: expected a module class of {model_cls.__module__} (the {cfg.model_type} model's own)")
+    return cls
+
+
 def _build_block(block: str, config: str, router: str) -> nn.Module:
     from moebench.plugins import host
     from transformers import AutoConfig
 
     fields = json.loads(config)
+    if not isinstance(fields, dict) or not isinstance(fields.get("model_type"), str):
+        raise ValueError("config: expected a JSON object with a model_type")
     cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    module_name, _, cls_name = block.partition(":")
-    module = getattr(importlib.import_module(module_name), cls_name)(cfg)
-    gate = host().adapter_for(cfg).router(module)
+    adapter = host().adapter_for(cfg)  # an architecture moebench supports, or a one-line refusal
+    module = block_class(block, cfg)(cfg)
+    gate = adapter.router(module)
     for key, value in json.loads(router).items():
         setattr(gate, key, value)
     if hasattr(module, "top_k") and "top_k" in json.loads(router):

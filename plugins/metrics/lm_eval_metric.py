@@ -188,6 +188,11 @@ class LmEval(Metric):
     name = "lm_eval"
     Params = LmEvalParams
 
+    @classmethod
+    def preflight(cls, params: LmEvalParams, suite) -> None:
+        """Task names checked offline against moebench's tasks, include_paths and lm-eval's own task index."""
+        find_tasks(list(params.tasks), resolve_paths(params.include_paths, getattr(suite, "path", None)))
+
     def measure(self, model: MoEModel, params: LmEvalParams, ctx: Context) -> dict:
         include = resolve_paths(params.include_paths, ctx.suite.path if ctx.suite is not None else None)
         results = evaluate(

@@ -743,6 +743,12 @@ class Tally:
 
 
 @hookimpl
+def register_module_classes():
+    """The stored-weight modules quantized models save (rebuilt from their init on reload)."""
+    return [PackedInt4Experts, Bnb4bitExperts, PackedInt4Linear, Bnb4bitLinear]
+
+
+@hookimpl
 def register_methods():
     from .moequant import MoEQuant
 

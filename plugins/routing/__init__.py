@@ -121,3 +121,9 @@ class ExpertSkip(Method):
 @hookimpl
 def register_methods():
     return [DynamicTopK, ExpertSkip]
+
+
+@hookimpl
+def register_module_classes():
+    """The routing rules saved models carry (rebuilt from their init on reload)."""
+    return [TopP, SkipBelow]

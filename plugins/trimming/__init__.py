@@ -22,7 +22,7 @@ from moebench.adapter import MoEBlock, MoEModel, experts_subset
 from moebench.budgets import check_keep, global_budgets, kept_count
 from moebench.hookspecs import hookimpl
 from moebench.method import Context, Method
-from moebench.params import param
+from moebench.params import ParamError, param
 
 
 # -- expert drop --------------------------------------------------------------------------
@@ -79,6 +79,17 @@ class ExpertDrop(Method):
     Params = ExpertDropParams
     stats = ("routing_counts",)
 
+    @classmethod
+    def check_model(cls, params: ExpertDropParams, shape) -> None:
+        """Refuse a drop that keeps every expert of every layer (it would be recorded as a compression that did nothing)."""
+        if not shape.experts:
+            raise ParamError("keep", "the model has no MoE layers with routed experts to drop")
+        if params.top_k is not None and any(params.top_k < k for k in shape.top_k.values()):
+            return  # lowering top-k alone is a change
+        if all(kept_count(n, params.keep, params.keep_ratio) >= n for n in shape.experts.values()):
+            field, value = ("keep", params.keep) if params.keep is not None else ("keep_ratio", params.keep_ratio)
+            raise ParamError(field, f"{field}={value} keeps every expert (the model's MoE layers have {shape.min_experts}); expected fewer than {shape.min_experts}, or this run would do nothing")
+
     def needs(self, params: ExpertDropParams) -> tuple[str, ...]:
         return {"frequency": ("routing_counts",), "score": ("router_mass",), "reconstruction": ("moe_io",), "random": ()}[
             params.criterion
@@ -94,6 +105,8 @@ class ExpertDrop(Method):
     def apply(self, model: MoEModel, params: ExpertDropParams, ctx: Context) -> dict:
         blocks = list(model.blocks())
         budgets = {b.layer: kept_count(b.num_experts, params.keep, params.keep_ratio) for b in blocks}
+        if all(budgets[b.layer] >= b.num_experts for b in blocks) and (params.top_k is None or all(params.top_k >= b.top_k for b in blocks)):
+            raise ValueError(f"expert_drop would keep every expert (layers have {sorted({b.num_experts for b in blocks})}); nothing to compress")
         if params.criterion == "reconstruction":
             io = ctx.stats(model, "moe_io")["moe_io"]
             if params.scope == "global":
@@ -192,6 +205,11 @@ class LayerDrop(Method):
     def needs(self, params):
         return self.stats if params.criterion == "similarity" else ()
 
+    @classmethod
+    def check_model(cls, params: LayerDropParams, shape) -> None:
+        if params.n >= len(shape.moe_layers):
+            raise ParamError("n", f"n={params.n} would remove all {len(shape.moe_layers)} MoE blocks; expected n < {len(shape.moe_layers)}")
+
     def apply(self, model: MoEModel, params: LayerDropParams, ctx: Context) -> dict:
         layers = model.moe_layers
         if params.n >= len(layers):
@@ -240,6 +258,11 @@ class BlockDrop(Method):
     name = "block_drop"
     Params = BlockDropParams
     stats = ("layer_similarity",)
+
+    @classmethod
+    def check_model(cls, params: BlockDropParams, shape) -> None:
+        if params.n >= shape.layers:
+            raise ParamError("n", f"n={params.n} would remove all {shape.layers} decoder blocks; expected n < {shape.layers}")
 
     def apply(self, model: MoEModel, params: BlockDropParams, ctx: Context) -> dict:
         total = len(model.layers)
