@@ -79,10 +79,20 @@ def group(
 ) -> list[Group]:
     """Split ``records`` by ``key`` and then by evaluation spec; label groups that share a key by what differs."""
     groups: dict[tuple, Group] = {}
+    silent = []  # records that state no evaluation settings (a failed run): they join their key's first group
     for r in records:
+        if not evals_of(r):
+            silent.append(r)
+            continue
         s = spec(r, tables(r))
         k = (key(r), json.dumps(s, sort_keys=True, default=str))
         groups.setdefault(k, Group(key(r), s)).records.append(r)
+    for r in silent:
+        home = next((g for g in groups.values() if g.key == key(r)), None)
+        if home is None:
+            s = spec(r, tables(r))
+            home = groups.setdefault((key(r), json.dumps(s, sort_keys=True, default=str)), Group(key(r), s))
+        home.records.append(r)
     by_key: dict[Hashable, list[Group]] = {}
     for g in groups.values():
         by_key.setdefault(g.key, []).append(g)
