@@ -1,7 +1,7 @@
 """Executors: where a suite's runs execute. The runner plans, records and resumes; an executor
 only turns jobs into records.
 
-:class:`SerialExecutor` runs them in this process, one after another (the default).
+``moebench.runner.SerialExecutor`` runs them in this process, one after another (the default).
 ``moebench.ray_executor.RayExecutor`` submits each as a Ray task. Either way the driver
 alone appends to ``results.jsonl``, one record at a time as runs finish. An executor is a
 context manager: ``with make_executor("ray") as ex: run_suite(suite, RunOptions(..., executor=ex))``.
@@ -32,31 +32,12 @@ class Executor(Protocol):
         """Each job's ``(spec, record)``, in the order they finish; closing the iterator cancels the rest."""
 
 
-class SerialExecutor:
-    """Runs here, in this process, one after another."""
+def __getattr__(name: str):
+    if name == "SerialExecutor":  # it lives with the per-run code it calls (moebench.runner)
+        from .runner import SerialExecutor
 
-    def __enter__(self) -> "SerialExecutor":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-    def precalibrate(self, suite, todo, calibration, log) -> None:
-        from .runner import precalibrate
-
-        precalibrate(suite, todo, calibration, log)
-
-    def measure(self, suite, spec, names, calibration) -> dict[str, Any]:
-        from .runner import measure_only
-
-        return measure_only(suite, spec, names, calibration)
-
-    def run(self, jobs, started, log):
-        from .runner import run_job
-
-        for job in jobs:
-            started(job.spec)
-            yield job.spec, run_job(job, log)
+        return SerialExecutor
+    raise AttributeError(name)
 
 
 def make_executor(name: str, address: str | None = None, retries: int = 1):
@@ -64,6 +45,8 @@ def make_executor(name: str, address: str | None = None, retries: int = 1):
     if name == "serial":
         if address is not None:
             raise MoebenchError("--address: only meaningful with --executor ray")
+        from .runner import SerialExecutor
+
         return SerialExecutor()
     if name == "ray":
         from .ray_executor import RayExecutor

@@ -15,7 +15,7 @@ import pandas as pd
 
 from . import columns as _columns
 from .columns import flatten  # noqa: F401  (re-exported: moebench.report.flatten)
-from .record import Record, records_of
+from .record import Record
 
 #: identity columns of every row (the rest are metric columns described by moebench.columns)
 ID_COLUMNS = ("suite", "name", "run_id", "status")

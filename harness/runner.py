@@ -28,7 +28,6 @@ import torch
 from . import __version__, model_card, placement
 from .adapter import MoEModel
 from .calibration import Calibration
-from .executor import SerialExecutor
 from .memory import PeakMemory
 from .method import Context
 from .models import LOADER, load
@@ -47,7 +46,7 @@ class RunOptions:
     log: Callable[[str], None] = print
     #: write each compressed model here (one folder per run: ``<name>-<run id>`` with a README model card) when set
     save_models: Path | None = None
-    #: where the runs execute (:mod:`moebench.executor`); None runs them here, one after another
+    #: where the runs execute (:mod:`moebench.executor`); None runs them here, one after another (:class:`SerialExecutor`)
     executor: Any = None
 
 
@@ -406,3 +405,24 @@ def _git_commit() -> str | None:
     if out.returncode != 0:
         return None
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+class SerialExecutor:
+    """Runs here, in this process, one after another."""
+
+    def __enter__(self) -> "SerialExecutor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def precalibrate(self, suite, todo, calibration, log) -> None:
+        precalibrate(suite, todo, calibration, log)
+
+    def measure(self, suite, spec, names, calibration) -> dict[str, Any]:
+        return measure_only(suite, spec, names, calibration)
+
+    def run(self, jobs, started, log):
+        for job in jobs:
+            started(job.spec)
+            yield job.spec, run_job(job, log)
