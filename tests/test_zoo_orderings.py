@@ -48,7 +48,9 @@ def test_checks_fail_when_an_ordering_is_reversed():
     "under 1% apart and 4-bit GPTQ/AWQ vs RTN is within its first-order noise; docs/benchmarks.md); strict, so "
     "a zoo that meets them fails here until this marker is removed",
 )
-def test_default_zoo_model_orders_the_methods_for_three_seeds_and_both_domains(trained_zoo):
+def test_default_zoo_model_orders_the_methods(trained_zoo):
+    """One seed and domain in CI (the bench script, `python bench/zoo_orderings.py`, runs all three seeds
+    and both domains): while the marker stands, one seed already shows the targets are not met."""
     bench = _bench()
-    outcome = bench.measure(str(trained_zoo), seeds=(0, 1, 2), domains=("prose", "code"), log=lambda line: None)
+    outcome = bench.measure(str(trained_zoo), seeds=(0,), domains=("prose",), log=lambda line: None)
     assert not outcome.failed, "\n".join(f"{d} seed {s}: {c.target}: {c.figures}" for d, s, c in outcome.failed)
