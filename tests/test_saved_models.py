@@ -56,7 +56,10 @@ def _compressed(method: str, params: dict, arch: str = "deepseek_v2"):
 
     torch.manual_seed(0)
     model = _model(arch, False, 0)
-    suite = SimpleNamespace(tasks={"prose": {"data": "embedded:prose"}, "code": {"data": "embedded:code"}})
+    from moebench_plugins.premoe.index import parse_tasks
+
+    tasks = parse_tasks({"prose": {"data": "embedded:prose"}, "code": {"data": "embedded:code"}})
+    suite = SimpleNamespace(tables={"tasks": tasks})  # the parsed tables a Suite carries (PreMoe owns [tasks])
     ctx = Context(seed=0, calibration=Calibration(CalibrationSpec(seed=0, **CALIBRATION), cache=False), device="cpu",
                   suite=suite, log=lambda *_: None)
     cls = host().method(method)
