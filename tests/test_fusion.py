@@ -304,7 +304,7 @@ name = "fusion-e2e-{name}"
 [model]
 source = "zoo:{name}"
 [hardware]
-threads = 1
+threads = 2                       # the zoo builds on its own thread count: share the default (2-thread) builds
 [calibration]
 data = "embedded:prose"
 samples = 8
