@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 
-def _status_kib(field: str) -> int | None:
+def status_kib(field: str) -> int | None:
+    """A ``/proc/self/status`` field in KiB (``VmHWM``, ``VmRSS``); None where there is no such file."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
@@ -51,6 +52,6 @@ class PeakMemory:
             torch.cuda.synchronize()
             self.bytes = int(torch.cuda.max_memory_allocated())
         elif self.kind == "process_peak_rss":
-            kib = _status_kib("VmHWM")
+            kib = status_kib("VmHWM")
             self.bytes = None if kib is None else kib * 1024
         return False

@@ -39,6 +39,7 @@ import torch
 from moebench.adapter import MoEModel
 from moebench.columns import Column
 from moebench.data import SPLITS, encode, load_text
+from moebench.memory import status_kib
 from moebench.errors import MoebenchError
 from moebench.hookspecs import hookimpl
 from moebench.method import Context, Metric
@@ -292,17 +293,6 @@ def greedy_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, 
 # ----------------------------------------------------------------------------- memory
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where that is not possible."""
     try:
@@ -310,18 +300,18 @@ def reset_peak_rss() -> bool:
             fh.write("5")
     except OSError:
         return False
-    hwm, rss = _status_kib("VmHWM"), _status_kib("VmRSS")
+    hwm, rss = status_kib("VmHWM"), status_kib("VmRSS")
     return hwm is not None and rss is not None and hwm <= rss + 1024  # reset took effect
 
 
 def rss_bytes() -> int | None:
-    kib = _status_kib("VmRSS")
+    kib = status_kib("VmRSS")
     return None if kib is None else kib * 1024
 
 
 def peak_rss_bytes() -> int:
     """The process's peak RSS: VmHWM where available, else ``ru_maxrss`` (KiB on Linux, bytes on macOS)."""
-    kib = _status_kib("VmHWM")
+    kib = status_kib("VmHWM")
     return kib * 1024 if kib is not None else sequential.peak_rss_bytes()  # ru_maxrss
 
 
