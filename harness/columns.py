@@ -9,7 +9,7 @@ detail left out of the tables, and its default tolerance in ``moebench compare``
 Plugins add derived columns (built from others, like PreMoe's ``active/kept``) with the
 ``register_report_columns`` hook. The harness names no built-in metric here: every
 description comes from the plugins that write the figures, except the runner's own
-``compress_seconds``.
+``compress_seconds`` and ``compress_peak_bytes``.
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ class Column:
 RUNNER_COLUMNS = (
     Column("compress_seconds", label="compress s", order=900),
     Column("compress_seconds_by_step.*", detail=True),
+    Column("compress_peak_bytes", label="compress peak", detail=True),
+    Column("compress_peak_kind", skip=True),
 )
 #: a column nobody describes: lower is better, no delta, after the described ones
 UNKNOWN = Column("*")

@@ -21,6 +21,7 @@ import pytest
 ray = pytest.importorskip("ray", reason="the Ray executor needs the ray extra: pip install -e '.[test,ray]'")
 
 from moebench.ray_executor import RayExecutor  # noqa: E402
+from moebench.record import model_metrics  # noqa: E402
 from moebench.runner import RunOptions, run_suite  # noqa: E402
 from moebench.store import read_records  # noqa: E402
 from moebench.suite import load_suite  # noqa: E402
@@ -85,8 +86,7 @@ class Killer(threading.Thread):
 
 def comparable(record: dict) -> dict:
     """What must not depend on the executor: identity, status, changes and metrics less timings and process memory."""
-    metrics = {k: v for k, v in record["metrics"].items() if "seconds" not in k and k not in ("memory", "peak_memory_bytes", "speed")}
-    return {k: record[k] for k in ("run_id", "name", "status", "pipeline", "changes", "notes")} | {"metrics": metrics}
+    return {k: record[k] for k in ("run_id", "name", "status", "pipeline", "changes", "notes")} | {"metrics": model_metrics(record["metrics"])}
 
 
 def _ray_run(cluster, out: Path, retries: int, kill: str | None = None, **options) -> tuple[list[dict], Killer | None]:

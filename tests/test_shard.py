@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from moebench.errors import MoebenchError
+from moebench.record import model_metrics
 from moebench.runner import RunOptions, run_suite
 from moebench.shard import Shard, merge, parse_shard
 from moebench.store import read_records
@@ -16,7 +17,6 @@ from conftest import suite_file
 
 #: per-run fields that measure time or bookkeeping of one process, not the run's result
 TIMING = {"started", "finished", "env", "calibration"}
-TIMING_METRICS = {"compress_seconds", "speed", "peak_memory_bytes"}
 
 
 def grid_suite(n_points: int):
@@ -62,9 +62,9 @@ def test_merge_prefers_ok_and_drops_duplicates():
 
 
 def comparable(record: dict) -> dict:
-    """A record without its timings (what sharding may change)."""
+    """A record without its timings and process memory (what sharding may change)."""
     out = {k: v for k, v in record.items() if k not in TIMING}
-    out["metrics"] = {k: v for k, v in record["metrics"].items() if k not in TIMING_METRICS}
+    out["metrics"] = model_metrics(record["metrics"])
     out["calibration_key"] = {k: record.get("calibration", {}).get(k) for k in ("data", "samples", "seqlen", "seed")}
     return out
 
