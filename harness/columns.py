@@ -106,6 +106,11 @@ def better(name: str) -> str:
     return column(name).better or "lower"
 
 
+def stderr_names(name: str) -> tuple[str, str]:
+    """Where a column's standard error is stored, if anywhere: ``<name>_stderr`` (lm-eval's) or ``<name>.stderr``."""
+    return (f"{name}_stderr", f"{name}.stderr")
+
+
 def label(name: str) -> str:
     lab = column(name).label
     if callable(lab):

@@ -137,9 +137,19 @@ def label(column: str) -> str:
     return _columns.label(column)
 
 
+def stderr_column(columns: Iterable[str], column: str) -> str | None:
+    """The column holding ``column``'s standard error (``<col>_stderr`` or ``<col>.stderr``), if the results have one."""
+    present = set(columns)
+    return next((s for s in _columns.stderr_names(column) if s in present), None)
+
+
 def cell(row: pd.Series, column: str) -> str:
-    """A formatted value, with its change against the baseline for the headline columns."""
+    """A formatted value, ``±`` its standard error where one is recorded, and its change
+    against the baseline for the headline columns."""
     text = fmt(row.get(column), column)
+    err = stderr_column(row.index, column)
+    if err and _num(row.get(err)) and _num(row.get(column)):
+        text += f" ±{row[err]:.2g}"
     delta = row.get(f"Δ{column}")
     if _columns.column(column).delta and row.get("name") != "baseline" and _num(delta):
         text += f" ({delta:+.1%})"
@@ -233,6 +243,7 @@ class Plot:
     title: str
     png: bytes | None  # None when the results hold nothing to draw
     caption: str = ""
+    wide: bool = False  # takes the page's whole width (a figure of several panels)
 
     def data_uri(self) -> str:
         return "data:image/png;base64," + base64.b64encode(self.png or b"").decode()
@@ -272,34 +283,158 @@ def _labels(df: pd.DataFrame) -> list[str]:
     return list(df["name"])
 
 
+#: run styles: ten colours, then the same colours with other markers (a run keeps one style across a figure)
+COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+
+
+def style(i: int, name: str = "") -> dict[str, Any]:
+    """The colour and marker of the ``i``-th run in a figure (the baseline: a black star)."""
+    if name == "baseline":
+        return {"color": "#333333", "marker": "*", "ms": 10}
+    return {"color": COLOURS[i % len(COLOURS)], "marker": MARKERS[(i // len(COLOURS)) % len(MARKERS)], "ms": 6}
+
+
+def wrap(name: str, width: int = 30) -> str:
+    """A run name broken into lines of about ``width`` characters, after commas and brackets where it can."""
+    if len(name) <= width:
+        return name
+    lines, line = [], ""
+    for piece in __import__("re").split(r"(?<=[,\[\]( ])", name):
+        while len(piece) > width:  # one long word: cut it
+            if line:
+                lines.append(line)
+                line = ""
+            lines.append(piece[:width])
+            piece = piece[width:]
+        if len(line) + len(piece) > width and line:
+            lines.append(line)
+            line = ""
+        line += piece
+    return "\n".join([*lines, line] if line else lines)
+
+
+def stderr_values(df: pd.DataFrame, column: str) -> list[float] | None:
+    """``column``'s standard errors per row (0 where missing), or None when the results record none."""
+    err = stderr_column(df.columns, column)
+    if err is None or not df[err].notna().any():
+        return None
+    return [float(v) if _num(v) else 0.0 for v in df[err]]
+
+
+def legend(ax_or_fig, entries: int, outside: bool | None = None) -> None:
+    """A legend inside the axes for a few entries, else to the right of the plot (it would hide the data).
+
+    Points are named in the legend, never beside themselves, so labels cannot overlap.
+    """
+    outside = entries > 5 if outside is None else outside
+    if hasattr(ax_or_fig, "add_subplot"):  # a figure: its legend always sits to the right
+        ax_or_fig.legend(fontsize=7, loc="outside right upper")
+        return
+    if not outside:
+        ax_or_fig.legend(fontsize=7, loc="best")
+        return
+    fig = ax_or_fig.figure
+    fig.set_figwidth(fig.get_figwidth() + 2.6)
+    ax_or_fig.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
+def front_plot(df: pd.DataFrame, y: str, x: str, title: str, ylabel: str, xlabel: str, lower: bool = True) -> Plot:
+    """``y`` against a size ``x`` (a ``*bytes`` column in MiB), one marker per run named in the
+    legend, error bars where ``y`` has a standard error, and the Pareto front of the two."""
+    df = _ok(df)
+    if y not in df or x not in df:
+        return Plot(title, None, f"no {label(y)} or {label(x)} in these results")
+    df = df[df[y].notna() & df[x].notna()]
+    if df.empty:
+        return Plot(title, None, f"no run has both {label(y)} and {label(x)}")
+    scale = 2**20 if x.endswith("bytes") else 1
+    xs = (df[x] / scale).tolist()
+    ys = df[y].tolist()
+    err = stderr_values(df, y)
+    names = _labels(df)
+    front = pareto_front([(a, b if lower else -b) for a, b in zip(xs, ys)])
+    fig, ax = _figure()
+    ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", color="#dd8452", lw=1.2, alpha=0.6, zorder=2)
+    ax.scatter([xs[i] for i in front], [ys[i] for i in front], s=150, facecolors="none", edgecolors="#dd8452", lw=1.6, label="Pareto front", zorder=5)
+    for i, (xi, yi, name) in enumerate(zip(xs, ys, names)):
+        ax.errorbar([xi], [yi], yerr=[err[i]] if err else None, ls="none", capsize=3, label=wrap(name), zorder=4,
+                    **style(i, df["name"].iloc[i]))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel + (" ± standard error" if err else ""))
+    ax.grid(alpha=0.3)
+    legend(ax, len(names) + 1)
+    on_front = ", ".join(names[i] for i in front)
+    return Plot(title, _png(fig), f"Pareto front (no run is both smaller and better): {on_front}")
+
+
+def points_plot(df: pd.DataFrame, ys: list[str], x: str, title: str, ylabel: str, xlabel: str, caption: str) -> Plot:
+    """One panel per ``ys`` column against ``x``, a marker per run (same style in every panel, named
+    in one legend), error bars where a column has a standard error."""
+    df = _ok(df)
+    ys = [c for c in ys if c in df and df[c].notna().any()]
+    if not ys or x not in df:
+        return Plot(title, None, "")
+    from matplotlib.figure import Figure
+
+    cols = min(len(ys), 3)
+    rows = math.ceil(len(ys) / cols)
+    fig = Figure(figsize=(3.3 * cols + 2.4, 3.2 * rows + 0.6), dpi=100, layout="constrained")
+    axes = fig.subplots(rows, cols, sharey=True, squeeze=False).ravel()
+    names = _labels(df)
+    for ax, col in zip(axes, ys):
+        err = stderr_values(df, col)
+        for i, name in enumerate(names):
+            xi, yi = df[x].iloc[i], df[col].iloc[i]
+            if _num(xi) and _num(yi):
+                ax.errorbar([xi / 1e6], [yi], yerr=[err[i]] if err else None, ls="none", capsize=3, label=wrap(name),
+                            **style(i, df["name"].iloc[i]))
+        ax.set_title(label(col) + (" ± stderr" if err else ""), fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(ys):]:
+        ax.set_visible(False)
+    for ax in axes[::cols]:
+        ax.set_ylabel(ylabel, fontsize=8)
+    handles, labels_ = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels_, fontsize=7, loc="outside right upper")
+    return Plot(title, _png(fig), caption, wide=len(ys) > 1)
+
+
+def bars_plot(df: pd.DataFrame, cols: list[str], title: str, xlabel: str, caption: str, reference: float | None = None) -> Plot:
+    """Horizontal bars, one group per run and a bar per column, error bars where a column has a standard error."""
+    df = _ok(df)
+    cols = [c for c in cols if c in df and df[c].notna().any()]
+    if not cols:
+        return Plot(title, None, "")
+    df = df[df[cols].notna().any(axis=1)]
+    names = [wrap(n, 34) for n in _labels(df)]
+    lines = sum(n.count("\n") + 1 for n in names)
+    fig, ax = _figure(width=7.0, height=max(2.5, 0.3 * lines + 0.15 * len(names) * len(cols) + 1.2))
+    height = 0.8 / len(cols)
+    for j, col in enumerate(cols):
+        pos = [i + (j - (len(cols) - 1) / 2) * height for i in range(len(names))]
+        err = stderr_values(df, col)
+        ax.barh(pos, df[col].fillna(0), height=height, xerr=err, capsize=2 if err else 0, label=label(col), color=COLOURS[j % len(COLOURS)])
+    if reference is not None:
+        ax.axvline(reference, color="#333333", lw=1, ls="--")
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return Plot(title, _png(fig), caption)
+
+
 def plot_perplexity_vs_bytes(df: pd.DataFrame) -> Plot:
     title = "Perplexity vs weight bytes"
-    df = _ok(df)
     if "perplexity" not in df or "weight_bytes" not in df:
         return Plot(title, None, "no perplexity or weight bytes in these results")
-    df = df[df["perplexity"].notna() & df["weight_bytes"].notna()]
-    if df.empty:
+    plot = front_plot(df, "perplexity", "weight_bytes", title, "perplexity (lower is better)", "weight bytes (MiB)")
+    if plot.png is None:
         return Plot(title, None, "no run has both perplexity and weight bytes")
-    x = (df["weight_bytes"] / 2**20).tolist()
-    y = df["perplexity"].tolist()
-    names = _labels(df)
-    front = pareto_front(list(zip(x, y)))
-    fig, ax = _figure()
-    base = [i for i, n in enumerate(df["name"]) if n == "baseline"]
-    others = [i for i in range(len(x)) if i not in base]
-    ax.scatter([x[i] for i in others], [y[i] for i in others], s=36, color="#4c72b0", label="runs", zorder=3)
-    if base:
-        ax.scatter([x[i] for i in base], [y[i] for i in base], s=80, marker="*", color="#333333", label="baseline", zorder=4)
-    ax.step([x[i] for i in front], [y[i] for i in front], where="post", color="#dd8452", lw=1.5, zorder=2)
-    ax.scatter([x[i] for i in front], [y[i] for i in front], s=140, facecolors="none", edgecolors="#dd8452", lw=1.8, label="Pareto front", zorder=5)
-    for xi, yi, name in zip(x, y, names):
-        ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("weight bytes (MiB)")
-    ax.set_ylabel("perplexity (lower is better)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    on_front = ", ".join(names[i] for i in front)
-    return Plot(title, _png(fig), f"Pareto front (no run is both smaller and lower in perplexity): {on_front}")
+    return plot
 
 
 def accuracy_columns(df: pd.DataFrame) -> list[str]:
@@ -312,44 +447,22 @@ def accuracy_columns(df: pd.DataFrame) -> list[str]:
 
 def plot_accuracy_vs_params(df: pd.DataFrame) -> Plot:
     title = "Accuracy vs parameters"
-    df = _ok(df)
-    cols = accuracy_columns(df)
+    cols = accuracy_columns(_ok(df))
     xcol = "params.total" if "params.total" in df else "params.active"  # expert drop changes total, not active
     if not cols or xcol not in df:
         return Plot(title, None, "no lm-eval accuracy in these results (add an [eval.lm_eval] table to the suite)")
-    fig, ax = _figure()
-    for col in cols:
-        part = df[df[col].notna() & df[xcol].notna()]
-        ax.plot(part[xcol] / 1e6, part[col], "o", label=col[len("lm_eval.") :], ms=6)
-        for xi, yi, name in zip(part[xcol] / 1e6, part[col], _labels(part)):
-            ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel(f"{'active' if xcol == 'params.active' else 'total'} parameters (M)")
-    ax.set_ylabel("accuracy (higher is better)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    return Plot(title, _png(fig), f"lm-eval accuracy per task against {xcol}")
+    xlabel = f"{'active' if xcol == 'params.active' else 'total'} parameters (M)"
+    return points_plot(df, cols, xcol, title, "accuracy (higher is better)", xlabel,
+                       f"lm-eval accuracy per task against {xcol}; bars are ± one standard error where lm-eval computed it")
 
 
 def plot_speedup(df: pd.DataFrame) -> Plot:
     title = "Speedup per method"
-    df = _ok(df)
-    cols = [c for c in ("speed.speedup_prefill", "speed.speedup_decode") if c in df and df[c].notna().any()]
+    cols = [c for c in ("speed.speedup_prefill", "speed.speedup_decode") if c in df and _ok(df)[c].notna().any()]
     if not cols:
         return Plot(title, None, "no speed measurements in these results (add an [eval.speed] table to the suite)")
-    df = df[df[cols].notna().any(axis=1)]
-    names = _labels(df)
-    fig, ax = _figure(height=max(2.5, 0.45 * len(names) + 1.2))
-    height = 0.8 / len(cols)
-    for j, col in enumerate(cols):
-        pos = [i + (j - (len(cols) - 1) / 2) * height for i in range(len(names))]
-        ax.barh(pos, df[col].fillna(0), height=height, label=col.split("_", 1)[1])
-    ax.axvline(1.0, color="#333333", lw=1, ls="--")
-    ax.set_yticks(range(len(names)), names, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("speedup against the baseline (×, higher is better)")
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    return Plot(title, _png(fig), "tokens/s of each run divided by the baseline's, measured in the same process")
+    return bars_plot(df, cols, title, "× the baseline's tokens/s (higher is better)",
+                     "tokens/s of each run divided by the baseline's, measured in the same process", reference=1.0)
 
 
 # -- sweeps (fusion): drawn only when the records hold them ------------------------------
@@ -486,11 +599,12 @@ body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2r
 h1{font-size:1.6rem}h2{margin-top:2.2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
 table{border-collapse:collapse;margin:.8rem 0;font-variant-numeric:tabular-nums}
 th,td{border:1px solid #ddd;padding:.25rem .55rem;text-align:right;white-space:nowrap}
-th{background:#f4f4f4}td.l,th.l{text-align:left}
+th{background:#f4f4f4}td.l,th.l{text-align:left}td.l{white-space:normal}td.name{overflow-wrap:anywhere;max-width:15rem}
+details.more{margin:.2rem 0 .8rem}details.more summary{cursor:pointer;color:#444}
 td.better{color:#1a7f37}td.worse{color:#cf222e}tr.baseline td{font-weight:600;background:#fafafa}
 tr.failed td{color:#888}
 .plots{display:flex;flex-wrap:wrap;gap:1rem}figure{margin:0;flex:1 1 480px;max-width:600px}.scroll{overflow-x:auto}
-figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85rem;color:#555}
+figure.wide{flex-basis:100%;max-width:100%}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85rem;color:#555}
 .missing{color:#777;font-style:italic}.small{font-size:.85rem;color:#555}
 """
 
@@ -537,8 +651,9 @@ def html_table(
 def html_figure(plot: Plot) -> str:
     if plot.png is None:
         return f'<figure><figcaption><b>{esc(plot.title)}</b></figcaption><p class="missing">{esc(plot.caption)}</p></figure>'
+    wide = ' class="wide"' if plot.wide else ""
     return (
-        f'<figure><img alt="{esc(plot.title)}" src="{plot.data_uri()}">'
+        f'<figure{wide}><img alt="{esc(plot.title)}" src="{plot.data_uri()}">'
         f"<figcaption><b>{esc(plot.title)}</b>. {esc(plot.caption)}</figcaption></figure>"
     )
 
@@ -551,27 +666,87 @@ def html_page(title: str, body: str) -> str:
     )
 
 
+#: the width an HTML table may take (the page's 1200 px less its padding), in CSS pixels
+TABLE_WIDTH = 1180
+#: a generous glyph width of the table font (14 px system-ui, bold headers) and a cell's padding and border
+CHAR_PX, CELL_PX = 8.0, 20.0
+#: run names wrap inside this width (``td.name`` in the CSS)
+NAME_PX = 240
+
+
+def text_width(texts: Iterable[str]) -> float:
+    """An upper estimate of the pixels a column of texts takes (the widest text, padding included)."""
+    return max((len(t) for t in texts), default=0) * CHAR_PX + CELL_PX
+
+
+def column_groups(lead: list[float], widths: list[float], budget: float | None = None) -> list[list[int]]:
+    """Split metric columns (their ``widths``) into tables that fit ``budget`` beside the ``lead`` columns.
+
+    Columns keep their order, so the first table holds the leading (most important)
+    columns; every table holds at least one column, even one wider than the budget.
+    """
+    budget = TABLE_WIDTH if budget is None else budget
+    groups: list[list[int]] = []
+    used = math.inf
+    for i, w in enumerate(widths):
+        if used + w > budget:
+            groups.append([])
+            used = sum(lead)
+        groups[-1].append(i)
+        used += w
+    return groups
+
+
+def html_suite_table(table: SuiteTable, columns: list[str] | None = None) -> str:
+    """A suite's runs as HTML tables no wider than the page: the leading columns first, the rest
+    in tables folded into a ``<details>`` below (each repeating the run names)."""
+    cols = display_columns(table, columns)
+    ids = [c for c in cols if c in ("name", "origin", "status")]
+    metrics = [c for c in cols if c not in ids]
+    df = table.df
+    text = {c: [cell(row, c) for _, row in df.iterrows()] for c in cols}
+    classes = {c: [verdict(row, c) for _, row in df.iterrows()] for c in metrics}
+    row_classes = ["baseline" if row["name"] == "baseline" else ("failed" if row["status"] != "ok" else "") for _, row in df.iterrows()]
+
+    def width(c: str) -> float:
+        w = text_width([label(c), *text[c]])
+        return min(w, NAME_PX + CELL_PX) if c == "name" else w
+
+    def one(lead: list[str], part: list[str]) -> str:
+        shown = lead + part
+        rows = [[text[c][r] for c in shown] for r in range(len(df))]
+        cls = [["name" if c == "name" else "" for c in lead] + [classes[c][r] for c in part] for r in range(len(df))]
+        return html_table([label(c) for c in shown], rows, cls, row_classes, left=len(lead))
+
+    groups = column_groups([width(c) for c in ids], [width(c) for c in metrics]) or [[]]
+    first = one(ids, [metrics[i] for i in groups[0]])
+    if len(groups) == 1:
+        return first
+    lead = [c for c in ids if c != "status"]
+    rest = [[metrics[i] for i in g] for g in groups[1:]]
+    names = ", ".join(label(c) for part in rest for c in part)
+    folded = "".join(one(lead, part) for part in rest)
+    return (
+        first + f'<details class="more"><summary>{sum(map(len, rest))} more columns: {esc(names)}</summary>'
+        f"{folded}</details>"
+    )
+
+
 def html(records: list[dict[str, Any]], title: str = "moebench report", columns: list[str] | None = None) -> str:
     """The whole report as one HTML page: per suite a table and its plots, then provenance."""
     body = [f"<h1>{esc(title)}</h1>"]
     for table in suite_tables(records):
-        cols = display_columns(table, columns)
-        rows, classes, row_classes = [], [], []
-        for _, row in table.df.iterrows():
-            rows.append([cell(row, c) for c in cols])
-            classes.append([verdict(row, c) if c in table.metrics else "" for c in cols])
-            row_classes.append("baseline" if row["name"] == "baseline" else ("failed" if row["status"] != "ok" else ""))
-        left = 3 if "origin" in cols else 2
         body.append(f"<h2>suite {esc(table.suite)}</h2>")
-        body.append('<p class="small">Changes are against the suite\'s baseline; green is better, red is worse.</p>')
-        body.append('<div class="scroll">' + html_table([label(c) for c in cols], rows, classes, row_classes, left=left) + "</div>")
+        body.append('<p class="small">Changes are against the suite\'s baseline; green is better, red is worse; '
+                    "± is the standard error where the metric records one.</p>")
+        body.append('<div class="scroll">' + html_suite_table(table, columns) + "</div>")
         failed = _failed(table)
         if failed:
             body.append("<p>Failed runs:</p><ul>" + "".join(f"<li><code>{esc(r.name)}</code>: {esc(r.error)}</li>" for r in failed) + "</ul>")
         body.append('<div class="plots">' + "".join(html_figure(p) for p in plots(table)) + "</div>")
     prov = provenance(records)
     body.append("<h2>provenance</h2>")
-    body.append(html_table(["commit", "device", "versions", "host"], [list(p.values()) for p in prov], left=4))
+    body.append('<div class="scroll">' + html_table(["commit", "device", "versions", "host"], [list(p.values()) for p in prov], left=4) + "</div>")
     return html_page(title, "\n".join(body))
 
 

@@ -144,29 +144,91 @@ def fixture_records() -> list[dict]:
     ]
 
 
-def chromium_dom(page: Path, tmp_path: Path) -> str:
-    """The page's DOM after load, as headless Chromium renders it."""
-    cmd = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'chromium-profile'}",
-        "--virtual-time-budget=10000", "--dump-dom", page.resolve().as_uri(),
-    ]
+def wide_records() -> list[dict]:
+    """:func:`fixture_records` with every column a full suite writes (23 of them) and a long run name."""
+    records = fixture_records()
+    for i, r in enumerate(records):
+        m = r["metrics"]
+        m.update(experts=64 - 8 * i, blocks=4, flops_per_token=2.1e6 * (1 - 0.1 * i), peak_memory_bytes=40 * 2**20 * (1 - 0.05 * i))
+        m["speed"].update(prefill_tok_s=12000.0 + 500 * i, decode_tok_s=310.0 + 9 * i)
+        m["lm_eval"]["arith_mc"] = {"acc": 0.4 + 0.02 * i, "acc_stderr": 0.035, "acc_norm": 0.41, "acc_norm_stderr": 0.03}
+        m["lm_eval"]["pydoc_mc"].update(acc_norm=0.6, acc_norm_stderr=0.02)
+        if i:
+            m["compress_seconds"] = 3.5 * i
+    records[3]["name"] = "fusion_merge[keep=8,operator=ties,similarity=router_logits]"
+    return records
+
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--hide-scrollbars", "--window-size=1280,900")
+
+
+def chromium(page: Path, tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
+    """Headless Chromium on a page at a 1280 px wide window."""
+    cmd = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}", *flags, page.resolve().as_uri()]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
+    return done
+
+
+def chromium_dom(page: Path, tmp_path: Path) -> str:
+    """The page's DOM after load, as headless Chromium renders it."""
+    return chromium(page, tmp_path, "--virtual-time-budget=10000", "--dump-dom").stdout
+
+
+# Test-only: opens every <details> and writes the page's and its tables' widths into the DOM.
+LAYOUT_PROBE = """<script>window.addEventListener("load", function () {
+  document.querySelectorAll("details").forEach(function (d) { d.open = true; });
+  var widest = 0;
+  document.querySelectorAll("table").forEach(function (t) { widest = Math.max(widest, Math.ceil(t.getBoundingClientRect().right)); });
+  document.body.setAttribute("data-layout", document.documentElement.scrollWidth + " " + widest + " " + window.innerWidth);
+});</script>"""
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (apt-get install -y chromium)")
-def test_html_page_shows_its_plots_in_chromium(tmp_path):
+def test_html_page_shows_its_plots_and_fits_the_window_in_chromium(tmp_path):
+    """23 columns and a long run name at 1280 px: every plot decodes; the leading columns sit in one
+    table, the rest fold into tables below, none wider than the window (issue #15: 10 of 23 columns visible)."""
+    text = render.html(wide_records())
+    assert text.count("<details") == 1 and "more columns" in text
+    assert "0.62 ±0.02" in text and "0.4 ±0.035" in text  # standard errors beside their scores
     page = tmp_path / "report.html"
-    page.write_text(render.html(fixture_records()))
-    dom = chromium_dom(page, tmp_path)
+    page.write_text(text.replace("</body>", LAYOUT_PROBE + "</body>"))
+    shot = tmp_path / "report.png"  # a screenshot to look at (kept in the test's tmp folder)
+    dom = chromium(page, tmp_path, "--virtual-time-budget=10000", "--dump-dom", f"--screenshot={shot}").stdout
     assert dom.count("<img") == 3
     # the page's own script counts images that decoded (complete, non-zero natural width)
     assert 'data-images="3/3"' in dom
+    page_width, widest_table, window = map(int, re.search(r'data-layout="(\d+) (\d+) (\d+)"', dom).groups())
+    assert window == 1280 and page_width <= window and widest_table <= window
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(shot.read_bytes()[16:20], "big") == 1280
+
+    # the checks can fail: a broken image, one table of every column
     broken = tmp_path / "broken.html"
     broken.write_text(page.read_text().replace("data:image/png;base64,iVBOR", "data:image/png;base64,XXXX", 1))
-    assert 'data-images="2/3"' in chromium_dom(broken, tmp_path)  # the check can fail
+    assert 'data-images="2/3"' in chromium_dom(broken, tmp_path)
+    monolith = tmp_path / "monolith.html"
+    budget = render.TABLE_WIDTH
+    try:
+        render.TABLE_WIDTH = 10**6
+        (table,) = render.suite_tables(wide_records())
+        monolith.write_text(render.html_page("one table", render.html_suite_table(table) + LAYOUT_PROBE))
+    finally:
+        render.TABLE_WIDTH = budget
+    _, widest_table, _ = map(int, re.search(r'data-layout="(\d+) (\d+) (\d+)"', chromium_dom(monolith, tmp_path)).groups())
+    assert widest_table > 1280
+
+
+def test_plots_draw_error_bars_and_name_runs_in_legends():
+    """Standard errors become error bars (the accuracy plot changes when they are dropped); run names
+    sit in legends, never beside their points, so labels cannot overlap."""
+    records = wide_records()
+    (table,) = render.suite_tables(records)
+    with_err = render.plot_accuracy_vs_params(table.df)
+    without = render.plot_accuracy_vs_params(table.df.drop(columns=[c for c in table.df if c.endswith("_stderr")]))
+    assert with_err.png and without.png and with_err.png != without.png
+    assert with_err.wide  # two tasks, two panels: the page's whole width
+    assert render.wrap("fusion_merge[keep=8,operator=ties,similarity=router_logits]") == "fusion_merge[keep=8,\noperator=ties,\nsimilarity=router_logits]"
 
 
 @pytest.mark.slow  # 14-61 CPU s on the 2-core box (issue #13: the fast set under 5 minutes)
