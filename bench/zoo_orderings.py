@@ -131,7 +131,7 @@ def measure(model: str = "zoo:deepseek_v2", seeds=(0, 1, 2), domains=("prose", "
             for label, (method, table) in RUNS.items():
                 moe = MoEModel(copy.deepcopy(base.model), base.adapter, tokenizer=base.tokenizer, source=base.source, identity=base.identity)
                 cls = host().method(method)
-                ctx = Context(seed=seed, calibration=calibration, extras={"teacher": base})
+                ctx = Context(seed=seed, calibration=calibration, teacher=base)
                 cls().apply(moe, parse(cls.Params, _fill(table, seed=seed, heal_steps=heal_steps)), ctx)
                 p[label] = perplexity(moe.model, ids)
                 del moe

@@ -257,6 +257,8 @@ class MoEModel:
         self.identity = identity or source
         #: lineage of edits applied since load; part of the calibration cache key
         self.lineage: list[str] = []
+        #: the format the last :meth:`save` wrote: "transformers", "moebench" (own layout) or a plugin's standard format
+        self.saved_format: str | None = None
 
     # -- view ---------------------------------------------------------------------------
     @property
@@ -488,14 +490,24 @@ class MoEModel:
         names, which is what :func:`moebench.models.load_pretrained` reads back, and its
         config refuses plain loaders (:func:`moebench.saved.refuse_plain_loaders`).
         """
+        self.saved_format = "transformers"
         own_layout = self.needs_moebench_loader()
         if own_layout:
-            kwargs.setdefault("save_original_format", False)
-        self.model.save_pretrained(path, **kwargs)
-        if own_layout:
-            from .saved import refuse_plain_loaders
+            from .plugins import host
 
-            refuse_plain_loaders(path, self.config.model_type)
+            written = host().pm.hook.save_standard_format(model=self, folder=str(path))
+            if written:
+                self.saved_format = written
+                own_layout = False
+            else:
+                kwargs.setdefault("save_original_format", False)
+                self.model.save_pretrained(path, **kwargs)
+                from .saved import refuse_plain_loaders
+
+                refuse_plain_loaders(path, self.config.model_type)
+                self.saved_format = "moebench"
+        else:
+            self.model.save_pretrained(path, **kwargs)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
 

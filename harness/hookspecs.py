@@ -91,3 +91,13 @@ def on_run_start(suite, spec):
 @hookspec
 def on_record(suite, record):
     """Called after a run's record (a dict) has been written to the result store."""
+
+
+@hookspec(firstresult=True)
+def save_standard_format(model, folder):
+    """Write ``model`` (a :class:`moebench.adapter.MoEModel` whose modules need moebench's loader)
+    into ``folder`` in a standard checkpoint format plain transformers loads (e.g. the
+    quantization plugin's compressed-tensors export), if this plugin can represent every
+    moebench module in it. Return the format's name (e.g. ``"compressed-tensors"``) when written;
+    ``None`` leaves the model to the next plugin and finally to moebench's own layout, which
+    plain loaders refuse (:func:`moebench.saved.refuse_plain_loaders`)."""

@@ -68,7 +68,10 @@ def write(folder: str | Path, record: dict[str, Any]) -> Path:
         lines.append("No metrics were recorded" + (f" (the run failed: {record.get('error')})." if record.get("error") else "."))
     lines += ["", "## How to load", ""]
     if loader == TRANSFORMERS:
-        lines.append("A standard checkpoint: transformers alone loads it.")
+        fmt = saved.get("format", TRANSFORMERS)
+        lines.append("A standard checkpoint: transformers alone loads it." if fmt == TRANSFORMERS else
+                     f"A standard `{fmt}` checkpoint (`quantization_config` in config.json): transformers loads it "
+                     f"with the `{fmt}` package installed, and engines that read that format (e.g. vLLM) can serve it.")
     else:
         lines.append(
             "This folder keeps moebench's own layout (a structure no transformers config field can state, "

@@ -210,8 +210,8 @@ def execute(suite: Suite, spec: RunSpec, ctx: Context, save_models: Path | None 
 
             folder = inside(save_models, save_models / model_card.folder_name(spec.name, spec.run_id), "saved model folder")
             model.save(folder)
-            loader = LOADER if model.needs_moebench_loader() else model_card.TRANSFORMERS
-            record["saved_model"] = {"path": str(folder), "loader": loader}
+            loader = LOADER if model.saved_format == "moebench" else model_card.TRANSFORMERS
+            record["saved_model"] = {"path": str(folder), "loader": loader, "format": model.saved_format}
             ctx.log(f"  saved to {folder}; load it with:\n    " + model_card.how_to_load(folder, loader).replace("\n", "\n    "))
         record["metrics"].update(measure(model, suite, ctx))
     except KeyboardInterrupt:

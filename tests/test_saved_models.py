@@ -32,6 +32,7 @@ CASES = {
     "rtn": ("rtn", {}),
     "gptq": ("gptq", {}),
     "gptq_int4": ("gptq", {"storage": "int4"}),
+    "gptq_int4_symmetric": ("gptq", {"storage": "int4", "symmetric": True}),  # compressed-tensors
     "awq_int4": ("awq", {"storage": "int4", "grid": 4}),
     "rtn_int4": ("rtn", {"storage": "int4", "targets": ["experts", "attention"]}),
     "bnb_4bit": ("bnb_4bit", {}),

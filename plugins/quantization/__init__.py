@@ -362,6 +362,12 @@ class QuantParams:
         help="fake: dequantized back to the original dtype (theoretical bytes); "
         "int4: packed 4-bit codes dequantized on the fly (measured bytes; needs bits = 4)",
     )
+    symmetric: bool = param(
+        False,
+        help="true: zero point fixed at 2**(bits-1), scale max|w| / ((2**bits-1)/2) (GPTQ's sym=True), which saved "
+        "int4 models need to be written in the compressed-tensors format transformers and vLLM load; "
+        "false: min-max scale and zero point per group (the papers' reference default)",
+    )
 
     def check(self):
         if self.bits not in BITS:
@@ -447,7 +453,8 @@ class _Quantizer(Method):
                     packed.setdefault(group.path, {})[group.attr] = (group, q, in_scale)
             for path, parts in packed.items():
                 tally.stored(self._store(model, path, parts, params), next(iter(parts.values()))[0].kind)
-        changes = {"bits": params.bits, "group_size": params.group_size, "storage": params.storage, **tally.summary(params.storage)}
+        changes = {"bits": params.bits, "group_size": params.group_size, "symmetric": params.symmetric, "storage": params.storage,
+                   **tally.summary(params.storage)}
         changes.update(self.variant(params))
         if params.storage == "fake":
             ctx.note(FAKE.format(method=self.name, dtype=_dtype_name(dtype) if dtype is not None else "the model dtype"))
@@ -509,7 +516,7 @@ class RTN(_Quantizer):
     name = "rtn"
 
     def quantize(self, group, params, extra):
-        return Quantized.cat([rtn(group.weight[c], params.bits, params.group_size) for c in group.chunks()]), None
+        return Quantized.cat([rtn(group.weight[c], params.bits, params.group_size, params.symmetric) for c in group.chunks()]), None
 
 
 class GPTQ(_Quantizer):
@@ -536,7 +543,8 @@ class GPTQ(_Quantizer):
             if unseen.any():  # identity Hessian: no error feedback, i.e. round-to-nearest
                 h = h.clone()
                 h[unseen] = torch.eye(h.shape[-1], device=h.device)
-            parts.append(gptq(group.weight[c], h, params.bits, params.group_size, params.act_order, params.damp, params.block_size))
+            parts.append(gptq(group.weight[c], h, params.bits, params.group_size, params.act_order, params.damp, params.block_size,
+                              params.symmetric))
         return Quantized.cat(parts), None
 
     def run_options(self, params: GPTQParams) -> dict:
@@ -610,7 +618,7 @@ class AWQ(_Quantizer):
         experts_mod = gu.module
         x, index, weights = gu.stats.routed()
         block = RoutedExperts(experts_mod.gate_up_proj.data, experts_mod.down_proj.data, experts_mod.act_fn, x, index, weights)
-        s1, alpha, ratio = awq_block_scale(block, x.abs().mean(0), params.bits, params.group_size, params.grid)
+        s1, alpha, ratio = awq_block_scale(block, x.abs().mean(0), params.bits, params.group_size, params.grid, params.symmetric)
         extra.setdefault("awq_alpha", {}).setdefault("experts", []).append(alpha)
         extra.setdefault("awq_error_vs_rtn", {}).setdefault("experts", []).append(ratio)
         E, rows, _ = gu.weight.shape
@@ -621,7 +629,8 @@ class AWQ(_Quantizer):
             xd = dn.stats.sample(e)
             s2 = torch.ones(wd.shape[-1], device=wd.device)
             if xd.shape[0]:
-                s2, a2, r2 = awq_scale(wd, xd, dn.stats.abs[e] / dn.stats.tokens[e], params.bits, params.group_size, params.grid)
+                s2, a2, r2 = awq_scale(wd, xd, dn.stats.abs[e] / dn.stats.tokens[e], params.bits, params.group_size, params.grid,
+                                       symmetric=params.symmetric)
                 extra["awq_alpha"]["experts"].append(a2)
                 extra["awq_error_vs_rtn"]["experts"].append(r2)
             wgu = gu.weight[e].float()
@@ -635,8 +644,9 @@ class AWQ(_Quantizer):
     @staticmethod
     def _clipped(scaled: torch.Tensor, x: torch.Tensor, params: AWQParams) -> Quantized:
         if params.clip and x.shape[0]:
-            scaled = clip_groups(scaled, awq_clip(scaled, x, params.bits, params.group_size, params.grid), params.group_size)
-        return rtn(scaled, params.bits, params.group_size)
+            clip = awq_clip(scaled, x, params.bits, params.group_size, params.grid, symmetric=params.symmetric)
+            scaled = clip_groups(scaled, clip, params.group_size)
+        return rtn(scaled, params.bits, params.group_size, params.symmetric)
 
     def _per_matrix(self, group, params: AWQParams, extra):
         w = group.weight.float()
@@ -648,10 +658,10 @@ class AWQ(_Quantizer):
             x = stats.sample(b)
             if x.shape[0] == 0:  # no routed tokens: round-to-nearest
                 s = torch.ones(w.shape[-1], device=w.device)
-                q = rtn(w[b], params.bits, params.group_size)
+                q = rtn(w[b], params.bits, params.group_size, params.symmetric)
             else:
                 mean = stats.abs[b] / stats.tokens[b]
-                s, alpha, ratio = awq_scale(w[b], x, mean, params.bits, params.group_size, params.grid)
+                s, alpha, ratio = awq_scale(w[b], x, mean, params.bits, params.group_size, params.grid, symmetric=params.symmetric)
                 alphas.setdefault(group.kind, []).append(alpha)
                 ratios.setdefault(group.kind, []).append(ratio)
                 q = self._clipped(w[b] * s, x / s, params)
@@ -720,7 +730,7 @@ class Tally:
         self.weights[k] = self.weights.get(k, 0) + w.numel()
         self.original[k] = self.original.get(k, 0) + w.numel() * w.element_size()
         if params is not None:
-            bits = theoretical_bits(params.bits, params.group_size, w.shape[-1]) * w.numel()
+            bits = theoretical_bits(params.bits, params.group_size, w.shape[-1], params.symmetric) * w.numel()
             if input_scales:
                 bits += 16 * w.shape[0] * w.shape[-1]
             self.theoretical_bits[k] = self.theoretical_bits.get(k, 0.0) + bits
@@ -753,3 +763,11 @@ def register_methods():
     from .moequant import MoEQuant
 
     return [RTN, GPTQ, AWQ, Bnb4bit, MoEQuant]
+
+
+@hookimpl
+def save_standard_format(model, folder):
+    """Packed int4 models with symmetric groups are written in the compressed-tensors format (see :mod:`.export`)."""
+    from .export import save
+
+    return save(model, folder)

@@ -2,9 +2,12 @@
 
 Small pure functions on weight matrices ``[rows, cols]`` (rows are outputs, cols are
 inputs), or stacks ``[B, rows, cols]`` so every expert of a MoE block is solved in one
-batched call. Quantization is asymmetric and group-wise along the input dimension:
+batched call. Quantization is group-wise along the input dimension:
 ``w ≈ (code - zero) * scale`` with one ``scale``/``zero`` per row and group of
-``group_size`` columns (``-1``: one group per row). Scales are rounded to float16, so the
+``group_size`` columns (``-1``: one group per row). It is asymmetric (min-max, as the
+papers' reference code defaults to) unless ``symmetric``: then ``zero = 2**(bits-1)`` and
+``scale = max|w| / ((2**bits - 1) / 2)``, GPTQ's ``sym=True`` and the scheme compressed-tensors
+stores without zero points (``code - zero`` is its signed value). Scales are rounded to float16, so the
 fake-quantized weights equal exactly what a packed int4 store dequantizes to.
 """
 
@@ -61,17 +64,24 @@ def expand_groups(values: torch.Tensor, group_size: int, cols: int) -> torch.Ten
     return values.repeat_interleave(group_size, dim=-1)[..., :cols]
 
 
-def group_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def group_params(w: torch.Tensor, bits: int, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max ``(scale, zero)`` over the last dim of ``w``; the range always holds 0 (as GPTQ does).
 
+    ``symmetric``: ``scale = max|w| / ((2**bits - 1) / 2)`` and ``zero = 2**(bits-1)`` (GPTQ's
+    ``sym=True``; codes ``-2**(bits-1) .. 2**(bits-1) - 1`` once the zero is taken off).
     The scale is rounded to float16 (how it is stored); an all-zero group gets scale 1.
     """
     maxq = 2**bits - 1
-    lo = w.amin(dim=-1).clamp(max=0)
-    hi = w.amax(dim=-1).clamp(min=0)
-    scale = (hi - lo) / maxq
+    if symmetric:
+        scale = w.abs().amax(dim=-1) / (maxq / 2)
+    else:
+        lo = w.amin(dim=-1).clamp(max=0)
+        hi = w.amax(dim=-1).clamp(min=0)
+        scale = (hi - lo) / maxq
     scale = torch.where(scale > 0, scale, torch.ones_like(scale)).half().float()
     scale = torch.where(scale > 0, scale, torch.full_like(scale, 2.0**-24))  # float16 underflow
+    if symmetric:
+        return scale, torch.full_like(scale, 2 ** (bits - 1))
     zero = torch.round(-lo / scale).clamp(0, maxq)
     return scale, zero
 
@@ -90,21 +100,21 @@ def _grouped(w: torch.Tensor, g: int) -> torch.Tensor:
     return w.reshape(*w.shape[:-1], (cols + pad) // g, g)
 
 
-def rtn(w: torch.Tensor, bits: int, group_size: int = 128) -> Quantized:
+def rtn(w: torch.Tensor, bits: int, group_size: int = 128, symmetric: bool = False) -> Quantized:
     """Round-to-nearest group-wise quantization of ``w [..., rows, cols]``."""
     _check_bits(bits)
     w = w.float()
     g = group_size_for(group_size, w.shape[-1])
-    scale, zero = group_params(_grouped(w, g), bits)
+    scale, zero = group_params(_grouped(w, g), bits, symmetric)
     cols = w.shape[-1]
     codes = quantize_codes(w, expand_groups(scale, g, cols), expand_groups(zero, g, cols), bits)
     return Quantized(codes.to(torch.uint8), scale, zero, bits, g)
 
 
-def theoretical_bits(bits: int, group_size: int, cols: int) -> float:
-    """Bits per weight of a group-wise store: the code, plus a float16 scale and a ``bits``-wide zero per group."""
+def theoretical_bits(bits: int, group_size: int, cols: int, symmetric: bool = False) -> float:
+    """Bits per weight of a group-wise store: the code, plus a float16 scale and (asymmetric) a ``bits``-wide zero per group."""
     g = group_size_for(group_size, cols)
-    return bits + (16 + bits) * math.ceil(cols / g) / cols
+    return bits + (16 + (0 if symmetric else bits)) * math.ceil(cols / g) / cols
 
 
 # -- GPTQ ---------------------------------------------------------------------------------
@@ -125,6 +135,7 @@ def gptq(
     act_order: bool = False,
     damp: float = 0.01,
     block_size: int = 128,
+    symmetric: bool = False,
 ) -> Quantized:
     """GPTQ (Frantar et al., 2210.17323) on a stack ``w [B, rows, cols]`` with Hessians ``H [B, cols, cols]``.
 
@@ -149,7 +160,7 @@ def gptq(
     zero = torch.zeros_like(scale)
     batch = torch.arange(B, device=W.device)
     if act_order:
-        s, z = group_params(_grouped(W, g), bits)
+        s, z = group_params(_grouped(W, g), bits, symmetric)
         scale.copy_(s)
         zero.copy_(z)
         perm = torch.argsort(H.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True)
@@ -169,7 +180,7 @@ def gptq(
             col = i1 + i
             if not act_order:
                 if col % g == 0:
-                    s, z = group_params(W1[:, :, i : i + g], bits)
+                    s, z = group_params(W1[:, :, i : i + g], bits, symmetric)
                     scale[:, :, col // g], zero[:, :, col // g] = s, z
                 s, z = scale[:, :, col // g], zero[:, :, col // g]
             else:
@@ -192,7 +203,8 @@ def gptq(
 
 # -- AWQ ----------------------------------------------------------------------------------
 def awq_scale(
-    w: torch.Tensor, x: torch.Tensor, act_mean: torch.Tensor, bits: int, group_size: int, grid: int = 20
+    w: torch.Tensor, x: torch.Tensor, act_mean: torch.Tensor, bits: int, group_size: int, grid: int = 20,
+    symmetric: bool = False,
 ) -> tuple[torch.Tensor, float, float]:
     """AWQ's per-input-channel scale search (Lin et al., 2306.00978).
 
@@ -206,7 +218,7 @@ def awq_scale(
     best = (None, 0.0, math.inf)
     rtn_error = None
     for alpha, s in awq_candidates(act_mean, grid):
-        wq = rtn(w * s, bits, group_size).dequantize() / s
+        wq = rtn(w * s, bits, group_size, symmetric).dequantize() / s
         error = (x @ wq.T - target).pow(2).mean().item()
         if rtn_error is None:
             rtn_error = error
@@ -251,7 +263,7 @@ class RoutedExperts:
 
 
 def awq_block_scale(
-    experts: RoutedExperts, act_mean: torch.Tensor, bits: int, group_size: int, grid: int = 20
+    experts: RoutedExperts, act_mean: torch.Tensor, bits: int, group_size: int, grid: int = 20, symmetric: bool = False
 ) -> tuple[torch.Tensor, float, float]:
     """AWQ's scale search on a whole MoE block, as llm-awq / AutoAWQ do for MoE models.
 
@@ -265,7 +277,7 @@ def awq_block_scale(
     best = (None, 0.0, math.inf)
     rtn_error = None
     for alpha, s in awq_candidates(act_mean, grid):
-        out = experts.output(lambda e: rtn(experts.gate_up[e].float() * s, bits, group_size).dequantize() / s)
+        out = experts.output(lambda e: rtn(experts.gate_up[e].float() * s, bits, group_size, symmetric).dequantize() / s)
         error = (out - target).pow(2).mean().item()
         if rtn_error is None:
             rtn_error = error
@@ -275,7 +287,8 @@ def awq_block_scale(
 
 
 def awq_clip(
-    w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, grid: int = 20, max_shrink: float = 0.5, chunk: int = 64
+    w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, grid: int = 20, max_shrink: float = 0.5, chunk: int = 64,
+    symmetric: bool = False,
 ) -> torch.Tensor:
     """AWQ's clipping search: per row and group, the symmetric clip ``±max|w| * (1 - i/grid)``
     whose quantization best reproduces that group's partial outputs on ``x [n, cols]``.
@@ -296,7 +309,7 @@ def awq_clip(
         for i in range(int(max_shrink * grid)):
             max_val = orig_max * (1 - i / grid)
             clipped = torch.maximum(torch.minimum(wc, max_val), -max_val)
-            scale, zero = group_params(clipped, bits)
+            scale, zero = group_params(clipped, bits, symmetric)
             q = (quantize_codes(clipped, scale[..., None], zero[..., None], bits) - zero[..., None]) * scale[..., None]
             err = (torch.einsum("ngk,rgk->rng", xg, q) - target).pow(2).mean(dim=1)  # [rows, groups]
             better = err < best_err
