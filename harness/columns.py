@@ -6,8 +6,10 @@ writes a column describes it with a :class:`Column` in its ``columns`` (see
 :class:`moebench.method.Metric`): its short header, which direction is better, where it
 sits in a table, whether its change against the baseline is shown, whether it is a
 detail left out of the tables, and its default tolerance in ``moebench compare``.
-Plugins add derived columns (built from others, like PreMoe's ``active/kept``) with the
-``register_report_columns`` hook. The harness names no built-in metric here: every
+A column also says which eval table it comes from (comparability), what evaluation
+setting a leaderboard names, whether the leaderboard shows it, and whether it is the size
+axis of Pareto fronts. Plugins add derived columns (built from others, like PreMoe's
+``active/kept``) with the ``register_report_columns`` hook. The harness names no built-in metric here: every
 description comes from the plugins that write the figures, except the runner's own
 ``compress_seconds`` and ``compress_peak_bytes``.
 """
@@ -15,7 +17,7 @@ description comes from the plugins that write the figures, except the runner's o
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal
 
 
@@ -35,6 +37,13 @@ class Column:
     - ``si``: print with an SI suffix (``2.19M``); a column named ``*bytes`` prints in MiB.
     - ``derive``: for a column built from others: ``fn(row) -> value or None``; ``consumes``
       lists the columns it replaces.
+    - ``table``: the ``[eval.NAME]`` table its figures come from, whose settings must match for
+      two values to be compared; default: the name of the metric that declares the column.
+    - ``setting``: ``fn(entry) -> str``, the evaluation setting a leaderboard board names, from
+      the metric's stored entry (``record.metrics[<first part of the column>]``).
+    - ``leaderboard``: position among the columns a leaderboard shows beside its ranking metric
+      (smaller first); ``None``: not shown there.
+    - ``size``: the model-size axis that Pareto fronts trade against (the leaderboard's ★ and its plot).
     """
 
     pattern: str
@@ -49,6 +58,10 @@ class Column:
     si: bool = False
     derive: Callable[[dict[str, Any]], Any] | None = None
     consumes: tuple[str, ...] = ()
+    table: str | None = None
+    setting: Callable[[Any], str] | None = None
+    leaderboard: int | None = None
+    size: bool = False
 
     def matches(self, column: str) -> bool:
         return column == self.pattern or fnmatch.fnmatchcase(column, self.pattern)
@@ -73,8 +86,8 @@ def _registry(h) -> tuple[Column, ...]:
     if key in _CACHE:
         return _CACHE[key]
     found: list[Column] = []
-    for cls in h.metrics.values():
-        found.extend(getattr(cls, "columns", ()) or ())
+    for cls in h.metrics.values():  # a metric's columns come from its own [eval.NAME] table unless they say otherwise
+        found.extend(c if c.table else replace(c, table=cls.name) for c in getattr(cls, "columns", ()) or ())
     for group in h.pm.hook.register_report_columns():
         found.extend(group or ())
     found.extend(RUNNER_COLUMNS)
@@ -148,6 +161,22 @@ def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and not column(name).skip:
             out[name] = float(value)
     return out
+
+
+def table_of(name: str) -> str:
+    """The eval table a column's figures come from (declared, else the column's first part)."""
+    return column(name).table or name.split(".")[0]
+
+
+def size_column() -> str | None:
+    """The column Pareto fronts trade against (declared ``size=True``), if a plugin declares one."""
+    return next((c.pattern for c in registry() if c.size), None)
+
+
+def leaderboard_columns(names: list[str]) -> list[str]:
+    """Of ``names``, those shown on leaderboard boards, by their declared position (then by name)."""
+    shown = [(column(n).leaderboard, n) for n in names]
+    return [n for pos, n in sorted((p, n) for p, n in shown if p is not None)]
 
 
 def default_tolerances() -> list[tuple[str, dict[str, Any]]]:

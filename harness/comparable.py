@@ -21,15 +21,17 @@ IGNORED = {"batch_size", "bootstrap_iters", "log_samples", "fresh_process", "che
 def evals_of(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The ``[eval.NAME]`` tables a record was measured with (``record["evals"]``).
 
-    Records older than that field are described by what their perplexity metric recorded
-    about itself (data, split, seqlen and ``windows``, the sample count used).
+    Records older than that field are described by what their metrics recorded about
+    themselves: a metric entry that names its ``data`` gives its data, split, seqlen and
+    ``windows`` (the sample count used).
     """
     if isinstance(record.get("evals"), dict):
         return {k: dict(v or {}) for k, v in record["evals"].items() if isinstance(v, dict)}
-    ppl = (record.get("metrics") or {}).get("perplexity")
-    if isinstance(ppl, dict):
-        return {"perplexity": {k: ppl.get(k) for k in ("data", "split", "seqlen", "windows")}}
-    return {}
+    return {
+        name: {k: m.get(k) for k in ("data", "split", "seqlen", "windows")}
+        for name, m in (record.get("metrics") or {}).items()
+        if isinstance(m, dict) and "data" in m
+    }
 
 
 def spec(record: dict[str, Any], tables: Iterable[str] | None = None) -> dict[str, Any]:
@@ -47,9 +49,10 @@ def spec(record: dict[str, Any], tables: Iterable[str] | None = None) -> dict[st
 
 
 def table_of(metric: str) -> str:
-    """The eval table a metric column comes from (``perplexity`` -> perplexity, ``lm_eval.x.acc`` -> lm_eval)."""
-    head = metric.split(".")[0]
-    return {"flops_per_token": "flops", "peak_memory_bytes": "memory", "lm_eval_info": "lm_eval"}.get(head, head)
+    """The eval table a metric column comes from, as the column declares it (:attr:`moebench.columns.Column.table`)."""
+    from .columns import table_of as declared
+
+    return declared(metric)
 
 
 def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

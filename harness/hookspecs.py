@@ -72,6 +72,12 @@ def register_report_columns():
 
 
 @hookspec
+def register_report_plots():
+    """Return a list of :class:`moebench.render.ReportPlot`: plots of this plugin's figures that the
+    HTML report draws for each suite (e.g. perplexity against weight bytes, a sweep of a parameter)."""
+
+
+@hookspec
 def register_commands(cli):
     """Add commands to the ``moebench`` CLI: ``cli`` is its :class:`typer.Typer` app
     (``cli.command()(fn)`` or ``cli.add_typer(group, name=...)``), as simonw/llm does."""

@@ -18,8 +18,9 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from . import columns as column_specs
 from . import comparable
-from .render import accuracy_columns, esc, html_figure, html_page, html_table, label, md_table, origin, pareto_front, plot_perplexity_vs_bytes, versions
+from .render import esc, front_plot, html_figure, html_page, html_table, label, md_table, origin, pareto_front, versions
 from .record import Record, records_of
 from .report import better, fmt
 
@@ -33,7 +34,7 @@ class Entry:
     metrics: dict[str, float]
     delta: float | None = None  # relative change of the ranking metric against the baseline
     runs: int = 1  # records of this configuration on the board
-    front: bool = False  # on the Pareto front of the ranking metric vs weight bytes
+    front: bool = False  # on the Pareto front of the ranking metric vs the size column (weight bytes)
 
     @property
     def env(self) -> dict[str, Any]:
@@ -70,12 +71,10 @@ def config_label(record: Record) -> str:
 
 
 def setting_of(record: Record, metric: str) -> str:
-    """The evaluation setting a metric value belongs to (perplexity: data, split, window length)."""
-    head = metric.split(".")[0]
-    m = record.metrics.get(head)
-    if head == "perplexity" and isinstance(m, dict):
-        return f"{m.get('data')} {m.get('split', '')}, seqlen {m.get('seqlen')}".replace("  ", " ")
-    return ""
+    """The evaluation setting a metric value belongs to, as its column describes it
+    (:attr:`moebench.columns.Column.setting`; perplexity: data, split, window length)."""
+    describe = column_specs.column(metric).setting
+    return describe(record.metrics.get(metric.split(".")[0])) if describe else ""
 
 
 def boards(records: Iterable[dict[str, Any] | Record], metric: str = "perplexity") -> list[Board]:
@@ -113,9 +112,10 @@ def boards(records: Iterable[dict[str, Any] | Record], metric: str = "perplexity
             b = base.flat_metrics().get(metric) if base else None
             if e.config != "baseline" and _finite(b) and b:
                 e.delta = (e.metrics[metric] - b) / abs(b)
-        sized = [i for i, e in enumerate(entries) if _finite(e.metrics.get("weight_bytes"))]
+        size = column_specs.size_column()
+        sized = [i for i, e in enumerate(entries) if size and _finite(e.metrics.get(size))]
         sign = 1 if lower else -1
-        for i in pareto_front([(entries[i].metrics["weight_bytes"], sign * entries[i].metrics[metric]) for i in sized]):
+        for i in pareto_front([(entries[i].metrics[size], sign * entries[i].metrics[metric]) for i in sized]):
             entries[sized[i]].front = True
         out.append(Board(model, setting, metric, entries))
     return out
@@ -129,9 +129,10 @@ def _finite(value: Any) -> bool:
 
 
 def _columns(board: Board) -> list[str]:
+    """The ranking metric, then the columns metrics declare for leaderboards (``Column.leaderboard``)."""
     df = pd.DataFrame([e.metrics for e in board.entries])
-    extra = [c for c in ("weight_bytes", "params.active", "speed.speedup_decode") if c in df and df[c].notna().any() and c != board.metric]
-    return [board.metric, *extra, *[c for c in accuracy_columns(df) if c != board.metric]]
+    shown = column_specs.leaderboard_columns([c for c in df.columns if df[c].notna().any() and c != board.metric])
+    return [board.metric, *shown]
 
 
 def _rows(board: Board) -> tuple[list[str], list[list[str]]]:
@@ -142,6 +143,9 @@ def _rows(board: Board) -> tuple[list[str], list[list[str]]]:
         values = []
         for c in cols:
             text = fmt(e.metrics.get(c), c)
+            err = next((e.metrics[s] for s in column_specs.stderr_names(c) if _finite(e.metrics.get(s))), None)
+            if err is not None and _finite(e.metrics.get(c)):
+                text += f" ±{err:.2g}"
             if c == board.metric and e.delta is not None:
                 text += f" ({e.delta:+.1%})"
             values.append(text)
@@ -186,10 +190,14 @@ def html(bs: list[Board], title: str = "moebench leaderboard") -> str:
         body.append(f"<h2>{esc(board.title)}</h2>")
         row_classes = ["baseline" if e.config == "baseline" else "" for e in board.entries]
         body.append('<div class="scroll">' + html_table(headers, rows, row_classes=row_classes, left=2, left_tail=5) + "</div>")
-        if board.metric == "perplexity":
-            # points labelled by rank: configuration names are too long for a plot
+        size = column_specs.size_column()
+        if size and any(_finite(e.metrics.get(size)) for e in board.entries):
+            # points named by rank: configuration names are too long for a plot
             df = pd.DataFrame([{"name": "baseline" if e.config == "baseline" else f"#{i}", "status": "ok", **e.metrics} for i, e in enumerate(board.entries, 1)])
-            body.append('<div class="plots">' + html_figure(plot_perplexity_vs_bytes(df)) + "</div>")
+            lower = better(board.metric) == "lower"
+            plot = front_plot(df, board.metric, size, f"{label(board.metric)} vs {label(size)}",
+                              f"{label(board.metric)} ({'lower' if lower else 'higher'} is better)", label(size) + (" (MiB)" if size.endswith("bytes") else ""), lower=lower)
+            body.append('<div class="plots">' + html_figure(plot) + "</div>")
     if not bs:
         body.append('<p class="missing">No ok results with the ranking metric.</p>')
     return html_page(title, "\n".join(body))

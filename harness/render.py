@@ -17,7 +17,7 @@ import html as _html
 import io
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pandas as pd
 
@@ -273,7 +273,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def _ok(df: pd.DataFrame) -> pd.DataFrame:
+def ok_runs(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["status"] == "ok"] if "status" in df else df
 
 
@@ -342,7 +342,7 @@ def legend(ax_or_fig, entries: int, outside: bool | None = None) -> None:
 def front_plot(df: pd.DataFrame, y: str, x: str, title: str, ylabel: str, xlabel: str, lower: bool = True) -> Plot:
     """``y`` against a size ``x`` (a ``*bytes`` column in MiB), one marker per run named in the
     legend, error bars where ``y`` has a standard error, and the Pareto front of the two."""
-    df = _ok(df)
+    df = ok_runs(df)
     if y not in df or x not in df:
         return Plot(title, None, f"no {label(y)} or {label(x)} in these results")
     df = df[df[y].notna() & df[x].notna()]
@@ -371,7 +371,7 @@ def front_plot(df: pd.DataFrame, y: str, x: str, title: str, ylabel: str, xlabel
 def points_plot(df: pd.DataFrame, ys: list[str], x: str, title: str, ylabel: str, xlabel: str, caption: str) -> Plot:
     """One panel per ``ys`` column against ``x``, a marker per run (same style in every panel, named
     in one legend), error bars where a column has a standard error."""
-    df = _ok(df)
+    df = ok_runs(df)
     ys = [c for c in ys if c in df and df[c].notna().any()]
     if not ys or x not in df:
         return Plot(title, None, "")
@@ -404,7 +404,7 @@ def points_plot(df: pd.DataFrame, ys: list[str], x: str, title: str, ylabel: str
 
 def bars_plot(df: pd.DataFrame, cols: list[str], title: str, xlabel: str, caption: str, reference: float | None = None) -> Plot:
     """Horizontal bars, one group per run and a bar per column, error bars where a column has a standard error."""
-    df = _ok(df)
+    df = ok_runs(df)
     cols = [c for c in cols if c in df and df[c].notna().any()]
     if not cols:
         return Plot(title, None, "")
@@ -427,45 +427,7 @@ def bars_plot(df: pd.DataFrame, cols: list[str], title: str, xlabel: str, captio
     return Plot(title, _png(fig), caption)
 
 
-def plot_perplexity_vs_bytes(df: pd.DataFrame) -> Plot:
-    title = "Perplexity vs weight bytes"
-    if "perplexity" not in df or "weight_bytes" not in df:
-        return Plot(title, None, "no perplexity or weight bytes in these results")
-    plot = front_plot(df, "perplexity", "weight_bytes", title, "perplexity (lower is better)", "weight bytes (MiB)")
-    if plot.png is None:
-        return Plot(title, None, "no run has both perplexity and weight bytes")
-    return plot
-
-
-def accuracy_columns(df: pd.DataFrame) -> list[str]:
-    """``lm_eval.<task>.acc`` columns (``acc_norm`` where a task has no ``acc``)."""
-    cols = [c for c in df.columns if c.startswith("lm_eval.") and c.endswith(".acc") and df[c].notna().any()]
-    tasks = {c[: -len(".acc")] for c in cols}
-    cols += [c for c in df.columns if c.endswith(".acc_norm") and c.startswith("lm_eval.") and c[: -len(".acc_norm")] not in tasks and df[c].notna().any()]
-    return cols
-
-
-def plot_accuracy_vs_params(df: pd.DataFrame) -> Plot:
-    title = "Accuracy vs parameters"
-    cols = accuracy_columns(_ok(df))
-    xcol = "params.total" if "params.total" in df else "params.active"  # expert drop changes total, not active
-    if not cols or xcol not in df:
-        return Plot(title, None, "no lm-eval accuracy in these results (add an [eval.lm_eval] table to the suite)")
-    xlabel = f"{'active' if xcol == 'params.active' else 'total'} parameters (M)"
-    return points_plot(df, cols, xcol, title, "accuracy (higher is better)", xlabel,
-                       f"lm-eval accuracy per task against {xcol}; bars are ± one standard error where lm-eval computed it")
-
-
-def plot_speedup(df: pd.DataFrame) -> Plot:
-    title = "Speedup per method"
-    cols = [c for c in ("speed.speedup_prefill", "speed.speedup_decode") if c in df and _ok(df)[c].notna().any()]
-    if not cols:
-        return Plot(title, None, "no speed measurements in these results (add an [eval.speed] table to the suite)")
-    return bars_plot(df, cols, title, "× the baseline's tokens/s (higher is better)",
-                     "tokens/s of each run divided by the baseline's, measured in the same process", reference=1.0)
-
-
-# -- sweeps (fusion): drawn only when the records hold them ------------------------------
+# -- sweeps: one line per method setting, drawn only when the records hold them -----------
 
 
 def _short(value: Any) -> str:
@@ -480,116 +442,95 @@ def _series(record: Record, leave_out: tuple[str, ...]) -> str:
     return " ".join([str(record.entry or record.name), *rest])
 
 
-def _perplexity(record: Record) -> float | None:
-    value = ((record.metrics or {}).get("perplexity") or {}).get("value")
-    return float(value) if _num(value) else None
+def _value(record: Record, column: str) -> tuple[float | None, float | None]:
+    """A record's value of a metric column and its standard error (None when not recorded)."""
+    flat = record.flat_metrics()
+    value = flat.get(column)
+    err = next((flat[e] for e in _columns.stderr_names(column) if _num(flat.get(e))), None)
+    return (float(value), err) if _num(value) else (None, None)
 
 
-def _sweep(records: list[Record], x_of, leave_out: tuple[str, ...]) -> dict[str, list[tuple[float, float]]]:
-    """Lines of ``(x, perplexity)`` points, keeping only lines that actually sweep x (two or more values)."""
-    lines: dict[str, list[tuple[float, float]]] = {}
+def sweep_lines(records: list[Record], x_of: Callable[[Record], float | None], y: str, leave_out: tuple[str, ...]) -> dict[str, list[tuple]]:
+    """Lines of ``(x, y, stderr)`` points, one per method entry and grid setting other than
+    ``leave_out``, keeping only lines that actually sweep x (two or more values)."""
+    lines: dict[str, list[tuple]] = {}
     for r in records:
         if not r.ok or not r.pipeline:
             continue
-        x, y = x_of(r), _perplexity(r)
-        if x is not None and y is not None:
-            lines.setdefault(_series(r, leave_out), []).append((float(x), y))
-    return {k: sorted(v) for k, v in lines.items() if len({p[0] for p in v}) > 1}
+        x, (value, err) = x_of(r), _value(r, y)
+        if x is not None and value is not None:
+            lines.setdefault(_series(r, leave_out), []).append((float(x), value, err))
+    return {k: sorted(v, key=lambda p: p[0]) for k, v in lines.items() if len({p[0] for p in v}) > 1}
 
 
-def experts_after(record: Record) -> int | None:
-    """Routed experts left by the last step that changed the expert count."""
-    for step in reversed(record.pipeline):
-        n = ((record.changes or {}).get(step["method"]) or {}).get("experts_after")
-        if n is not None:
-            return n
-    return None
-
-
-def lora_rank(record: Record) -> int | None:
-    for step in reversed(record.pipeline):
-        if step.get("params", {}).get("rank") is not None:
-            return step["params"]["rank"]
-    return None
-
-
-def _baseline_line(ax, records: list[Record]) -> None:
-    base = next((_perplexity(r) for r in records if r.name == "baseline" and r.ok), None)
-    if base is not None:
-        ax.axhline(base, color="#333333", lw=1, ls="--", label="baseline")
-
-
-def _legend(ax, lines: int) -> None:
-    """Inside the axes for a few lines, to the right of them for many (it would hide the data)."""
-    if lines <= 5:
-        ax.legend(fontsize=7, loc="best")
-    else:
-        ax.figure.set_figwidth(ax.figure.get_figwidth() + 3.2)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-
-
-def _sweep_plot(title: str, lines: dict, records: list[Record], xlabel: str, caption: str, log_x: bool = False) -> Plot | None:
+def sweep_plot(title: str, table: SuiteTable, x_of: Callable[[Record], float | None], y: str, leave_out: tuple[str, ...],
+               xlabel: str, caption: str, log_x: bool = False) -> Plot | None:
+    """``y`` against a swept setting ``x_of(record)``, one line per method setting, the baseline's
+    value as a dashed line, error bars where ``y`` has a standard error; None when nothing sweeps."""
+    lines = sweep_lines(table.records, x_of, y, leave_out)
     if not lines:
         return None
     fig, ax = _figure()
     for i, (name, points) in enumerate(lines.items()):  # past ten lines the colours repeat: dash them
-        ax.plot([p[0] for p in points], [p[1] for p in points], "o-" if i < 10 else "o--", ms=4, label=name)
-    _baseline_line(ax, records)
+        errs = [p[2] or 0.0 for p in points] if any(p[2] for p in points) else None
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=errs, fmt="o-" if i < 10 else "o--", ms=4, capsize=2 if errs else 0, label=wrap(name))
+    base = next((_value(r, y)[0] for r in table.records if r.name == "baseline" and r.ok), None)
+    if base is not None:
+        ax.axhline(base, color="#333333", lw=1, ls="--", label="baseline")
     if log_x:
         ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_ylabel(f"{label(y)} ({_columns.better(y)} is better)")
     ax.grid(alpha=0.3)
-    _legend(ax, len(lines))
+    legend(ax, len(lines) + 1)
     return Plot(title, _png(fig), caption)
 
 
-def plot_perplexity_vs_experts(table: SuiteTable) -> Plot | None:
-    lines = _sweep(table.records, experts_after, ("keep", "keep_ratio"))
-    return _sweep_plot("Perplexity vs routed experts", lines, table.records, "routed experts left (all MoE layers)",
-                       "one line per method and setting that sweeps the kept/fused expert count (changes.<method>.experts_after)")
-
-
-def plot_perplexity_vs_rank(table: SuiteTable) -> Plot | None:
-    lines = _sweep(table.records, lora_rank, ("rank",))
-    return _sweep_plot("Perplexity vs LoRA rank", lines, table.records, "rank (log scale)",
-                       "one line per method and setting that sweeps the rank parameter", log_x=True)
-
-
-def loss_curves(records: Iterable[dict[str, Any] | Record]) -> dict[str, list[float]]:
-    """Healing loss curves by run name (``changes.<method>.healing.loss_curve``)."""
-    curves = {}
-    for r in records_of(records):
-        for step in r.pipeline:
-            curve = (((r.changes or {}).get(step["method"]) or {}).get("healing") or {}).get("loss_curve")
-            if curve and r.ok:
-                curves[str(r.name)] = curve
-    return curves
-
-
-def plot_healing_loss(table: SuiteTable) -> Plot | None:
-    curves = loss_curves(table.records)
+def curves_plot(title: str, curves: dict[str, list[float]], xlabel: str, ylabel: str, caption: str, log_y: bool = True) -> Plot | None:
+    """One line per run (e.g. a training loss per step); None when there are none."""
     if not curves:
         return None
     fig, ax = _figure()
     for i, (name, curve) in enumerate(curves.items()):
-        ax.plot(range(1, len(curve) + 1), curve, "-" if i < 10 else "--", lw=1, label=name)
-    ax.set_yscale("log")
-    ax.set_xlabel("healing step")
-    ax.set_ylabel("distillation loss (log scale)")
+        ax.plot(range(1, len(curve) + 1), curve, "-" if i < 10 else "--", lw=1, label=wrap(name))
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    _legend(ax, len(curves))
-    return Plot("Healing loss curves", _png(fig), "distillation loss per step of each run that healed (changes.<method>.healing.loss_curve)")
+    legend(ax, len(curves))
+    return Plot(title, _png(fig), caption)
 
 
-PLOTS = (plot_perplexity_vs_bytes, plot_accuracy_vs_params, plot_speedup)
-SWEEP_PLOTS = (plot_perplexity_vs_experts, plot_perplexity_vs_rank, plot_healing_loss)
+# -- which plots a report draws: declared by the plugins -----------------------------------
+
+
+@dataclass(frozen=True)
+class ReportPlot:
+    """A plot the HTML report draws for each suite table, declared by the plugin whose figures it shows
+    (``register_report_plots``).
+
+    ``draw(table)`` returns a :class:`Plot`; one without a PNG shows its caption as what is
+    missing (a plot every report has), ``None`` leaves it out (a sweep the results do not
+    hold). Plots appear by ``order``, then title.
+    """
+
+    title: str
+    draw: Callable[[SuiteTable], Plot | None]
+    order: int = 100
+
+
+def report_plots() -> list[ReportPlot]:
+    """Every declared plot, in page order."""
+    from .plugins import host
+
+    found = [p for group in host().pm.hook.register_report_plots() for p in (group or ())]
+    return sorted(found, key=lambda p: (p.order, p.title))
 
 
 def plots(table: SuiteTable) -> list[Plot]:
-    """The three plots every report has, then the sweep plots its records hold."""
-    drawn = [make(table.df) for make in PLOTS]
-    return drawn + [p for p in (make(table) for make in SWEEP_PLOTS) if p is not None]
+    """The plots the installed plugins declare, those with nothing to draw left out."""
+    return [p for p in (rp.draw(table) for rp in report_plots()) if p is not None]
 
 
 # --------------------------------------------------------------------------- html

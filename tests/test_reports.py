@@ -222,10 +222,12 @@ def test_html_page_shows_its_plots_and_fits_the_window_in_chromium(tmp_path):
 def test_plots_draw_error_bars_and_name_runs_in_legends():
     """Standard errors become error bars (the accuracy plot changes when they are dropped); run names
     sit in legends, never beside their points, so labels cannot overlap."""
-    records = wide_records()
-    (table,) = render.suite_tables(records)
-    with_err = render.plot_accuracy_vs_params(table.df)
-    without = render.plot_accuracy_vs_params(table.df.drop(columns=[c for c in table.df if c.endswith("_stderr")]))
+    from moebench_plugins.metrics.lm_eval_metric import plot_accuracy_vs_params
+
+    (table,) = render.suite_tables(wide_records())
+    with_err = plot_accuracy_vs_params(table)
+    table.df = table.df.drop(columns=[c for c in table.df if c.endswith("_stderr")])
+    without = plot_accuracy_vs_params(table)
     assert with_err.png and without.png and with_err.png != without.png
     assert with_err.wide  # two tasks, two panels: the page's whole width
     assert render.wrap("fusion_merge[keep=8,operator=ties,similarity=router_logits]") == "fusion_merge[keep=8,\noperator=ties,\nsimilarity=router_logits]"

@@ -70,3 +70,10 @@ def register_commands(cli):
     from . import cli as commands
 
     commands.register(cli)
+
+
+@hookimpl
+def register_report_plots():
+    from .plots import PLOTS
+
+    return PLOTS

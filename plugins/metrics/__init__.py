@@ -64,13 +64,20 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 8) -
     return math.exp(total / count)
 
 
+def _setting(entry: dict) -> str:
+    """``embedded:prose test, seqlen 128``: the evaluation text and window a perplexity belongs to."""
+    if not isinstance(entry, dict):
+        return ""
+    return f"{entry.get('data')} {entry.get('split', '')}, seqlen {entry.get('seqlen')}".replace("  ", " ")
+
+
 class Perplexity(Metric):
     """Perplexity over fixed non-overlapping windows of an evaluation split."""
 
     name = "perplexity"
     Params = PerplexityParams
     columns = (
-        Column("perplexity", label="ppl", order=10, delta=True, tolerance={"rel": 0.01}),
+        Column("perplexity", label="ppl", order=10, delta=True, tolerance={"rel": 0.01}, setting=_setting),
         # the evaluation setting stored beside the value, not figures to compare
         Column("perplexity.seqlen", skip=True),
         Column("perplexity.windows", skip=True),
@@ -146,8 +153,8 @@ class ModelSize(Metric):
     # sizes are deterministic: gated exactly
     columns = (
         Column("params.total", label="params", order=20, delta=True, tolerance={"rel": 0.0}, si=True),
-        Column("params.active", label="active", order=21, delta=True, tolerance={"rel": 0.0}, si=True),
-        Column("weight_bytes", label="weights", order=30, delta=True, tolerance={"rel": 0.0}),
+        Column("params.active", label="active", order=21, delta=True, tolerance={"rel": 0.0}, si=True, leaderboard=2),
+        Column("weight_bytes", label="weights", order=30, delta=True, tolerance={"rel": 0.0}, leaderboard=1, size=True),
         Column("experts", order=40, tolerance={"rel": 0.0}),
         Column("blocks", order=60, tolerance={"rel": 0.0}),
     )
@@ -164,3 +171,10 @@ class ModelSize(Metric):
 @hookimpl
 def register_metrics():
     return [Perplexity, ModelSize]
+
+
+@hookimpl
+def register_report_plots():
+    from .plots import PLOTS
+
+    return PLOTS

@@ -537,7 +537,7 @@ class Speed(Metric):
         Column("speed.prefill_tok_s", label="prefill tok/s", order=90, better="higher"),
         Column("speed.decode_tok_s", label="decode tok/s", order=91, better="higher"),
         Column("speed.speedup_prefill", label="prefill ×", order=92, better="higher"),
-        Column("speed.speedup_decode", label="decode ×", order=93, better="higher"),
+        Column("speed.speedup_decode", label="decode ×", order=93, better="higher", leaderboard=3),
         Column("speed.*_spread", hidden=True, better="higher"),
         Column("speed.runs.*", detail=True, better="higher"),
         Column("speed.by_batch.*", detail=True, better="higher"),
@@ -587,6 +587,26 @@ class Speed(Metric):
 @hookimpl
 def register_metrics():
     return [Flops, Memory, Speed]
+
+
+
+def plot_speedup(table):
+    """Prefill and decode speedups per run against the baseline (a report plot)."""
+    from moebench.render import Plot, ok_runs, bars_plot
+
+    title, df = "Speedup per method", table.df
+    cols = [c for c in ("speed.speedup_prefill", "speed.speedup_decode") if c in df and ok_runs(df)[c].notna().any()]
+    if not cols:
+        return Plot(title, None, "no speed measurements in these results (add an [eval.speed] table to the suite)")
+    return bars_plot(df, cols, title, "× the baseline's tokens/s (higher is better)",
+                     "tokens/s of each run divided by the baseline's, measured in the same process", reference=1.0)
+
+
+@hookimpl
+def register_report_plots():
+    from moebench.render import ReportPlot
+
+    return [ReportPlot("Speedup per method", plot_speedup, order=30)]
 
 
 if __name__ == "__main__":  # the new process of a fresh-process memory measurement

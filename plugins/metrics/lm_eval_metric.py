@@ -229,11 +229,40 @@ def _task_label(column: str) -> str:
 LmEval.columns = (
     Column("lm_eval.*stderr*", hidden=True),  # error bars print beside their score
     Column("lm_eval.*acc_norm*", label=_task_label, better="higher", delta="tables", detail=True),
-    Column("lm_eval.*", label=_task_label, better="higher", delta="tables", tolerance={"abs": 0.02}),
+    Column("lm_eval.*", label=_task_label, better="higher", delta="tables", tolerance={"abs": 0.02}, leaderboard=4),
     Column("lm_eval_info.*", hidden=True),
 )
+
+
+def accuracy_columns(df) -> list[str]:
+    """``lm_eval.<task>.acc`` columns (``acc_norm`` where a task has no ``acc``)."""
+    cols = [c for c in df.columns if c.startswith("lm_eval.") and c.endswith(".acc") and df[c].notna().any()]
+    tasks = {c[: -len(".acc")] for c in cols}
+    cols += [c for c in df.columns if c.endswith(".acc_norm") and c.startswith("lm_eval.") and c[: -len(".acc_norm")] not in tasks and df[c].notna().any()]
+    return cols
+
+
+def plot_accuracy_vs_params(table):
+    """Accuracy per task against parameters, ± lm-eval's standard errors (a report plot)."""
+    from moebench.render import Plot, ok_runs, points_plot
+
+    title, df = "Accuracy vs parameters", table.df
+    cols = accuracy_columns(ok_runs(df))
+    xcol = "params.total" if "params.total" in df else "params.active"  # expert drop changes total, not active
+    if not cols or xcol not in df:
+        return Plot(title, None, "no lm-eval accuracy in these results (add an [eval.lm_eval] table to the suite)")
+    xlabel = f"{'active' if xcol == 'params.active' else 'total'} parameters (M)"
+    return points_plot(df, cols, xcol, title, "accuracy (higher is better)", xlabel,
+                       f"lm-eval accuracy per task against {xcol}; bars are ± one standard error where lm-eval computed it")
 
 
 @hookimpl
 def register_metrics():
     return [LmEval]
+
+
+@hookimpl
+def register_report_plots():
+    from moebench.render import ReportPlot
+
+    return [ReportPlot("Accuracy vs parameters", plot_accuracy_vs_params, order=20)]
