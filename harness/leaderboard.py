@@ -20,7 +20,7 @@ import pandas as pd
 
 from . import columns as column_specs
 from . import comparable
-from .render import esc, front_plot, html_figure, html_page, html_table, label, md_table, origin, pareto_front, versions
+from .render import HtmlColumn, esc, fitted_tables, front_plot, html_figure, html_page, html_table, label, md_table, origin, pareto_front, versions
 from .record import Record, records_of
 from .report import better, fmt
 
@@ -189,7 +189,16 @@ def html(bs: list[Board], title: str = "moebench leaderboard") -> str:
         headers, rows = _rows(board)
         body.append(f"<h2>{esc(board.title)}</h2>")
         row_classes = ["baseline" if e.config == "baseline" else "" for e in board.entries]
-        body.append('<div class="scroll">' + html_table(headers, rows, row_classes=row_classes, left=2, left_tail=5) + "</div>")
+        # rank, configuration and figures fit the page; each row's provenance folds below
+        n = 2 + len(_columns(board)) + 1
+        columns = [HtmlColumn(h, [r[i] for r in rows], wrap=i == 1) for i, h in enumerate(headers[:n])]
+        provenance = [[r[0], *r[n:]] for r in rows]
+        wraps = [["", "name", "", "name", "name", ""] for _ in rows]
+        body.append(
+            '<div class="scroll">' + fitted_tables(columns[:2], columns[2:], row_classes, repeat=2)
+            + '<details class="more"><summary>provenance of each row: suite / run, commit, versions, device, date</summary>'
+            + html_table(["#", *headers[n:]], provenance, wraps, row_classes, left=len(headers) - n + 1) + "</details></div>"
+        )
         size = column_specs.size_column()
         if size and any(_finite(e.metrics.get(size)) for e in board.entries):
             # points named by rank: configuration names are too long for a plot
