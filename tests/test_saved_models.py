@@ -36,6 +36,7 @@ CASES = {
     "awq_int4": ("awq", {"storage": "int4", "grid": 4}),
     "rtn_int4": ("rtn", {"storage": "int4", "targets": ["experts", "attention"]}),
     "bnb_4bit": ("bnb_4bit", {}),
+    "bnb_4bit_linear": ("bnb_4bit", {"targets": ["attention", "shared"]}),  # transformers' bitsandbytes serialization
     "moequant": ("moequant", {}),
     "merge": ("merge", {"keep_ratio": 0.5}),
     "progressive_merge": ("progressive_merge", {"keep_ratio": 0.5}),

@@ -112,3 +112,27 @@ def test_int4_the_format_cannot_state_keeps_moebench_layout_with_the_reason(tmp_
     assert LOADER in json.loads((tmp_path / "asym" / "config.json").read_text())["model_type"]
     awq = _compressed("awq", {"storage": "int4", "symmetric": True, "grid": 2})
     assert any("AWQ per-input-channel scales" in b for b in blockers(awq))
+
+
+@pytest.mark.slow
+def test_bnb_4bit_linear_layers_save_in_transformers_bitsandbytes_serialization(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from moebench_plugins.quantization.export import bnb_blockers
+
+    model = _compressed("bnb_4bit", {"targets": ["attention", "shared"]})
+    expected = _logits(model)
+    model.save(tmp_path)
+    assert model.saved_format == "bitsandbytes"
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "bitsandbytes" and qc["load_in_4bit"] and qc["bnb_4bit_quant_type"] == "nf4"
+    assert any(k.endswith("q_proj.weight.quant_state.bitsandbytes__nf4") for k in _keys(tmp_path))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, device_map="cpu")
+    assert type(loaded.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    with torch.no_grad():
+        got = loaded(input_ids=IDS, use_cache=False).logits
+    assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+    experts = _compressed("bnb_4bit", {})  # routed experts are fused 3-D parameters: no bitsandbytes form
+    assert any("fused 3-D" in b for b in bnb_blockers(experts))
+    experts.save(tmp_path / "experts")
+    assert experts.saved_format == "moebench"

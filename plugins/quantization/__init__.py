@@ -767,7 +767,8 @@ def register_methods():
 
 @hookimpl
 def save_standard_format(model, folder):
-    """Packed int4 models with symmetric groups are written in the compressed-tensors format (see :mod:`.export`)."""
-    from .export import save
+    """Packed int4 models with symmetric groups are written in the compressed-tensors format, bitsandbytes 4-bit
+    Linear layers in transformers' bitsandbytes serialization (see :mod:`.export`)."""
+    from .export import save, save_bnb
 
-    return save(model, folder)
+    return save(model, folder) or save_bnb(model, folder)

@@ -178,3 +178,82 @@ def save(model: MoEModel, folder) -> str | None:
                                   "transform_config": {}, **qconfig.model_dump(exclude=["quant_method"])}
     file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
     return FORMAT
+
+
+# -- bitsandbytes ---------------------------------------------------------------------------
+BNB_FORMAT = "bitsandbytes"
+
+
+def bnb_blockers(model: MoEModel) -> list[str]:
+    """Why ``model`` cannot be written in transformers' bitsandbytes 4-bit serialization (empty: it can).
+
+    transformers replaces ``nn.Linear`` layers by ``bnb.nn.Linear4bit`` and loads their NF4/FP4
+    blocks; a MoE block's fused 3-D expert parameters are no Linear, and the bitsandbytes
+    quantizer has no per-expert dequantizer (unlike compressed-tensors), so routed experts
+    stored 4-bit (``targets`` with ``experts``, the default) have no bitsandbytes form.
+    """
+    from moebench_plugins.quantization import Bnb4bitExperts, Bnb4bitLinear
+
+    model.sync_config()
+    struct = model.structure()
+    why = [f"moebench structure {k} (no field in a transformers config)" for k in ("num_experts", "top_k", "router", "skip_moe")
+           if struct[k]]
+    kinds = set()
+    for path, spec in struct["modules"].items():
+        module = model.model.get_submodule(path)
+        if isinstance(module, Bnb4bitExperts):
+            why.append(f"{path}: routed experts are fused 3-D parameters, which transformers' bitsandbytes loader "
+                       "neither holds 4-bit nor dequantizes (only nn.Linear layers)")
+        elif isinstance(module, Bnb4bitLinear):
+            kinds.add((module.quant_type, module.blocksize, module.compute_dtype))
+        else:
+            why.append(f"{path}: {spec.get('class')} has no bitsandbytes form")
+    if len(kinds) > 1:
+        why.append("layers with different quant types or compute dtypes (one BitsAndBytesConfig per model)")
+    if not kinds and not why:
+        why.append("no bitsandbytes 4-bit Linear layer")
+    return why
+
+
+def save_bnb(model: MoEModel, folder) -> str | None:
+    """Write ``model`` into ``folder`` as transformers writes a ``load_in_4bit`` model; ``None`` when it cannot be.
+
+    Each stored Linear's blocks and ``QuantState`` are serialized by bitsandbytes itself
+    (``QuantState.as_dict(packed=True)``, what ``Linear4bit`` saves); every other Linear is
+    named in ``llm_int8_skip_modules`` so that transformers leaves it in full precision.
+    """
+    from bitsandbytes import functional as bnbf
+    from transformers import BitsAndBytesConfig
+
+    from moebench_plugins.quantization import Bnb4bitLinear
+
+    if bnb_blockers(model):
+        return None
+    hf = model.model
+    stored = {path: m for path, m in hf.named_modules() if isinstance(m, Bnb4bitLinear)}
+    first = next(iter(stored.values()))
+    state = {k: v for k, v in hf.state_dict().items()}
+    for path, m in stored.items():
+        for k in [k for k in state if k.startswith(path + ".") and not k.endswith(".bias")]:
+            del state[k]
+        qs = bnbf.QuantState(absmax=m.absmax.view(torch.float32), shape=torch.Size((m.out_features, m.in_features)),
+                             code=bnbf.get_4bit_type(m.quant_type, device=m.data.device), blocksize=m.blocksize,
+                             quant_type=m.quant_type, dtype=m.compute_dtype)
+        state[f"{path}.weight"] = m.data.reshape(-1, 1)
+        for key, value in qs.as_dict(packed=True).items():
+            state[f"{path}.weight.{key}"] = value
+    skip = ["lm_head"] + [path for path, m in hf.named_modules() if type(m) is torch.nn.Linear and path != "lm_head"]
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=first.quant_type,
+                                    bnb_4bit_compute_dtype=first.compute_dtype, llm_int8_skip_modules=skip)
+    structure = hf.config.moebench
+    hf.config.moebench = None
+    try:
+        hf.save_pretrained(folder, state_dict=state)
+    finally:
+        hf.config.moebench = structure
+    file = Path(folder) / "config.json"
+    raw = json.loads(file.read_text())
+    raw.pop("moebench", None)
+    raw["quantization_config"] = bnb_config.to_dict()
+    file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    return BNB_FORMAT
