@@ -21,6 +21,7 @@ import pandas as pd
 from . import columns as column_specs
 from . import comparable
 from .render import HtmlColumn, esc, fitted_tables, front_plot, html_figure, html_page, html_table, label, md_table, origin, pareto_front, versions
+from .errors import MoebenchError
 from .record import Record, records_of
 from .report import better, fmt
 
@@ -77,8 +78,18 @@ def setting_of(record: Record, metric: str) -> str:
     return describe(record.metrics.get(metric.split(".")[0])) if describe else ""
 
 
-def boards(records: Iterable[dict[str, Any] | Record], metric: str = "perplexity") -> list[Board]:
-    """Group ok records into boards by (model, evaluation setting) and keep each configuration's best."""
+def default_metric() -> str:
+    """The ranking metric when none is named: the column declared at leaderboard position 0 (perplexity)."""
+    ranked = sorted((c.leaderboard, i, c.pattern) for i, c in enumerate(column_specs.registry()) if c.leaderboard is not None and "*" not in c.pattern)
+    if not ranked:
+        raise MoebenchError("no installed metric declares a ranking column: name one with --metric")
+    return ranked[0][2]
+
+
+def boards(records: Iterable[dict[str, Any] | Record], metric: str | None = None) -> list[Board]:
+    """Group ok records into boards by (model, evaluation setting) and keep each configuration's best
+    (ranked by ``metric``, default :func:`default_metric`)."""
+    metric = metric or default_metric()
     lower = better(metric) == "lower"
     typed = records_of(records)
     ranked = [r.to_dict() for r in typed if r.ok and _finite(r.flat_metrics().get(metric))]
