@@ -46,6 +46,14 @@ def read_all(paths: Iterable[Path]) -> list[dict[str, Any]]:
     return records
 
 
+def paper_records(suites: Iterable[Path]) -> list[dict[str, Any]]:
+    """The ``[[reference]]`` paper figures of these suite files, as records with status ``paper``."""
+    from .reference import suite_records
+    from .suite import load_suite
+
+    return [r.to_dict() for path in suites for r in suite_records(load_suite(path))]
+
+
 def _write(text: str, path: Optional[Path]) -> None:
     if path is None:
         typer.echo(text, nl=not text.endswith("\n"))
@@ -68,6 +76,7 @@ def report(
     out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="write to this file instead of standard output"),
     title: str = typer.Option("moebench report", "--title", help="page title (markdown, html)"),
     columns: Optional[str] = typer.Option(None, "--columns", help="metric columns to show, comma-separated globs (e.g. 'perplexity,weight_bytes,lm_eval.*.acc')"),
+    suite: list[Path] = typer.Option([], "--suite", help="show this suite's \\[\\[reference]] paper figures as rows labelled 'paper' beside its runs; repeatable"),
 ):
     """One table per suite with deltas against the baseline; Markdown, CSV, or an HTML page with plots."""
     from . import render
@@ -87,7 +96,7 @@ def report(
         raise MoebenchError(f"--format {format!r}: expected one of {', '.join(render.FORMATS)}, lm-eval")
     if format == "terminal" and out_path is not None:
         format = render.EXTENSIONS.get(out_path.suffix.lower(), "markdown")
-    records = read_all(results)
+    records = read_all(results) + paper_records(suite)
     patterns = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
     if format == "terminal":
         cols = None
@@ -106,7 +115,7 @@ def report(
 def compare(
     new: Path = typer.Argument(..., help="new results (results.jsonl or run directory)"),
     baseline: Path = typer.Argument(..., help="baseline results to hold them to (e.g. reports/baselines/ci.jsonl)"),
-    suite: Optional[Path] = typer.Option(None, "--suite", help="read tolerances from this suite's \\[compare] table"),
+    suite: Optional[Path] = typer.Option(None, "--suite", help="read tolerances from this suite's \\[compare] table and list its \\[\\[reference]] paper figures beside the new results (never gated)"),
     tol: list[str] = typer.Option([], "--tol", help="PATTERN=rel:X | abs:X | X% | ignore [,higher|lower]; repeatable, wins over the suite"),
     missing: Optional[str] = typer.Option(None, "--missing", help="fail | warn: a baseline run or metric absent from the new results"),
     markdown_path: Optional[Path] = typer.Option(None, "--markdown", help="also write the findings as Markdown here (e.g. a CI job summary)"),
@@ -118,7 +127,7 @@ def compare(
         raise MoebenchError(f"--missing {missing!r}: expected fail or warn")
     spec = compare_spec_from_suite(suite) if suite else CompareSpec()
     spec = spec.with_overrides([parse_tolerance_arg(t) for t in tol], missing)
-    result = run_compare(read_all([new]), read_all([baseline]), spec)
+    result = run_compare(read_all([new]), read_all([baseline]), spec, paper_records([suite] if suite else []))
     body = rows(result)
     if body:
         from rich.markup import escape

@@ -213,7 +213,7 @@ IMPROVEMENTS = {"improved", "fixed"}
 class Finding:
     """One thing the gate noticed about a run or one of its metrics."""
 
-    kind: str  # regressed | improved | same | failed | fixed | still_failed | new_run | missing_run | new_metric | missing_metric | config_changed | incomparable
+    kind: str  # regressed | improved | same | failed | fixed | still_failed | new_run | missing_run | new_metric | missing_metric | config_changed | incomparable | paper
     suite: str
     run: str
     metric: str = ""
@@ -225,6 +225,8 @@ class Finding:
 
     @property
     def change(self) -> str:
+        if self.kind == "paper":  # base is the paper's figure, new the measured one (if any)
+            return "paper " + (f"{self.base:.6g} → not measured" if self.new is None else Finding("", "", "", base=self.base, new=self.new).change)
         if self.base is None or self.new is None:
             return ""
         if not (math.isfinite(self.base) and math.isfinite(self.new)):
@@ -266,21 +268,29 @@ class Comparison:
         }
         verdict = "PASS" if self.passed else "FAIL"
         text = ", ".join(f"{v} {k}" for k, v in counts.items())
+        papers = len(self.of("paper"))
+        text += f"; {papers} paper figure(s) shown, not gated" if papers else ""
         return f"{verdict}: {self.runs} run(s), {self.gated} metric value(s) checked; {text}"
 
 
 def latest_by_run(records: Iterable[dict[str, Any] | Record]) -> dict[tuple[str, str], Record]:
-    """One record per (suite, run name): the last ``ok`` one, else the last one."""
+    """One record per (suite, run name): the last ``ok`` one, else the last one; paper figures
+    (``[[reference]]`` records, status ``paper``) are never runs to gate or hold to."""
     out: dict[tuple[str, str], Record] = {}
     for r in records_of(records):
+        if r.is_reference:
+            continue
         key = (r.suite, r.name)
         if key not in out or r.ok or not out[key].ok:
             out[key] = r
     return out
 
 
-def compare(new: Iterable[dict[str, Any] | Record], baseline: Iterable[dict[str, Any] | Record], spec: CompareSpec | None = None) -> Comparison:
-    """Check every baseline run's gated metrics in the new results."""
+def compare(new: Iterable[dict[str, Any] | Record], baseline: Iterable[dict[str, Any] | Record], spec: CompareSpec | None = None,
+            references: Iterable[dict[str, Any] | Record] = ()) -> Comparison:
+    """Check every baseline run's gated metrics in the new results; list ``references`` (a suite's
+    paper figures) beside the new figures, never gated."""
+    new = records_of(new)
     spec = spec or CompareSpec()
     fail_missing = spec.missing == "fail"
     new_runs, base_runs = latest_by_run(new), latest_by_run(baseline)
@@ -329,7 +339,24 @@ def compare(new: Iterable[dict[str, Any] | Record], baseline: Iterable[dict[str,
         if key not in base_runs:
             result.findings.append(Finding("new_run", key[0], key[1], message="not in the baseline"))
     result.ungated = sorted(ungated)
+    result.findings += beside_papers(new_runs, references)
     return result
+
+
+def beside_papers(runs: dict[tuple[str, str], Record], references: Iterable[dict[str, Any] | Record]) -> list[Finding]:
+    """One ``paper`` finding per paper figure: the paper's value next to the run it stands beside (informational)."""
+    from .report import citation
+
+    out = []
+    for ref in records_of(references):
+        if not ref.is_reference:
+            continue
+        rec = runs.get((ref.suite, ref.entry))
+        measured = rec.flat_metrics() if rec is not None and rec.ok else {}
+        for metric, value in sorted(ref.flat_metrics().items()):
+            out.append(Finding("paper", ref.suite, ref.entry, metric, base=value, new=measured.get(metric),
+                               message=citation(ref) + ("" if metric in measured else "; not measured in the new results")))
+    return out
 
 
 def check(suite: str, run: str, metric: str, base: float, new: float, tol: Tolerance) -> Finding:
@@ -367,8 +394,9 @@ TITLES = {
     "new_metric": "new metric",
     "config_changed": "configuration changed",
     "incomparable": "measured differently",
+    "paper": "paper figure (not gated)",
 }
-ORDER = ["regressed", "failed", "incomparable", "missing_run", "missing_metric", "improved", "fixed", "new_run", "new_metric", "config_changed", "still_failed"]
+ORDER = ["regressed", "failed", "incomparable", "missing_run", "missing_metric", "improved", "fixed", "new_run", "new_metric", "config_changed", "still_failed", "paper"]
 
 
 def rows(result: Comparison) -> list[list[str]]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 #: fields written only when set (absent from baselines, ok runs or runs without --save-models)
-OPTIONAL = ("saved_model", "traceback", "calibration", "started", "finished", "env")
+OPTIONAL = ("saved_model", "traceback", "calibration", "started", "finished", "env", "reference")
 #: metrics that measure the process and machine a run ran in (time, memory), not the
 #: compressed model: they differ between a serial, sharded or Ray run of the same suite
 PROCESS_METRICS = (
@@ -60,6 +60,8 @@ class Record:
     finished: str | None = None
     #: versions, git commit, host, device
     env: dict[str, Any] | None = None
+    #: a paper's figures, not a measured run (status "paper"): its citation (moebench.reference)
+    reference: dict[str, Any] | None = None
     #: fields this version does not know, kept for the round trip
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -69,7 +71,12 @@ class Record:
 
     @property
     def is_baseline(self) -> bool:
-        return not self.pipeline
+        return not self.pipeline and self.reference is None
+
+    @property
+    def is_reference(self) -> bool:
+        """A paper's reported figures (``[[reference]]`` of a suite): shown beside runs, never gated."""
+        return self.reference is not None
 
     @property
     def source(self) -> str | None:

@@ -23,7 +23,8 @@ import pandas as pd
 
 from . import columns as _columns
 from .record import Record, records_of
-from .report import better, fmt, frame, with_deltas
+from .reference import PAPER
+from .report import better, citation, fmt, frame, with_deltas
 
 ID_COLUMNS = ("suite", "origin", "name", "run_id", "status")
 
@@ -190,6 +191,7 @@ def markdown(records: list[dict[str, Any]], title: str = "moebench report", colu
         parts += [f"## suite {table.suite}", ""]
         rows = [[cell(row, c) for c in cols] for _, row in table.df.iterrows()]
         parts += [md_table([label(c) for c in cols], rows, right=range(2, len(cols))), ""]
+        parts += _papers_md(table)
         parts += _failures_md(table)
     parts += ["## provenance", ""]
     prov = provenance(records)
@@ -203,9 +205,22 @@ def _failed(table: SuiteTable) -> list[dict]:
     out: dict[tuple, dict] = {}
     for r in table.records:
         key = (r.run_id, origin(r) if "origin" in table.df.columns else None)
-        if key in shown and not r.ok:
+        if key in shown and not r.ok and not r.is_reference:
             out[key] = r
     return list(out.values())
+
+
+def _papers(table: SuiteTable) -> list[Record]:
+    """The table's paper rows (status ``paper``): figures a paper reports, not runs measured here."""
+    return list({r.run_id: r for r in table.records if r.is_reference}.values())
+
+
+def _papers_md(table: SuiteTable) -> list[str]:
+    papers = _papers(table)
+    if not papers:
+        return []
+    return ["Paper figures (status `paper`: reported by the paper, not measured here; never gated):", "",
+            *[f"- `{r.name}`: {citation(r)}" for r in papers], ""]
 
 
 def _failures_md(table: SuiteTable) -> list[str]:
@@ -548,7 +563,7 @@ th,td{border:1px solid #ddd;padding:.25rem .55rem;text-align:right;white-space:n
 th{background:#f4f4f4}td.l,th.l{text-align:left}td.name{white-space:normal;overflow-wrap:anywhere;max-width:15rem}
 details.more{margin:.2rem 0 .8rem}details.more summary{cursor:pointer;color:#444}
 td.better{color:#1a7f37}td.worse{color:#cf222e}tr.baseline td{font-weight:600;background:#fafafa}
-tr.failed td{color:#888}
+tr.failed td{color:#888}tr.paper td{font-style:italic;color:#555}
 .plots{display:flex;flex-wrap:wrap;gap:1rem}figure{margin:0;flex:1 1 480px;max-width:600px}.scroll{overflow-x:auto}
 figure.wide{flex-basis:100%;max-width:100%}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85rem;color:#555}
 .missing{color:#777;font-style:italic}.small{font-size:.85rem;color:#555}
@@ -691,7 +706,7 @@ def html_suite_table(table: SuiteTable, columns: list[str] | None = None) -> str
         HtmlColumn(label(c), [cell(row, c) for _, row in df.iterrows()], [verdict(row, c) for _, row in df.iterrows()])
         for c in cols if c not in ids
     ]
-    row_classes = ["baseline" if row["name"] == "baseline" else ("failed" if row["status"] != "ok" else "") for _, row in df.iterrows()]
+    row_classes = ["baseline" if row["name"] == "baseline" else ("paper" if row["status"] == PAPER else "failed" if row["status"] != "ok" else "") for _, row in df.iterrows()]
     repeat = len([c for c in ids if c != "status"])  # name (and origin) head every folded table
     return fitted_tables(lead, rest, row_classes, repeat)
 
@@ -704,6 +719,10 @@ def html(records: list[dict[str, Any]], title: str = "moebench report", columns:
         body.append('<p class="small">Changes are against the suite\'s baseline; green is better, red is worse; '
                     "± is the standard error where the metric records one.</p>")
         body.append('<div class="scroll">' + html_suite_table(table, columns) + "</div>")
+        papers = _papers(table)
+        if papers:
+            body.append("<p>Paper figures (status <code>paper</code>: reported by the paper, not measured here; never gated):</p><ul>"
+                        + "".join(f"<li><code>{esc(r.name)}</code>: {esc(citation(r))}</li>" for r in papers) + "</ul>")
         failed = _failed(table)
         if failed:
             body.append("<p>Failed runs:</p><ul>" + "".join(f"<li><code>{esc(r.name)}</code>: {esc(r.error)}</li>" for r in failed) + "</ul>")

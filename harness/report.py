@@ -16,6 +16,7 @@ import pandas as pd
 from . import columns as _columns
 from .columns import flatten  # noqa: F401  (re-exported: moebench.report.flatten)
 from .record import Record
+from .reference import PAPER
 
 #: identity columns of every row (the rest are metric columns described by moebench.columns)
 ID_COLUMNS = ("suite", "name", "run_id", "status")
@@ -56,6 +57,9 @@ def with_deltas(df: pd.DataFrame) -> pd.DataFrame:
     for col in [c for c in df.columns if c not in ("suite", "name", "run_id", "status") and pd.api.types.is_numeric_dtype(df[c])]:
         deltas = []
         for _, row in df.iterrows():
+            if row.get("status") == PAPER:  # a paper's figures: shown as they are, no change against our baseline
+                deltas.append(None)
+                continue
             base = df[(df["suite"] == row["suite"]) & (df["name"] == "baseline")]
             b = base[col].iloc[0] if len(base) and col in base else None
             deltas.append((row[col] - b) / abs(b) if b not in (None, 0) and pd.notna(b) and pd.notna(row[col]) else None)
@@ -107,7 +111,7 @@ def terminal_table(records: list[dict[str, Any]], columns: list[str] | None = No
         part = part.dropna(axis=1, how="all")
         cols = columns or [c for c in part.columns if c not in ("suite", "run_id") and (c in ("name", "status") or not _terminal_hidden(c))]
         base = part[part["name"] == "baseline"]
-        table = Table(title=f"suite {suite}", show_lines=False)
+        table = Table(title=f"suite {suite}", show_lines=False, caption=escape(paper_note(records, suite)) or None)
         for c in cols:
             table.add_column(escape(label(c)), justify="left" if c in ("name", "status") else "right", overflow="fold", min_width=28 if c == "name" else None)
         for _, row in part.iterrows():
@@ -117,7 +121,7 @@ def terminal_table(records: list[dict[str, Any]], columns: list[str] | None = No
                 stderr = row.get(f"{c}_stderr") if f"{c}_stderr" in part else None
                 if stderr is not None and pd.notna(stderr) and pd.notna(row.get(c)):
                     text += f" ±{stderr:.2f}"
-                if _columns.column(c).delta is True and len(base) and row["name"] != "baseline" and pd.notna(row.get(c)):
+                if _columns.column(c).delta is True and len(base) and row["name"] != "baseline" and row["status"] != PAPER and pd.notna(row.get(c)):
                     b = base[c].iloc[0] if c in base else None
                     if b not in (None, 0) and pd.notna(b):
                         text += f" ({(row[c] - b) / abs(b):+.1%})"
@@ -130,3 +134,21 @@ def terminal_table(records: list[dict[str, Any]], columns: list[str] | None = No
 def _terminal_hidden(column: str) -> bool:
     c = _columns.column(column)
     return c.detail or c.hidden or "stderr" in column
+
+
+def citation(record: Record) -> str:
+    """A paper row's citation: paper, table, row (where it was read, how its setting differs)."""
+    ref = record.reference or {}
+    text = f"{ref.get('paper')}, arXiv {ref.get('arxiv')}, {ref.get('table')}, row {ref.get('row')}"
+    if ref.get("where"):
+        text += f"; read from {ref['where']}"
+    if ref.get("setting"):
+        text += f"; setting: {ref['setting']}"
+    return text
+
+
+def paper_note(records: Iterable[dict[str, Any] | Record], suite: str | None = None) -> str:
+    """``name: citation`` for the paper rows (status ``paper``) of a suite, one per line; "" when none."""
+    lines = [f"{r.name}: {citation(r)}" for r in (Record.from_dict(x) for x in records)
+             if r.is_reference and (suite is None or str(suite).split(" [")[0] == r.suite)]
+    return "\n".join(dict.fromkeys(lines))

@@ -26,7 +26,7 @@ from .toml_file import read_toml  # noqa: F401  (re-exported: moebench.suite.rea
 #: a suite name is a folder name under reports/: letters, digits and - _ . (never a path)
 SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 #: the tables the harness parses; plugins add theirs with ``register_suite_tables``
-TABLES = {"suite", "model", "hardware", "calibration", "eval", "methods", "compare"}
+TABLES = {"suite", "model", "hardware", "calibration", "eval", "methods", "compare", "reference"}
 DEVICES_HELP = "cpu | cuda | cuda:N | auto"
 
 
@@ -126,6 +126,8 @@ class Suite:
     raw: dict[str, Any] = field(default_factory=dict)
     #: plugin-owned tables hashed into every run id: name -> raw TOML value
     hashed_tables: dict[str, Any] = field(default_factory=dict)
+    #: ``[[reference]]``: papers' reported figures shown beside the runs (moebench.reference); not hashed into run ids
+    references: list = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -235,6 +237,9 @@ def parse_suite(raw: dict, path: str = "<suite>") -> Suite:
     check_compare(raw.get("compare"), path)  # [compare] tolerances for `moebench compare`
     suite = Suite(path, info, model, hardware, calibration, evals, entries, raw.get("compare", {}), tables, raw, hashed)
     _check_unique_runs(suite, err)
+    from .reference import parse_references
+
+    suite.references = parse_references(raw.get("reference"), err, [r.name for r in suite.runs()])
     return suite
 
 
