@@ -145,12 +145,13 @@ def compare(
 def leaderboard(
     results: list[Path] = typer.Argument(..., help="result files or directories (searched for *.jsonl)"),
     out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="a .md or .html file, or a directory for leaderboard.md and leaderboard.html"),
-    metric: str = typer.Option("perplexity", "--metric", help="the ranking metric column (e.g. perplexity, lm_eval.pydoc_mc.acc)"),
+    metric: Optional[str] = typer.Option(None, "--metric", help="the ranking metric column (e.g. perplexity, lm_eval.pydoc_mc.acc); default: the one a metric declares (perplexity)"),
     title: str = typer.Option("moebench leaderboard", "--title"),
 ):
     """A leaderboard page: one row per method configuration, best result per model, with provenance."""
     from . import leaderboard as lb
 
+    metric = metric or lb.default_metric()
     bs = lb.boards(read_all(results), metric)
     if not bs:
         raise MoebenchError(f"no ok record has the metric {metric!r}")

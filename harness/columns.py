@@ -42,7 +42,7 @@ class Column:
     - ``setting``: ``fn(entry) -> str``, the evaluation setting a leaderboard board names, from
       the metric's stored entry (``record.metrics[<first part of the column>]``).
     - ``leaderboard``: position among the columns a leaderboard shows beside its ranking metric
-      (smaller first); ``None``: not shown there.
+      (smaller first; the column at position 0 is the default ranking metric); ``None``: not shown there.
     - ``size``: the model-size axis that Pareto fronts trade against (the leaderboard's ★ and its plot).
     """
 

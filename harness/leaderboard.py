@@ -20,7 +20,8 @@ import pandas as pd
 
 from . import columns as column_specs
 from . import comparable
-from .render import esc, front_plot, html_figure, html_page, html_table, label, md_table, origin, pareto_front, versions
+from .render import HtmlColumn, esc, fitted_tables, front_plot, html_figure, html_page, html_table, label, md_table, origin, pareto_front, versions
+from .errors import MoebenchError
 from .record import Record, records_of
 from .report import better, fmt
 
@@ -77,8 +78,18 @@ def setting_of(record: Record, metric: str) -> str:
     return describe(record.metrics.get(metric.split(".")[0])) if describe else ""
 
 
-def boards(records: Iterable[dict[str, Any] | Record], metric: str = "perplexity") -> list[Board]:
-    """Group ok records into boards by (model, evaluation setting) and keep each configuration's best."""
+def default_metric() -> str:
+    """The ranking metric when none is named: the column declared at leaderboard position 0 (perplexity)."""
+    ranked = sorted((c.leaderboard, i, c.pattern) for i, c in enumerate(column_specs.registry()) if c.leaderboard is not None and "*" not in c.pattern)
+    if not ranked:
+        raise MoebenchError("no installed metric declares a ranking column: name one with --metric")
+    return ranked[0][2]
+
+
+def boards(records: Iterable[dict[str, Any] | Record], metric: str | None = None) -> list[Board]:
+    """Group ok records into boards by (model, evaluation setting) and keep each configuration's best
+    (ranked by ``metric``, default :func:`default_metric`)."""
+    metric = metric or default_metric()
     lower = better(metric) == "lower"
     typed = records_of(records)
     ranked = [r.to_dict() for r in typed if r.ok and _finite(r.flat_metrics().get(metric))]
@@ -189,7 +200,16 @@ def html(bs: list[Board], title: str = "moebench leaderboard") -> str:
         headers, rows = _rows(board)
         body.append(f"<h2>{esc(board.title)}</h2>")
         row_classes = ["baseline" if e.config == "baseline" else "" for e in board.entries]
-        body.append('<div class="scroll">' + html_table(headers, rows, row_classes=row_classes, left=2, left_tail=5) + "</div>")
+        # rank, configuration and figures fit the page; each row's provenance folds below
+        n = 2 + len(_columns(board)) + 1
+        columns = [HtmlColumn(h, [r[i] for r in rows], wrap=i == 1) for i, h in enumerate(headers[:n])]
+        provenance = [[r[0], *r[n:]] for r in rows]
+        wraps = [["", "name", "", "name", "name", ""] for _ in rows]
+        body.append(
+            '<div class="scroll">' + fitted_tables(columns[:2], columns[2:], row_classes, repeat=2)
+            + '<details class="more"><summary>provenance of each row: suite / run, commit, versions, device, date</summary>'
+            + html_table(["#", *headers[n:]], provenance, wraps, row_classes, left=len(headers) - n + 1) + "</details></div>"
+        )
         size = column_specs.size_column()
         if size and any(_finite(e.metrics.get(size)) for e in board.entries):
             # points named by rank: configuration names are too long for a plot

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 from .params import NoParams
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .adapter import MoEModel
     from .calibration import Calibration
     from .columns import Column
@@ -40,6 +42,9 @@ class Context:
     #: otherwise it is reloaded from the suite's model source)
     teacher: "MoEModel | Any" = None
     log: Callable[[str], None] = print
+    #: this run's folder for files a metric keeps (``<--out>/runs/<run name>-<run id>``, made
+    #: by whoever writes there; e.g. lm-eval's per-sample logs); None outside ``moebench run``
+    run_dir: "Path | None" = None
 
     def note(self, text: str) -> None:
         """Record a caveat about this run (approximations, fallbacks) in its record."""

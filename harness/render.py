@@ -256,6 +256,11 @@ def _figure(width: float = 6.4, height: float = 4.2):
     return fig, fig.add_subplot()
 
 
+def _wide(fig) -> bool:
+    """A figure widened for a legend beside it is shown at the page's whole width (else its text shrinks)."""
+    return fig.get_figwidth() > 7.5
+
+
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -365,7 +370,7 @@ def front_plot(df: pd.DataFrame, y: str, x: str, title: str, ylabel: str, xlabel
     ax.grid(alpha=0.3)
     legend(ax, len(names) + 1)
     on_front = ", ".join(names[i] for i in front)
-    return Plot(title, _png(fig), f"Pareto front (no run is both smaller and better): {on_front}")
+    return Plot(title, _png(fig), f"Pareto front (no run is both smaller and better): {on_front}", wide=_wide(fig))
 
 
 def points_plot(df: pd.DataFrame, ys: list[str], x: str, title: str, ylabel: str, xlabel: str, caption: str) -> Plot:
@@ -464,7 +469,7 @@ def sweep_lines(records: list[Record], x_of: Callable[[Record], float | None], y
 
 
 def sweep_plot(title: str, table: SuiteTable, x_of: Callable[[Record], float | None], y: str, leave_out: tuple[str, ...],
-               xlabel: str, caption: str, log_x: bool = False) -> Plot | None:
+               xlabel: str, caption: str, log_x: bool = False, ylabel: str | None = None) -> Plot | None:
     """``y`` against a swept setting ``x_of(record)``, one line per method setting, the baseline's
     value as a dashed line, error bars where ``y`` has a standard error; None when nothing sweeps."""
     lines = sweep_lines(table.records, x_of, y, leave_out)
@@ -480,10 +485,10 @@ def sweep_plot(title: str, table: SuiteTable, x_of: Callable[[Record], float | N
     if log_x:
         ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(f"{label(y)} ({_columns.better(y)} is better)")
+    ax.set_ylabel(ylabel or f"{label(y)} ({_columns.better(y)} is better)")
     ax.grid(alpha=0.3)
     legend(ax, len(lines) + 1)
-    return Plot(title, _png(fig), caption)
+    return Plot(title, _png(fig), caption, wide=_wide(fig))
 
 
 def curves_plot(title: str, curves: dict[str, list[float]], xlabel: str, ylabel: str, caption: str, log_y: bool = True) -> Plot | None:
@@ -499,7 +504,7 @@ def curves_plot(title: str, curves: dict[str, list[float]], xlabel: str, ylabel:
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     legend(ax, len(curves))
-    return Plot(title, _png(fig), caption)
+    return Plot(title, _png(fig), caption, wide=_wide(fig))
 
 
 # -- which plots a report draws: declared by the plugins -----------------------------------
@@ -540,7 +545,7 @@ body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2r
 h1{font-size:1.6rem}h2{margin-top:2.2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
 table{border-collapse:collapse;margin:.8rem 0;font-variant-numeric:tabular-nums}
 th,td{border:1px solid #ddd;padding:.25rem .55rem;text-align:right;white-space:nowrap}
-th{background:#f4f4f4}td.l,th.l{text-align:left}td.l{white-space:normal}td.name{overflow-wrap:anywhere;max-width:15rem}
+th{background:#f4f4f4}td.l,th.l{text-align:left}td.name{white-space:normal;overflow-wrap:anywhere;max-width:15rem}
 details.more{margin:.2rem 0 .8rem}details.more summary{cursor:pointer;color:#444}
 td.better{color:#1a7f37}td.worse{color:#cf222e}tr.baseline td{font-weight:600;background:#fafafa}
 tr.failed td{color:#888}
@@ -638,39 +643,57 @@ def column_groups(lead: list[float], widths: list[float], budget: float | None =
     return groups
 
 
+@dataclass
+class HtmlColumn:
+    """One column of an HTML table: header, cell texts, cell classes; ``wrap`` lets its text wrap (run names)."""
+
+    header: str
+    cells: list[str]
+    classes: list[str] | None = None
+    wrap: bool = False
+
+    @property
+    def width(self) -> float:
+        w = text_width([self.header, *self.cells])
+        return min(w, NAME_PX + CELL_PX) if self.wrap else w
+
+
+def fitted_tables(lead: list[HtmlColumn], rest: list[HtmlColumn], row_classes: list[str], repeat: int) -> str:
+    """HTML tables no wider than the page: the ``lead`` columns (left-aligned) and as many of
+    ``rest`` as fit, then the remaining columns in tables folded into a ``<details>`` below,
+    each repeating the first ``repeat`` lead columns."""
+    rows = len(row_classes)
+
+    def one(left: list[HtmlColumn], part: list[HtmlColumn]) -> str:
+        shown = left + part
+        cells = [[c.cells[r] for c in shown] for r in range(rows)]
+        cls = [[("name " if c.wrap else "") + (c.classes[r] if c.classes else "") for c in shown] for r in range(rows)]
+        return html_table([c.header for c in shown], cells, cls, row_classes, left=len(left))
+
+    groups = column_groups([c.width for c in lead], [c.width for c in rest]) or [[]]
+    first = one(lead, [rest[i] for i in groups[0]])
+    if len(groups) == 1:
+        return first
+    folded = [[rest[i] for i in g] for g in groups[1:]]
+    names = ", ".join(c.header for part in folded for c in part)
+    tables = "".join(one(lead[:repeat], part) for part in folded)
+    return first + f'<details class="more"><summary>{sum(map(len, folded))} more columns: {esc(names)}</summary>{tables}</details>'
+
+
 def html_suite_table(table: SuiteTable, columns: list[str] | None = None) -> str:
     """A suite's runs as HTML tables no wider than the page: the leading columns first, the rest
     in tables folded into a ``<details>`` below (each repeating the run names)."""
     cols = display_columns(table, columns)
     ids = [c for c in cols if c in ("name", "origin", "status")]
-    metrics = [c for c in cols if c not in ids]
     df = table.df
-    text = {c: [cell(row, c) for _, row in df.iterrows()] for c in cols}
-    classes = {c: [verdict(row, c) for _, row in df.iterrows()] for c in metrics}
+    lead = [HtmlColumn(label(c), [cell(row, c) for _, row in df.iterrows()], wrap=c == "name") for c in ids]
+    rest = [
+        HtmlColumn(label(c), [cell(row, c) for _, row in df.iterrows()], [verdict(row, c) for _, row in df.iterrows()])
+        for c in cols if c not in ids
+    ]
     row_classes = ["baseline" if row["name"] == "baseline" else ("failed" if row["status"] != "ok" else "") for _, row in df.iterrows()]
-
-    def width(c: str) -> float:
-        w = text_width([label(c), *text[c]])
-        return min(w, NAME_PX + CELL_PX) if c == "name" else w
-
-    def one(lead: list[str], part: list[str]) -> str:
-        shown = lead + part
-        rows = [[text[c][r] for c in shown] for r in range(len(df))]
-        cls = [["name" if c == "name" else "" for c in lead] + [classes[c][r] for c in part] for r in range(len(df))]
-        return html_table([label(c) for c in shown], rows, cls, row_classes, left=len(lead))
-
-    groups = column_groups([width(c) for c in ids], [width(c) for c in metrics]) or [[]]
-    first = one(ids, [metrics[i] for i in groups[0]])
-    if len(groups) == 1:
-        return first
-    lead = [c for c in ids if c != "status"]
-    rest = [[metrics[i] for i in g] for g in groups[1:]]
-    names = ", ".join(label(c) for part in rest for c in part)
-    folded = "".join(one(lead, part) for part in rest)
-    return (
-        first + f'<details class="more"><summary>{sum(map(len, rest))} more columns: {esc(names)}</summary>'
-        f"{folded}</details>"
-    )
+    repeat = len([c for c in ids if c != "status"])  # name (and origin) head every folded table
+    return fitted_tables(lead, rest, row_classes, repeat)
 
 
 def html(records: list[dict[str, Any]], title: str = "moebench report", columns: list[str] | None = None) -> str:
@@ -687,7 +710,8 @@ def html(records: list[dict[str, Any]], title: str = "moebench report", columns:
         body.append('<div class="plots">' + "".join(html_figure(p) for p in plots(table)) + "</div>")
     prov = provenance(records)
     body.append("<h2>provenance</h2>")
-    body.append('<div class="scroll">' + html_table(["commit", "device", "versions", "host"], [list(p.values()) for p in prov], left=4) + "</div>")
+    wraps = [["", "name", "name", ""] for _ in prov]  # device and versions wrap
+    body.append('<div class="scroll">' + html_table(["commit", "device", "versions", "host"], [list(p.values()) for p in prov], wraps, left=4) + "</div>")
     return html_page(title, "\n".join(body))
 
 

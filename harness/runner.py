@@ -60,6 +60,8 @@ class Job:
     #: the baseline's metrics, for relative metrics (speedups)
     baseline: dict[str, Any] | None = None
     save_models: Path | None = None
+    #: the suite's output folder (``--out``); files a metric writes for a run go under ``<out>/runs/<name>-<run id>``
+    out: Path | None = None
 
 
 def run_job(job: Job, log: Callable[[str], None] = print) -> dict:
@@ -67,7 +69,8 @@ def run_job(job: Job, log: Callable[[str], None] = print) -> dict:
     suite = job.suite
     if suite.hardware.threads:
         torch.set_num_threads(suite.hardware.threads)
-    ctx = Context(seed=suite.info.seed, calibration=job.calibration, device=suite.model.device, baseline=job.baseline, suite=suite, log=log)
+    run_dir = Path(job.out) / "runs" / model_card.folder_name(job.spec.name, job.spec.run_id) if job.out is not None else None
+    ctx = Context(seed=suite.info.seed, calibration=job.calibration, device=suite.model.device, baseline=job.baseline, suite=suite, log=log, run_dir=run_dir)
     return execute(suite, job.spec, ctx, job.save_models)
 
 
@@ -154,7 +157,7 @@ def _records(executor, suite: Suite, todo: list[RunSpec], calibration, baseline,
 
     first = [r for r in todo if r.is_baseline] if needs_relative else []
     for batch in (first, [r for r in todo if r not in first]):
-        jobs = [Job(suite, spec, calibration, baseline, options.save_models) for spec in batch]
+        jobs = [Job(suite, spec, calibration, baseline, options.save_models, options.out) for spec in batch]
         for spec, record in executor.run(jobs, started, options.log):
             if spec.is_baseline and record["status"] == "ok":
                 baseline = record["metrics"]

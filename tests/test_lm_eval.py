@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,3 +174,109 @@ def test_trained_zoo_model_scores_clearly_above_chance(trained_zoo):
     for task in lmeval_tasks.TASKS:
         row = out[task]
         assert row["acc"] - 3 * row["acc_stderr"] > 0.25, (task, row)  # chance is 1 in 4
+
+
+CHAT_TEMPLATE = (  # a Jinja template is data transformers renders; nothing here is executed as Python
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def test_generation_task_with_settings_chat_template_and_per_sample_logs(model, tmp_path):
+    import copy
+
+    from moebench_plugins.metrics.lm_eval_metric import write_samples  # noqa: F401  (the writer measure uses)
+
+    tokenizer = copy.deepcopy(model.tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    chat = MoEModel(model.model, model.adapter, tokenizer=tokenizer, source="random:mixtral")
+    params = parse(LmEvalParams, {
+        "tasks": ["pydoc_gen"], "limit": 3, "log_samples": True, "apply_chat_template": True, "system_instruction": "Continue the text.",
+        "gen_kwargs": {"max_gen_toks": 3, "until": ["\n", "."], "do_sample": False},
+    })
+    out = LmEval().measure(chat, params, Context(run_dir=tmp_path / "run"))
+    score = out["lm_eval"]["pydoc_gen"]["exact_match/first_word"]
+    files = out["lm_eval_info"]["files"]
+    assert 0 <= score <= 1 and set(files["samples"]) == {"pydoc_gen"}
+    results = json.loads(open(files["results"]).read())  # lm-eval's own results file, beside the samples
+    assert results["results"]["pydoc_gen"]["exact_match,first_word"] == score
+    samples = [json.loads(line) for line in open(files["samples"]["pydoc_gen"])]
+    items = lmeval_tasks.gen_items("test")
+    assert [s["doc_id"] for s in samples] == [0, 1, 2] and [s["target"] for s in samples] == [i["target"] for i in items[:3]]
+    for s, item in zip(samples, items):
+        prompt, settings = s["arguments"]["gen_args_0"]["arg_0"], s["arguments"]["gen_args_0"]["arg_1"]
+        assert prompt == f"system: Continue the text.\nuser: {item['context']}\nassistant:"  # the template, rendered
+        assert settings["max_gen_toks"] == 3 and settings["until"] == ["\n", "."] and settings["do_sample"] is False
+        generated = s["resps"][0][0]
+        assert "\n" not in generated and "." not in generated
+        first = generated.split()[:1]
+        assert s["filtered_resps"] == (first or ["[invalid]"]) and s["exact_match"] == float(first == [item["target"]])
+    assert score == sum(s["exact_match"] for s in samples) / 3
+    # greedy (do_sample = false) and max_gen_toks bounds it: twice the tokens, same start
+    longer = evaluate(chat, ["pydoc_gen"], limit=3, log_samples=True, apply_chat_template=True, system_instruction="Continue the text.",
+                      gen_kwargs={"max_gen_toks": 6, "until": ["\n", "."], "do_sample": False})["samples"]["pydoc_gen"]
+    pairs = [(short["resps"][0][0], long["resps"][0][0]) for short, long in zip(samples, longer)]
+    assert all(b.startswith(a) for a, b in pairs) and any(len(b) > len(a) for a, b in pairs)
+
+
+def test_generation_items_are_the_held_out_next_word():
+    items, held_out = lmeval_tasks.gen_items("test"), load_text("embedded:prose", "test")
+    assert len(items) >= 300 and not {i["context"] for i in items} & {i["context"] for i in lmeval_tasks.gen_items("validation")}
+    for item in items[:50]:
+        after = held_out[held_out.index(item["context"]) + len(item["context"]) :]
+        assert after.split()[0] == item["target"] and item["target"].isalpha()
+
+
+def test_chat_template_and_sample_logs_refuse_what_they_cannot_do(model):
+    with pytest.raises(MoebenchError, match="apply_chat_template: the tokenizer of 'random:mixtral' has no chat template"):
+        LmEval().measure(model, parse(LmEvalParams, {"tasks": ["pydoc_gen"], "limit": 1, "apply_chat_template": True}), Context())
+    with pytest.raises(MoebenchError, match="log_samples: no run folder"):
+        LmEval().measure(model, parse(LmEvalParams, {"tasks": ["pydoc_cloze"], "limit": 1, "log_samples": True}), Context())
+    with pytest.raises(ParamError, match=r"gen_kwargs.max_gen_tok: unknown generation setting \(did you mean 'max_gen_toks'"):
+        parse(LmEvalParams, {"gen_kwargs": {"max_gen_tok": 3}})
+    with pytest.raises(ParamError, match="gen_kwargs.until: expected a string or a list"):
+        parse(LmEvalParams, {"gen_kwargs": {"until": 3}})
+    with pytest.raises(ParamError, match="fewshot_as_multiturn needs apply_chat_template"):
+        parse(LmEvalParams, {"fewshot_as_multiturn": True})
+
+
+@pytest.mark.slow
+def test_a_suite_run_keeps_lm_eval_samples_in_its_run_folder_and_exports_them(checkpoint, tmp_path):
+    """`moebench run` with log_samples: lm-eval's files land in <out>/runs/<name>-<run id>/, the record names
+    them, and `moebench report --format lm-eval` copies the samples beside each results file."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from moebench.runner import RunOptions, run_suite
+    from moebench.suite import load_suite
+    from tests.conftest import suite_file
+
+    path = suite_file(tmp_path, checkpoint("mixtral"), textwrap.dedent("""
+        [eval.lm_eval]
+        tasks = ["pydoc_cloze", "pydoc_gen"]
+        limit = 2
+        log_samples = true
+        gen_kwargs = { max_gen_toks = 4 }
+        [[methods]]
+        name = "drop"
+        method = "expert_drop"
+        params = { keep_ratio = 0.5 }
+    """), max_samples=1)
+    result = run_suite(load_suite(path), RunOptions(out=tmp_path / "out", log=lambda m: None))
+    for record in result.records:
+        assert record["status"] == "ok", record.get("error")
+        files = record["metrics"]["lm_eval_info"]["files"]
+        folder = tmp_path / "out" / "runs" / f"{record['name']}-{record['run_id']}"
+        assert set(files["samples"]) == {"pydoc_cloze", "pydoc_gen"}
+        for task, sample_file in files["samples"].items():
+            assert Path(sample_file).parent == folder and len(Path(sample_file).read_text().splitlines()) == 2
+        gen = [json.loads(line) for line in open(files["samples"]["pydoc_gen"])]
+        assert all(s["arguments"]["gen_args_0"]["arg_1"]["max_gen_toks"] == 4 for s in gen)
+    done = subprocess.run([sys.executable, "-m", "moebench.cli", "report", str(tmp_path / "out"), "--format", "lm-eval", "--out", str(tmp_path / "lm")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for record in result.records:
+        exported = tmp_path / "lm" / f"{record['name']}-{record['run_id']}"
+        (results,) = exported.glob("results_*.json")
+        stamp = results.name[len("results_") : -len(".json")]
+        assert sorted(p.name for p in exported.glob("samples_*.jsonl")) == [f"samples_pydoc_cloze_{stamp}.jsonl", f"samples_pydoc_gen_{stamp}.jsonl"]

@@ -70,6 +70,19 @@ def read_wandb_run(path: Path) -> dict:
     return out
 
 
+def finished_wandb_run(path: Path, timeout: float = 60) -> dict:
+    """``read_wandb_run`` once W&B's service has flushed the run's exit record (it writes the
+    file in its own process, after ``finish`` returns)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        run = read_wandb_run(path)
+        if run["exit_code"] is not None or time.monotonic() > deadline:
+            return run
+        time.sleep(0.2)
+
+
 @pytest.fixture
 def file_store(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for this to use a file store
@@ -108,7 +121,7 @@ def test_every_run_reaches_mlflow_and_wandb_with_its_metrics_params_and_tags(che
 
     files = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 2
-    logged = {run["name"]: run for run in map(read_wandb_run, files)}
+    logged = {run["name"]: run for run in map(finished_wandb_run, files)}
     assert set(logged) == {"baseline", "drop"}
     for name, run in logged.items():
         record = records[name]
@@ -152,12 +165,24 @@ def test_loggers_send_a_record_to_a_file_store_and_an_offline_run(tmp_path, file
     wb = WandbLogger(WandbParams(mode="offline", dir=str(tmp_path / "wb"), project="p"), _Suite())
     wb.log(record("a"))
     (path,) = (tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb")
-    run = read_wandb_run(path)
+    run = finished_wandb_run(path)
     assert run["name"] == "a" and run["group"] == "s" and run["exit_code"] == 0 and "run_id:id-a" in run["tags"]
     assert run["history"]["perplexity"] == 12.5 and run["history"]["lm_eval.pydoc_mc.acc"] == 0.5
     assert run["config"]["expert_drop#2.keep_ratio"] == 0.25 and run["config"]["moebench.status"] == "ok"
 
 
+def test_a_tracker_that_cannot_be_reached_is_a_one_line_error_when_opened(tmp_path, monkeypatch):
+    from moebench_plugins.loggers import _opened
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    path = tmp_path / "t.toml"
+    path.write_text('[suite]\nname = "t"\n[model]\nsource = "zoo:mixtral"\n[log.mlflow]\ntracking_uri = "http://127.0.0.1:9"\n')
+    with pytest.raises(MoebenchError, match=r"^log.mlflow.tracking_uri 'http://127.0.0.1:9': cannot open experiment 't': [^\n]+$"):
+        _opened(load_suite(path))
+
+
+@pytest.mark.slow
 def test_a_tracker_that_cannot_be_reached_stops_the_suite_before_any_run(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
@@ -185,3 +210,19 @@ def test_bad_log_tables_are_one_line_errors_naming_the_field(tmp_path, table, fi
     with pytest.raises(SuiteError) as info:
         load_suite(path)
     assert info.value.field == field and message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_moebench_log_sends_finished_results_after_the_fact(tmp_path, file_store):
+    from moebench_plugins.loggers.cli import log_cmd
+
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "results.jsonl").write_text("".join(json.dumps(record(n).to_dict()) + "\n" for n in ("a", "b")))
+    suite = tmp_path / "s.toml"
+    suite.write_text(f'[suite]\nname = "later"\n[model]\nsource = "zoo:mixtral"\n[log.mlflow]\ntracking_uri = "{file_store}"\n')
+    log_cmd([tmp_path / "r"], suite)
+    client = mlflow.tracking.MlflowClient(file_store)
+    runs = client.search_runs([client.get_experiment_by_name("later").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["a", "b"] and {r.data.metrics["perplexity"] for r in runs} == {12.5}
+    suite.write_text('[model]\nsource = "zoo:mixtral"\n')
+    with pytest.raises(MoebenchError, match="no \\[log.mlflow\\] or \\[log.wandb\\] table"):
+        log_cmd([tmp_path / "r"], suite)

@@ -19,7 +19,8 @@ def lora_rank(record: Record) -> int | None:
 
 def perplexity_vs_rank(table: SuiteTable) -> Plot | None:
     return sweep_plot("Perplexity vs LoRA rank", table, lora_rank, "perplexity", ("rank",), "rank (log scale)",
-                      "one line per method and setting that sweeps the rank parameter", log_x=True)
+                      "one line per method and setting that sweeps the rank parameter", log_x=True,
+                      ylabel="perplexity (lower is better)")
 
 
 def loss_curves(records: Iterable[dict[str, Any] | Record]) -> dict[str, list[float]]:

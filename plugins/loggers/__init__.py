@@ -22,6 +22,7 @@ suite goes on (the record is already safe in ``results.jsonl``).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from moebench.console import err as console_err
@@ -32,8 +33,10 @@ from moebench.suite import SuiteTable
 
 from .tables import LOGGERS, parse_log_table
 
-#: per suite object: the loggers already opened (reached once before the first run)
-_OPENED: dict[int, dict[str, Any]] = {}
+#: per suite object (by id, with a weak reference so a later suite reusing the id starts afresh):
+#: the loggers already opened (reached once before the first run). Kept here, not on the
+#: suite, because the suite travels to Ray workers and tracker clients need not pickle.
+_OPENED: dict[int, tuple[weakref.ref, dict[str, Any]]] = {}
 
 
 def _loggers(suite) -> dict[str, Any]:
@@ -42,7 +45,12 @@ def _loggers(suite) -> dict[str, Any]:
 
 def _opened(suite) -> dict[str, Any]:
     """Each configured logger of ``suite``, opened on first use (a MoebenchError when a tracker cannot be reached)."""
-    opened = _OPENED.setdefault(id(suite), {})
+    ref, opened = _OPENED.get(id(suite), (None, None))
+    if ref is None or ref() is not suite:
+        for key in [k for k, (r, _) in _OPENED.items() if r() is None]:
+            del _OPENED[key]
+        opened = {}
+        _OPENED[id(suite)] = (weakref.ref(suite), opened)
     for name, params in _loggers(suite).items():
         if name not in opened:
             opened[name] = LOGGERS[name](params, suite)
@@ -59,6 +67,17 @@ def on_run_start(suite, spec):
     _opened(suite)
 
 
+def send(loggers: dict[str, Any], rec: Record) -> list[str]:
+    """Send one record to every opened logger; returns a warning line per tracker that failed."""
+    failed = []
+    for name, logger in loggers.items():
+        try:
+            logger.log(rec)
+        except Exception as exc:  # the record is written already: a tracker hiccup must not stop the suite
+            failed.append(f"warning: log.{name}: run {rec.name!r} was not logged ({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); its record is in results.jsonl")
+    return failed
+
+
 @hookimpl
 def on_record(suite, record):
     if not _loggers(suite):
@@ -69,8 +88,12 @@ def on_record(suite, record):
     except MoebenchError as exc:  # a resumed suite may reach on_record first
         console_err.print(f"warning: {exc}; run {rec.name!r} was not logged (its record is in results.jsonl)", markup=False)
         return
-    for name, logger in loggers.items():
-        try:
-            logger.log(rec)
-        except Exception as exc:  # the record is written already: a tracker hiccup must not stop the suite
-            console_err.print(f"warning: log.{name}: run {rec.name!r} was not logged ({type(exc).__name__}: {exc}); its record is in results.jsonl", markup=False)
+    for line in send(loggers, rec):
+        console_err.print(line, markup=False)
+
+
+@hookimpl
+def register_commands(cli):
+    from .cli import log_cmd
+
+    cli.command("log")(log_cmd)

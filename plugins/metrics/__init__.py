@@ -77,7 +77,7 @@ class Perplexity(Metric):
     name = "perplexity"
     Params = PerplexityParams
     columns = (
-        Column("perplexity", label="ppl", order=10, delta=True, tolerance={"rel": 0.01}, setting=_setting),
+        Column("perplexity", label="ppl", order=10, delta=True, tolerance={"rel": 0.01}, setting=_setting, leaderboard=0),
         # the evaluation setting stored beside the value, not figures to compare
         Column("perplexity.seqlen", skip=True),
         Column("perplexity.windows", skip=True),

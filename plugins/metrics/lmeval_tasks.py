@@ -14,7 +14,14 @@ from its ``validation`` split; the zoo models never trained on either.
   next word and three other words of the same document (so topic alone does not
   give the answer away).
 
-Chance is 25% on both. Items are built deterministically (seeded per task and split)
+- ``pydoc_gen``: next-word generation (``generate_until``, GSM8K's shape: generate,
+  extract the answer with a regex filter, exact match). The context is ~48 words; the
+  model generates greedily until a line break (at most 8 tokens), the filter keeps the
+  first word of what it wrote, and that must equal the true next word as written
+  (punctuation included). Generation settings and a chat template come from the suite
+  (``gen_kwargs``, ``apply_chat_template``), as with any lm-eval generation task.
+
+Chance is 25% on the two multiple-choice tasks. Items are built deterministically (seeded per task and split)
 and shuffled once, so lm-eval's ``limit`` takes a spread of documents. The YAML
 configs and their ``custom_dataset`` loader live in ``moebench_plugins/metrics/tasks`` (:data:`TASKS_DIR`).
 """
@@ -30,6 +37,8 @@ from moebench import corpus
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 TASKS = ("pydoc_mc", "pydoc_cloze")
+#: generation tasks (slow next to log-likelihood ones, so not in the default task list)
+GENERATION_TASKS = ("pydoc_gen",)
 DOMAIN = "prose"
 SPLITS = {"test": "test", "validation": "validation"}  # lm-eval split -> corpus split
 
@@ -112,7 +121,22 @@ def cloze_items(split: str, seed: int = 0) -> tuple[dict, ...]:
     return tuple(_finish(items, rng))
 
 
-BUILDERS = {"pydoc_mc": mc_items, "pydoc_cloze": cloze_items}
+@lru_cache(maxsize=None)
+def gen_items(split: str, seed: int = 0) -> tuple[dict, ...]:
+    """Next-word generation items: ``{context, target, doc}``, the target being the next word as written."""
+    docs = corpus.documents(DOMAIN, SPLITS[split])
+    rng = random.Random(f"pydoc_gen/{split}/{seed}")
+    items = []
+    for d, doc in enumerate(docs):
+        words = _spans(doc)
+        texts = [doc[a:b] for a, b in words]
+        for i in range(CONTEXT_WORDS, len(words), CLOZE_STRIDE):
+            if _CLOZE_WORD.fullmatch(texts[i]):  # a real word, not a symbol or a number
+                items.append({"context": _context(doc, words, i), "target": texts[i], "doc": d})
+    return tuple(_finish(items, rng))
+
+
+BUILDERS = {"pydoc_mc": mc_items, "pydoc_cloze": cloze_items, "pydoc_gen": gen_items}
 
 
 def dataset(task: str, seed: int = 0):

@@ -31,7 +31,8 @@ def experts_after(record: Record) -> int | None:
 def perplexity_vs_experts(table: SuiteTable) -> Plot | None:
     return sweep_plot("Perplexity vs routed experts", table, experts_after, "perplexity", ("keep", "keep_ratio"),
                       "routed experts left (all MoE layers)",
-                      "one line per method and setting that sweeps the kept/fused expert count (changes.<method>.experts_after)")
+                      "one line per method and setting that sweeps the kept/fused expert count (changes.<method>.experts_after)",
+                      ylabel="perplexity (lower is better)")
 
 
 PLOTS = [

@@ -9,3 +9,7 @@ def pydoc_mc(**kwargs):
 
 def pydoc_cloze(**kwargs):
     return lmeval_tasks.dataset("pydoc_cloze")
+
+
+def pydoc_gen(**kwargs):
+    return lmeval_tasks.dataset("pydoc_gen")
