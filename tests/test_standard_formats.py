@@ -140,3 +140,32 @@ def test_bnb_4bit_linear_layers_save_in_transformers_bitsandbytes_serialization(
     assert any("fused 3-D" in b for b in bnb_blockers(experts))
     experts.save(tmp_path / "experts")
     assert experts.saved_format == "moebench"
+
+
+@pytest.mark.slow
+def test_run_save_models_records_the_standard_format_and_its_card_says_how_to_load(checkpoint, tmp_path):
+    from conftest import suite_file
+
+    from moebench.runner import RunOptions, run_suite
+    from moebench.store import read_records
+    from moebench.suite import load_suite
+
+    methods = """
+        [[methods]]
+        name = "rtn-sym"
+        method = "rtn"
+        params = { storage = "int4", symmetric = true }
+        [[methods]]
+        name = "rtn-asym"
+        method = "rtn"
+        params = { storage = "int4" }
+    """
+    path = suite_file(tmp_path, checkpoint("qwen3_moe"), methods, max_samples=2)
+    logged = []
+    run_suite(load_suite(path), RunOptions(out=tmp_path / "out", save_models=tmp_path / "models", log=logged.append))
+    _, sym, asym = list(read_records(tmp_path / "out"))
+    assert sym["status"] == asym["status"] == "ok", (sym.get("error"), asym.get("error"))
+    assert sym["saved_model"]["format"] == "compressed-tensors" and sym["saved_model"]["loader"] == "transformers"
+    assert asym["saved_model"]["format"] == "moebench" and asym["saved_model"]["loader"] == LOADER
+    card = (tmp_path / "models" / f"{sym['name']}-{sym['run_id']}" / "README.md").read_text()
+    assert "compressed-tensors" in card and "AutoModelForCausalLM.from_pretrained" in card
