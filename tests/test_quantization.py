@@ -213,12 +213,26 @@ def test_fake_quantization_is_noted_with_theoretical_bytes():
     assert 0 < changes["awq_alpha_mean"]["experts"] < 1
 
 
+def test_int8_symmetric_storage_holds_the_fake_quantized_weights_one_byte_per_code():
+    fake, stored = tiny(), tiny()
+    ctx = context()
+    apply(fake, "rtn", ctx, bits=8, symmetric=True)
+    changes = apply(stored, "rtn", ctx, bits=8, symmetric=True, storage="int8")
+    experts = stored.block(1).experts
+    assert isinstance(experts, PackedInt4Experts) and experts.bits == 8
+    assert torch.equal(experts.gate_up_proj, fake.block(1).gate_up_proj)
+    assert bool((experts.gate_up_zeros == 128).all()) and changes["symmetric"] is True
+    assert 8.0 < changes["bits_per_weight"]["experts"] < 8.5
+
+
 def test_parameter_errors_name_the_field():
     params = host().method("gptq").Params
     with pytest.raises(ParamError, match="bits must be one of 2, 3, 4, 8, got 5"):
         parse(params, {"bits": 5})
     with pytest.raises(ParamError, match="storage 'int4' needs bits = 4"):
         parse(params, {"bits": 3, "storage": "int4"})
+    with pytest.raises(ParamError, match="storage 'int8' needs bits = 8, got bits = 4"):
+        parse(params, {"storage": "int8"})
     with pytest.raises(ParamError, match="group_size must be -1"):
         parse(params, {"group_size": 0})
     with pytest.raises(ParamError, match="blocksize must be a power of two"):

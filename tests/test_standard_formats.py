@@ -60,7 +60,8 @@ def _check_compressed_tensors(tmp_path, cases: dict) -> None:
         qc = config["quantization_config"]
         assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
         schemes = list(qc["config_groups"].values())
-        assert all(s["weights"]["num_bits"] == 4 and s["weights"]["symmetric"] for s in schemes)
+        bits = params.get("bits", 4)
+        assert all(s["weights"]["num_bits"] == bits and s["weights"]["symmetric"] for s in schemes)
         keys = _keys(tmp_path / key)
         assert any(".experts.0." in k and k.endswith(".weight_packed") for k in keys)
         assert not any("qweight" in k or k.endswith("_zeros") for k in keys)
@@ -94,12 +95,15 @@ def test_symmetric_rtn_int4_compressed_tensors_loads_in_a_process_without_moeben
 
 
 @pytest.mark.slow
-def test_symmetric_gptq_int4_in_groups_saves_as_compressed_tensors_on_every_family(tmp_path):
+def test_symmetric_gptq_int4_and_rtn_int8_in_groups_save_as_compressed_tensors_on_every_family(tmp_path):
     # groups of 32 (the "group" strategy), and families with other original names (mixtral: experts.N.w1/w2/w3)
     from conftest import ARCHS
 
     params = {"storage": "int4", "symmetric": True, "group_size": 32, "targets": ["experts", "attention", "shared", "dense"]}
-    _check_compressed_tensors(tmp_path, {arch: ("gptq", params, arch) for arch in ARCHS})
+    cases = {arch: ("gptq", params, arch) for arch in ARCHS}
+    # 8-bit codes (storage = "int8"), packed by compressed-tensors the same way
+    cases["rtn_int8"] = ("rtn", {**params, "bits": 8, "storage": "int8"}, "qwen3_moe")
+    _check_compressed_tensors(tmp_path, cases)
 
 
 def test_int4_the_format_cannot_state_keeps_moebench_layout_with_the_reason(tmp_path):
@@ -136,3 +140,32 @@ def test_bnb_4bit_linear_layers_save_in_transformers_bitsandbytes_serialization(
     assert any("fused 3-D" in b for b in bnb_blockers(experts))
     experts.save(tmp_path / "experts")
     assert experts.saved_format == "moebench"
+
+
+@pytest.mark.slow
+def test_run_save_models_records_the_standard_format_and_its_card_says_how_to_load(checkpoint, tmp_path):
+    from conftest import suite_file
+
+    from moebench.runner import RunOptions, run_suite
+    from moebench.store import read_records
+    from moebench.suite import load_suite
+
+    methods = """
+        [[methods]]
+        name = "rtn-sym"
+        method = "rtn"
+        params = { storage = "int4", symmetric = true }
+        [[methods]]
+        name = "rtn-asym"
+        method = "rtn"
+        params = { storage = "int4" }
+    """
+    path = suite_file(tmp_path, checkpoint("qwen3_moe"), methods, max_samples=2)
+    logged = []
+    run_suite(load_suite(path), RunOptions(out=tmp_path / "out", save_models=tmp_path / "models", log=logged.append))
+    _, sym, asym = list(read_records(tmp_path / "out"))
+    assert sym["status"] == asym["status"] == "ok", (sym.get("error"), asym.get("error"))
+    assert sym["saved_model"]["format"] == "compressed-tensors" and sym["saved_model"]["loader"] == "transformers"
+    assert asym["saved_model"]["format"] == "moebench" and asym["saved_model"]["loader"] == LOADER
+    card = (tmp_path / "models" / f"{sym['name']}-{sym['run_id']}" / "README.md").read_text()
+    assert "compressed-tensors" in card and "AutoModelForCausalLM.from_pretrained" in card

@@ -5,9 +5,9 @@
 expert is two matrices, ``gate_up [2I, H]`` and ``down [H, I]``, and GPTQ/AWQ solve
 each expert on the tokens routed to it, layer-sequentially. With ``storage = "fake"``
 the weights are dequantized back into the original dtype (the record says so and gives
-the theoretical bytes); with ``storage = "int4"`` they are replaced by
-:class:`PackedInt4Experts` / :class:`PackedInt4Linear`, which hold packed 4-bit codes
-and dequantize on the fly, so weight bytes are measured. ``bnb_4bit`` stores NF4/FP4
+the theoretical bytes); with ``storage = "int4"`` (or ``"int8"``) they are replaced by
+:class:`PackedInt4Experts` / :class:`PackedInt4Linear`, which hold packed 4-bit (or plain
+8-bit) codes and dequantize on the fly, so weight bytes are measured. ``bnb_4bit`` stores NF4/FP4
 codes made by bitsandbytes (:class:`Bnb4bitExperts`, :class:`Bnb4bitLinear`).
 
 AWQ folds each expert's down scale into its up rows; the gate/up scale (shared by a
@@ -136,23 +136,25 @@ class QuantizedExperts(nn.Module):
 
 
 class PackedInt4Experts(QuantizedExperts):
-    """Experts as packed int4 codes (two per byte), float16 group scales and 4-bit zero points (one byte each).
+    """Experts as packed int4 codes (two per byte; ``bits = 8``: one code per byte), float16 group scales
+    and zero points (one byte each).
 
     With ``input_scales`` (AWQ) each expert also keeps a float16 scale per input channel
     that divides the dequantized columns.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str,
-                 group_size: int = 128, input_scales: bool = False, dtype: str = "float32"):
+                 group_size: int = 128, input_scales: bool = False, dtype: str = "float32", bits: int = 4):
         super().__init__(num_experts, hidden_size, intermediate_size, hidden_act, dtype)
         self.input_scales = input_scales
+        self.bits = bits
         self.group_sizes = {}
         for attr, (rows, cols) in self.shapes.items():
             g = group_size_for(group_size, cols)
             self.group_sizes[attr] = g
             p = attr[: -len("_proj")]
             groups = math.ceil(cols / g)
-            self.register_buffer(f"{p}_qweight", torch.zeros(num_experts, rows, (cols + 1) // 2, dtype=torch.uint8))
+            self.register_buffer(f"{p}_qweight", torch.zeros(num_experts, rows, _code_bytes(cols, bits), dtype=torch.uint8))
             self.register_buffer(f"{p}_scales", torch.zeros(num_experts, rows, groups, dtype=torch.int16))
             self.register_buffer(f"{p}_zeros", torch.zeros(num_experts, rows, groups, dtype=torch.uint8))
             if input_scales:
@@ -161,9 +163,9 @@ class PackedInt4Experts(QuantizedExperts):
     def fill(self, attr: str, q: Quantized, input_scale: torch.Tensor | None = None) -> None:
         """Store ``q`` (codes ``[E, rows, cols]``) and, for AWQ, the input scales ``[E, cols]``."""
         p = attr[: -len("_proj")]
-        if q.bits != 4 or q.group_size != self.group_sizes[attr]:
-            raise ValueError(f"{attr}: expected 4-bit codes with group size {self.group_sizes[attr]}")
-        getattr(self, f"{p}_qweight").copy_(pack_int4(q.codes))
+        if q.bits != self.bits or q.group_size != self.group_sizes[attr]:
+            raise ValueError(f"{attr}: expected {self.bits}-bit codes with group size {self.group_sizes[attr]}")
+        getattr(self, f"{p}_qweight").copy_(_pack(q.codes, self.bits))
         getattr(self, f"{p}_scales").copy_(_half_bits(q.scale))
         getattr(self, f"{p}_zeros").copy_(q.zero.to(torch.uint8))
         if self.input_scales:
@@ -173,13 +175,25 @@ class PackedInt4Experts(QuantizedExperts):
         p = attr[: -len("_proj")]
         cols = self.shapes[attr][1]
         g = self.group_sizes[attr]
-        codes = unpack_int4(getattr(self, f"{p}_qweight")[e], cols).float()
+        codes = _unpack(getattr(self, f"{p}_qweight")[e], cols, self.bits).float()
         scale = expand_groups(_from_half_bits(getattr(self, f"{p}_scales")[e]), g, cols)
         zero = expand_groups(getattr(self, f"{p}_zeros")[e].float(), g, cols)
         w = (codes - zero) * scale
         if self.input_scales:
             w = w / _from_half_bits(getattr(self, f"{p}_input_scale")[e])[None, :]
         return w
+
+
+def _code_bytes(cols: int, bits: int) -> int:
+    return (cols + 1) // 2 if bits == 4 else cols
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    return pack_int4(codes) if bits == 4 else codes.to(torch.uint8)
+
+
+def _unpack(stored: torch.Tensor, cols: int, bits: int) -> torch.Tensor:
+    return unpack_int4(stored, cols) if bits == 4 else stored
 
 
 class Bnb4bitExperts(QuantizedExperts):
@@ -259,24 +273,25 @@ class QuantizedLinear(nn.Module):
 
 
 class PackedInt4Linear(QuantizedLinear):
-    """A Linear layer as packed int4 codes with float16 group scales (and AWQ input scales)."""
+    """A Linear layer as packed int4 codes (``bits = 8``: one code per byte) with float16 group scales (and AWQ input scales)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 128,
-                 input_scales: bool = False, dtype: str = "float32"):
+                 input_scales: bool = False, dtype: str = "float32", bits: int = 4):
         super().__init__(in_features, out_features, bias, dtype)
         self.group_size = group_size_for(group_size, in_features)
         self.input_scales = input_scales
+        self.bits = bits
         groups = math.ceil(in_features / self.group_size)
-        self.register_buffer("qweight", torch.zeros(out_features, (in_features + 1) // 2, dtype=torch.uint8))
+        self.register_buffer("qweight", torch.zeros(out_features, _code_bytes(in_features, bits), dtype=torch.uint8))
         self.register_buffer("scales", torch.zeros(out_features, groups, dtype=torch.int16))
         self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8))
         if input_scales:
             self.register_buffer("input_scale", torch.zeros(in_features, dtype=torch.int16))
 
     def fill(self, q: Quantized, input_scale: torch.Tensor | None = None) -> None:
-        if q.bits != 4 or q.group_size != self.group_size:
-            raise ValueError(f"expected 4-bit codes with group size {self.group_size}")
-        self.qweight.copy_(pack_int4(q.codes))
+        if q.bits != self.bits or q.group_size != self.group_size:
+            raise ValueError(f"expected {self.bits}-bit codes with group size {self.group_size}")
+        self.qweight.copy_(_pack(q.codes, self.bits))
         self.scales.copy_(_half_bits(q.scale))
         self.zeros.copy_(q.zero.to(torch.uint8))
         if self.input_scales:
@@ -284,7 +299,7 @@ class PackedInt4Linear(QuantizedLinear):
 
     def dequantize(self) -> torch.Tensor:
         cols = self.in_features
-        codes = unpack_int4(self.qweight, cols).float()
+        codes = _unpack(self.qweight, cols, self.bits).float()
         w = (codes - expand_groups(self.zeros.float(), self.group_size, cols)) * expand_groups(
             _from_half_bits(self.scales), self.group_size, cols
         )
@@ -357,10 +372,11 @@ class QuantParams:
     targets: list[str] = param(
         default_factory=lambda: ["experts"], help="module kinds quantized: experts, shared, attention, dense"
     )
-    storage: Literal["fake", "int4"] = param(
+    storage: Literal["fake", "int4", "int8"] = param(
         "fake",
         help="fake: dequantized back to the original dtype (theoretical bytes); "
-        "int4: packed 4-bit codes dequantized on the fly (measured bytes; needs bits = 4)",
+        "int4: packed 4-bit codes dequantized on the fly (measured bytes; needs bits = 4); "
+        "int8: one 8-bit code per byte, likewise (needs bits = 8)",
     )
     symmetric: bool = param(
         False,
@@ -374,8 +390,8 @@ class QuantParams:
             raise ValueError(f"bits must be one of {', '.join(map(str, BITS))}, got {self.bits}")
         if self.group_size == 0 or self.group_size < -1:
             raise ValueError(f"group_size must be -1 (per row) or >= 1, got {self.group_size}")
-        if self.storage == "int4" and self.bits != 4:
-            raise ValueError(f"storage 'int4' needs bits = 4, got bits = {self.bits}")
+        if self.storage in ("int4", "int8") and self.bits != int(self.storage[3:]):
+            raise ValueError(f"storage '{self.storage}' needs bits = {self.storage[3:]}, got bits = {self.bits}")
         check_targets(self.targets)
 
 
@@ -449,7 +465,7 @@ class _Quantizer(Method):
                 for c in group.chunks():  # dequantized a slice at a time: no float32 copy of the whole layer
                     w = q.select(c).dequantize()
                     group.weight[c] = (w if in_scale is None else w / in_scale[c, None, :]).to(dtype)
-                if params.storage == "int4":
+                if params.storage != "fake":
                     packed.setdefault(group.path, {})[group.attr] = (group, q, in_scale)
             for path, parts in packed.items():
                 tally.stored(self._store(model, path, parts, params), next(iter(parts.values()))[0].kind)
@@ -494,7 +510,8 @@ class _Quantizer(Method):
     def _store(model: MoEModel, path: str, parts: dict, params: QuantParams) -> nn.Module:
         """Replace the module at ``path`` by its packed int4 form (``parts``: attr -> (group, codes, input scales))."""
         group, q, scale = next(iter(parts.values()))
-        init = {"group_size": params.group_size, "input_scales": scale is not None}
+        init = {"group_size": params.group_size, "input_scales": scale is not None,
+                **({"bits": params.bits} if params.bits != 4 else {})}
         if group.attr == "weight":
             return store_linear(model, path, PackedInt4Linear, (_first(q), None if scale is None else scale[0]), **init)
         return store_experts(model, path, PackedInt4Experts, {attr: (q, s) for attr, (_, q, s) in parts.items()}, **init)

@@ -1,4 +1,4 @@
-"""Packed int4 models saved in the compressed-tensors format (what llm-compressor writes; transformers and vLLM load it).
+"""Packed int4/int8 models saved in the compressed-tensors format (what llm-compressor writes; transformers and vLLM load it).
 
 transformers 5 holds a MoE block's experts as fused 3-D parameters (``gate_up_proj [E, 2I, H]``,
 ``down_proj [E, H, I]``), while a compressed-tensors checkpoint stores them per expert under
@@ -51,6 +51,7 @@ class Matrix:
     scale: torch.Tensor
     group: int
     experts: bool
+    bits: int
 
 
 def _matrices(model: MoEModel) -> tuple[list[Matrix], list[str]]:
@@ -81,7 +82,7 @@ def _matrices(model: MoEModel) -> tuple[list[Matrix], list[str]]:
             continue
         for attr, prefix in attrs:
             zeros = getattr(module, f"{prefix}zeros")
-            if not bool((zeros == 8).all()):
+            if not bool((zeros == 2 ** (module.bits - 1)).all()):
                 why.append(f"{path}: asymmetric groups (zero points); quantize with symmetric = true")
                 break
             rows, cols = shapes[attr]
@@ -94,25 +95,25 @@ def _matrices(model: MoEModel) -> tuple[list[Matrix], list[str]]:
                 weight = module.dequantize()
             else:
                 weight = torch.stack([module.weight(attr, e) for e in range(module.num_experts)])
-            found.append(Matrix(f"{path}.{attr}", weight.float(), scale.float(), g, attr != "weight"))
-    expert_groups = {m.group if m.group < m.weight.shape[-1] else -1 for m in found if m.experts}
+            found.append(Matrix(f"{path}.{attr}", weight.float(), scale.float(), g, attr != "weight", module.bits))
+    expert_groups = {(m.bits, m.group if m.group < m.weight.shape[-1] else -1) for m in found if m.experts}
     if len(expert_groups) > 1:
-        why.append("routed experts' matrices use different group sizes (transformers applies one scheme to every expert)")
+        why.append("routed experts' matrices use different group sizes or bits (transformers applies one scheme to every expert)")
     return found, why
 
 
 def blockers(model: MoEModel) -> list[str]:
     """Why ``model`` cannot be written in the compressed-tensors format (empty: it can)."""
     found, why = _matrices(model)
-    return why if found else why + ["no packed int4 module"]
+    return why if found else why + ["no packed int4/int8 module"]
 
 
-def _args(group: int, cols: int):
+def _args(bits: int, group: int, cols: int):
     from compressed_tensors.quantization import QuantizationArgs
 
     if group >= cols:
-        return QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="channel")
-    return QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group)
+        return QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="channel")
+    return QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group)
 
 
 def save(model: MoEModel, folder) -> str | None:
@@ -141,16 +142,18 @@ def save(model: MoEModel, folder) -> str | None:
         if not key.endswith(".weight") or (is_expert and not re.fullmatch(EXPERTS_TARGET[3:], name)):
             return None  # a family whose original names this export does not know
         rows, cols = scale.shape
-        g = next(m.group for m in found if m.weight.shape[-1] == cols and m.experts == is_expert)
+        m = next(m for m in found if m.weight.shape[-1] == cols and m.experts == is_expert)
+        g = m.group
         grouped = scale.reshape(rows, cols // g, g)
         if not bool((grouped == grouped[..., :1]).all()):
             return None  # the original layout is not row-major with contiguous groups (e.g. transposed): not written
-        args = _args(g, cols)
+        args = _args(m.bits, g, cols)
         if is_expert:
             experts_args = experts_args or args
-            if args.strategy != experts_args.strategy or args.group_size != experts_args.group_size:
+            if (args.num_bits, args.strategy, args.group_size) != (experts_args.num_bits, experts_args.strategy,
+                                                                 experts_args.group_size):
                 return None
-        entry = groups.setdefault((is_expert, args.strategy, args.group_size), {"args": args, "targets": []})
+        entry = groups.setdefault((is_expert, args.num_bits, args.strategy, args.group_size), {"args": args, "targets": []})
         scheme = QuantizationScheme(targets=[name], weights=args, format="pack-quantized")
         packed = PackedQuantizationCompressor.compress({"weight": original.pop(key), "weight_scale": grouped[..., 0].contiguous()},
                                                        scheme)
@@ -159,7 +162,7 @@ def save(model: MoEModel, folder) -> str | None:
         if not is_expert:
             entry["targets"].append(name)
     config_groups = {}
-    for i, ((is_expert, _, _), entry) in enumerate(sorted(groups.items(), key=lambda kv: not kv[0][0])):
+    for i, ((is_expert, *_), entry) in enumerate(sorted(groups.items(), key=lambda kv: not kv[0][0])):
         targets = [EXPERTS_TARGET] if is_expert else entry["targets"]
         config_groups[f"group_{i}"] = QuantizationScheme(targets=targets, weights=entry["args"], format="pack-quantized")
     qconfig = QuantizationConfig(config_groups=config_groups, format="pack-quantized", quantization_status="compressed")
