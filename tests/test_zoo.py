@@ -138,9 +138,12 @@ def test_default_model_is_trained_and_specialised(default_model, tok):
     for domain in ("prose", "code"):
         assert after["perplexity"][domain] < 150
     routing = after["routing"]
-    assert routing["tv_mean"] > 0.15 and routing["tv_mean"] > before["routing"]["tv_mean"]
+    # Prose and code use the experts differently. (Random routers already differ by domain,
+    # TV ~0.15, because the domains' tokens differ; recipe 3 trades some of the 0.23 that
+    # recipe 2 reached for routed experts that carry the prediction: docs/benchmarks.md.)
+    assert routing["tv_mean"] > 0.1
     assert all(h < 0.99 for h in routing["entropy_norm_mean"].values())
-    assert all(share > 0.6 for share in routing["top_half_share_mean"].values())  # uneven use
+    assert all(share > 0.7 for share in routing["top_half_share_mean"].values())  # uneven use
 
     model = AutoModelForCausalLM.from_pretrained(default_model)
     assert type(model).__name__ == zoo.ZOO[zoo.DEFAULT].model_class
@@ -148,6 +151,24 @@ def test_default_model_is_trained_and_specialised(default_model, tok):
     assert loaded_tok.get_vocab() == tok.get_vocab()
     again = zoo.evaluate(model, loaded_tok)
     assert again["perplexity"] == pytest.approx(after["perplexity"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_default_models_routed_experts_carry_the_prediction(default_model, tok):
+    """Issue #13: without its routed experts the default model is far worse (recipe 2: +5%)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(default_model).eval()
+    base = zoo.evaluate(model, tok, max_windows=8)["perplexity"]["all"]
+    experts = [m for m in model.modules() if type(m).__name__.endswith("Experts")]
+    assert len(experts) == model.config.num_hidden_layers - model.config.first_k_dense_replace
+    hooks = [m.register_forward_hook(lambda mod, args, out: torch.zeros_like(out)) for m in experts]
+    try:
+        without = zoo.evaluate(model, tok, max_windows=8)["perplexity"]["all"]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert without > 1.2 * base, (base, without)
 
 
 def test_zoo_list_says_which_models_are_built_and_version_flag(tmp_path, monkeypatch):
