@@ -44,6 +44,8 @@ class Column:
     - ``leaderboard``: position among the columns a leaderboard shows beside its ranking metric
       (smaller first; the column at position 0 is the default ranking metric); ``None``: not shown there.
     - ``size``: the model-size axis that Pareto fronts trade against (the leaderboard's ★ and its plot).
+    - ``process``: a figure of the process and machine the run ran in (time, memory), not of
+      the compressed model: a serial, sharded or Ray run of the same suite may differ on it.
     """
 
     pattern: str
@@ -58,6 +60,7 @@ class Column:
     si: bool = False
     derive: Callable[[dict[str, Any]], Any] | None = None
     consumes: tuple[str, ...] = ()
+    process: bool = False
     table: str | None = None
     setting: Callable[[Any], str] | None = None
     leaderboard: int | None = None
@@ -69,10 +72,10 @@ class Column:
 
 #: the runner's own figures (every run with a pipeline has them)
 RUNNER_COLUMNS = (
-    Column("compress_seconds", label="compress s", order=900),
-    Column("compress_seconds_by_step.*", detail=True),
-    Column("compress_peak_bytes", label="compress peak", detail=True),
-    Column("compress_peak_kind", skip=True),
+    Column("compress_seconds", label="compress s", order=900, process=True),
+    Column("compress_seconds_by_step.*", detail=True, process=True),
+    Column("compress_peak_bytes", label="compress peak", detail=True, process=True),
+    Column("compress_peak_kind", skip=True, process=True),
 )
 #: a column nobody describes: lower is better, no delta, after the described ones
 UNKNOWN = Column("*")
@@ -110,6 +113,11 @@ def column(name: str) -> Column:
         if c.pattern == name:
             return c
     return next((c for c in cols if c.matches(name)), UNKNOWN)
+
+
+def process_metric(key: str) -> bool:
+    """Whether a record's top-level metric ``key`` is a process figure (a column declared ``process``)."""
+    return any(c.process and (c.pattern == key or c.pattern.startswith(key + ".")) for c in registry())
 
 
 def better(name: str) -> str:

@@ -15,17 +15,12 @@ from typing import Any
 
 #: fields written only when set (absent from baselines, ok runs or runs without --save-models)
 OPTIONAL = ("saved_model", "traceback", "calibration", "started", "finished", "env", "reference")
-#: metrics that measure the process and machine a run ran in (time, memory), not the
-#: compressed model: they differ between a serial, sharded or Ray run of the same suite
-PROCESS_METRICS = (
-    "compress_seconds", "compress_seconds_by_step", "compress_peak_bytes", "compress_peak_kind",
-    "speed", "memory", "peak_memory_bytes",
-)
-
-
 def model_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """``metrics`` less :data:`PROCESS_METRICS`: what any executor must reproduce for a run."""
-    return {k: v for k, v in metrics.items() if k not in PROCESS_METRICS}
+    """``metrics`` less the process figures (time, memory: columns declared ``process``),
+    i.e. what any executor must reproduce for a run."""
+    from .columns import process_metric
+
+    return {k: v for k, v in metrics.items() if not process_metric(k)}
 
 
 @dataclass

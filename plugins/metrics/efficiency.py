@@ -442,9 +442,10 @@ class Memory(Metric):
     name = "memory"
     Params = MemoryParams
     columns = (
-        Column("peak_memory_bytes", label="peak mem", order=80),
+        Column("peak_memory_bytes", label="peak mem", order=80, process=True),
         Column("memory.*above_runtime*", detail=True),
         Column("memory.*increase_bytes*", detail=True),
+        Column("memory.*", process=True),
     )
 
     def measure(self, model: MoEModel, params: MemoryParams, ctx: Context) -> dict:
@@ -541,7 +542,7 @@ class Speed(Metric):
         Column("speed.*_spread", hidden=True, better="higher"),
         Column("speed.runs.*", detail=True, better="higher"),
         Column("speed.by_batch.*", detail=True, better="higher"),
-        Column("speed.*", better="higher"),
+        Column("speed.*", better="higher", process=True),
     )
 
     def measure(self, model: MoEModel, params: SpeedParams, ctx: Context) -> dict:
