@@ -168,7 +168,10 @@ def load_pretrained(
         if device == "auto":
             folder = placement.offload_folder()
             kwargs.update(device_map="auto", max_memory=placement.parse_max_memory(max_memory), offload_folder=folder)
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+        from .console import no_transformers_bars
+
+        with no_transformers_bars():
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
         if device != "auto":
             model.to(device)
         else:

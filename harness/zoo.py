@@ -614,16 +614,12 @@ def build(name: str, *, steps: int | None = None, seed: int = 0, force: bool = F
             start = time.perf_counter()
             model, tok, info = train(name, steps=steps, seed=seed, progress=progress, threads=threads)
             import transformers
-            from transformers.utils import logging as hf_logging
 
-            bars = hf_logging.is_progress_bar_enabled()
-            hf_logging.disable_progress_bar()  # our own bar already said what is happening
-            try:
+            from .console import no_transformers_bars
+
+            with no_transformers_bars():  # our own bar already said what is happening
                 model.save_pretrained(tmp)
                 tok.save_pretrained(tmp)
-            finally:
-                if bars:
-                    hf_logging.enable_progress_bar()
 
             info.update(
                 build_seconds=round(time.perf_counter() - start, 1),
