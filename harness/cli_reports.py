@@ -82,18 +82,18 @@ def report(
     from . import render
     from .report import terminal_table
 
-    if format == "lm-eval":
-        from . import lmeval_export
-
+    exports = render.export_formats()
+    if format in exports:
+        export = exports[format]
         if out_path is None:
-            raise MoebenchError("--format lm-eval: name a folder with --out; one results JSON per run is written there")
-        written = lmeval_export.write(read_all(results), out_path)
+            raise MoebenchError(f"--format {format}: name a folder with --out; {export.help or 'its files are written there'}")
+        written = export.write(read_all(results), out_path)
         if not written:
-            raise MoebenchError("--format lm-eval: no record has lm-eval scores (add an [eval.lm_eval] table to the suite)")
-        out.print(f"{len(written)} lm-eval results file(s) under {out_path}", markup=False)
+            raise MoebenchError(f"--format {format}: no record to export; it needs {export.needs}")
+        out.print(f"{len(written)} {format} file(s) under {out_path}", markup=False)
         return
     if format not in render.FORMATS:
-        raise MoebenchError(f"--format {format!r}: expected one of {', '.join(render.FORMATS)}, lm-eval")
+        raise MoebenchError(f"--format {format!r}: expected one of {', '.join([*render.FORMATS, *exports])}")
     if format == "terminal" and out_path is not None:
         format = render.EXTENSIONS.get(out_path.suffix.lower(), "markdown")
     records = read_all(results) + paper_records(suite)

@@ -78,6 +78,12 @@ def register_report_plots():
 
 
 @hookspec
+def register_export_formats():
+    """Return a list of :class:`moebench.render.ExportFormat`: ``moebench report --format NAME
+    --out FOLDER`` writers of files other tools read (e.g. lm-eval's results JSON per run)."""
+
+
+@hookspec
 def register_commands(cli):
     """Add commands to the ``moebench`` CLI: ``cli`` is its :class:`typer.Typer` app
     (``cli.command()(fn)`` or ``cli.add_typer(group, name=...)``), as simonw/llm does."""

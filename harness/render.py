@@ -17,6 +17,7 @@ import html as _html
 import io
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import pandas as pd
@@ -546,6 +547,28 @@ def report_plots() -> list[ReportPlot]:
 
     found = [p for group in host().pm.hook.register_report_plots() for p in (group or ())]
     return sorted(found, key=lambda p: (p.order, p.title))
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """A ``moebench report --format NAME --out FOLDER`` writer, declared by the plugin whose
+    figures it exports (``register_export_formats``).
+
+    ``write(records, folder)`` writes the files and returns their paths (empty when no
+    record holds what the format needs; ``needs`` then says what, in the error).
+    """
+
+    name: str
+    write: Callable[[list[Any], Path], list[Path]]
+    help: str = ""
+    needs: str = "records with the figures this format exports"
+
+
+def export_formats() -> dict[str, ExportFormat]:
+    """Every declared export format, by name."""
+    from .plugins import host
+
+    return {f.name: f for group in host().pm.hook.register_export_formats() for f in (group or ())}
 
 
 def plots(table: SuiteTable) -> list[Plot]:

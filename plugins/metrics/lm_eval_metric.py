@@ -359,3 +359,16 @@ def register_report_plots():
     from moebench.render import ReportPlot
 
     return [ReportPlot("Accuracy vs parameters", plot_accuracy_vs_params, order=20)]
+
+
+@hookimpl
+def register_export_formats():
+    from moebench.render import ExportFormat
+
+    from . import lmeval_export
+
+    return [ExportFormat(
+        "lm-eval", lmeval_export.write,
+        help="one results JSON per run is written there",
+        needs="lm-eval scores (add an [eval.lm_eval] table to the suite)",
+    )]

@@ -1,4 +1,5 @@
-"""lm-eval's results JSON, one file per run, from moebench records (``moebench report --format lm-eval``).
+"""lm-eval's results JSON, one file per run, from moebench records (``moebench report --format lm-eval``,
+an export format the lm-eval metric registers with ``register_export_formats``).
 
 Tools built around lm-evaluation-harness read its ``results_<date>.json``: ``results``
 (``{task: {"metric,filter": value, "metric_stderr,filter": value}}``), ``versions``,
@@ -17,8 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .model_card import folder_name
-from .record import Record, records_of
+from moebench.model_card import folder_name
+from moebench.record import Record, records_of
 
 
 def results_json(record: Record | dict[str, Any]) -> dict[str, Any] | None:
