@@ -301,7 +301,7 @@ class MoEModel:
         """
         block = self._moe(layer)
         notes = slice_experts(block, keep)
-        self._record(f"keep_experts({layer},{list(keep)})")
+        self.record_edit(f"keep_experts({layer},{list(keep)})")
         return notes
 
     def zero_experts(self, layer: int, experts: Sequence[int]) -> None:
@@ -312,7 +312,7 @@ class MoEModel:
         with torch.no_grad():
             block.experts.gate_up_proj.index_fill_(0, index, 0)
             block.experts.down_proj.index_fill_(0, index, 0)
-        self._record(f"zero_experts({layer},{list(experts)})")
+        self.record_edit(f"zero_experts({layer},{list(experts)})")
 
     def replace_experts(
         self,
@@ -344,7 +344,7 @@ class MoEModel:
         notes = self.adapter.resize_router(router, n)
         if router.top_k > n:
             self.set_top_k(layer, n)
-        self._record(f"replace_experts({layer},{n},{_digest(gate_up_proj, down_proj, router_weight)})")
+        self.record_edit(f"replace_experts({layer},{n},{_digest(gate_up_proj, down_proj, router_weight)})")
         return notes
 
     def set_top_k(self, layer: int, k: int) -> None:
@@ -354,13 +354,13 @@ class MoEModel:
         block.router.top_k = k
         if hasattr(block.module, "top_k"):
             block.module.top_k = k
-        self._record(f"set_top_k({layer},{k})")
+        self.record_edit(f"set_top_k({layer},{k})")
 
     def skip_moe(self, layer: int) -> None:
         """Remove the MoE block of ``layer`` (shared experts included); attention stays."""
         self._moe(layer)
         self.adapter.set_moe_block(self.layers[layer], PassThrough())
-        self._record(f"skip_moe({layer})")
+        self.record_edit(f"skip_moe({layer})")
 
     def drop_layers(self, indices: Sequence[int]) -> None:
         """Remove whole decoder blocks; renumber the rest and update the config so it reloads."""
@@ -389,7 +389,7 @@ class MoEModel:
                 },
             }
         )
-        self._record(f"drop_layers({sorted(drop)})")
+        self.record_edit(f"drop_layers({sorted(drop)})")
 
     def replace_module(self, path: str, module: nn.Module, spec: dict) -> None:
         """Swap the submodule at ``path`` for a moebench module class.
@@ -404,7 +404,7 @@ class MoEModel:
         modules = self.structure()["modules"]
         modules[path] = spec
         self._write_structure({"modules": modules})
-        self._record(f"replace_module({path},{spec.get('class')},{_digest(*module.state_dict().values())})")
+        self.record_edit(f"replace_module({path},{spec.get('class')},{_digest(*module.state_dict().values())})")
 
     def set_routing(self, layer: int, rule: RoutingRule, spec: dict) -> None:
         """Install a runtime routing rule on ``layer``'s router (replacing any earlier one).
@@ -420,7 +420,7 @@ class MoEModel:
         if old is not None:
             old.remove()
         router._moebench_routing_handle = self.adapter.wrap_router(router, rule)
-        self._record(f"set_routing({layer},{json.dumps(spec, sort_keys=True)})")
+        self.record_edit(f"set_routing({layer},{json.dumps(spec, sort_keys=True)})")
 
     def routing_rules(self) -> dict[int, RoutingRule]:
         """The routing rules installed, by layer."""
@@ -520,7 +520,11 @@ class MoEModel:
             raise ValueError(f"layer {layer} has no MoE block (dense or already skipped)")
         return block
 
-    def _record(self, edit: str) -> None:
+    def record_edit(self, edit: str) -> None:
+        """Write an in-place edit into the lineage, which keys the calibration cache: a method
+        that edits weights mid-step (a merge before it heals) calls it so later statistics
+        are not served from the model's earlier state. Edits through this class record
+        themselves; the runner records each whole step (:meth:`record_step`)."""
         self.lineage.append(edit)
 
     def record_step(self, method: str, params) -> None:

@@ -183,7 +183,7 @@ def heal(
         if own_teacher:
             del teacher
             gc.collect()
-    model.lineage.append(f"heal({digest(spec, params)})")  # healed weights must not share calibration caches
+    model.record_edit(f"heal({digest(spec, params)})")  # healed weights must not share calibration caches
     return {
         "steps": spec.steps,
         "train": spec.train,

@@ -310,7 +310,7 @@ class Merge(Method):
             groups[b.layer], notes = _merge_layer(model, b, budgets[b.layer], params, stats)
             for note in notes:
                 ctx.note(f"layer {b.layer}: {note}")
-        model.lineage.append(f"merge({digest([params_summary(params), {k: g.members for k, g in groups.items()}])})")
+        model.record_edit(f"merge({digest([params_summary(params), {k: g.members for k, g in groups.items()}])})")
         changes = fusion_summary(model, before, groups, params)
         changes["router"] = params.router
         if enabled(params.heal):
@@ -348,7 +348,7 @@ class ProgressiveMerge(Method):
                     members[layer] = [[x for e in g for x in members[layer][e]] for g in groups.members]
                     for note in notes:
                         ctx.note(f"layer {layer}: {note}")
-                model.lineage.append(f"progressive_merge({digest([params_summary(params), members, len(steps)])})")
+                model.record_edit(f"progressive_merge({digest([params_summary(params), members, len(steps)])})")
                 step = {"experts": sum(model.expert_counts().values())}
                 if enabled(params.heal):
                     if teacher is None and params.heal.train != "lora":

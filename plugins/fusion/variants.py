@@ -74,7 +74,7 @@ class _Variant(Method):
             wrapper = FusedMoE(**spec, _inner=b.module, _experts=experts)
             model.replace_module(path, wrapper, {"class": CLASS_PATH, "init": spec})
             fused.append(wrapper)
-        model.lineage.append(f"{self.name}({digest([params_summary(params), {k: g.members for k, g in groups.items()}])})")
+        model.record_edit(f"{self.name}({digest([params_summary(params), {k: g.members for k, g in groups.items()}])})")
         ctx.note(f"{self.name}: fused layers are opaque to the MoEModel view (later steps and the experts count skip them; params.active counts all their weights)")
         changes = fusion_summary(model, before, groups, params, after={layer: g.num_groups for layer, g in groups.items()})
         changes["routing"] = self.routing
