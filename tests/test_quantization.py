@@ -138,13 +138,15 @@ def test_int4_storage_holds_exactly_the_fake_quantized_weights(method):
     assert isinstance(stored.block(1).experts, PackedInt4Experts)
     assert isinstance(stored.layers[1].self_attn.o_proj, PackedInt4Linear)
     # RTN is data-free, so every layer matches; GPTQ's first MoE layer sees identical inputs
-    # (later ones see outputs of a different, equally exact, expert loop: float rounding)
+    # (later ones see outputs of a different, equally exact, expert loop: float rounding, which
+    # can flip a GPTQ rounding decision there; the logits then differ by ~1e-3, where a wrong
+    # dequantization moves them by 0.1 or more)
     layers = [1, 2] if method == "rtn" else [1]
     for i in layers:
         assert torch.equal(stored.block(i).gate_up_proj, fake.block(i).gate_up_proj)
         assert torch.equal(stored.block(i).down_proj, fake.block(i).down_proj)
         assert torch.equal(stored.layers[i].self_attn.q_proj.weight, fake.layers[i].self_attn.q_proj.weight)
-    torch.testing.assert_close(logits(stored, IDS), logits(fake, IDS), rtol=1e-3, atol=1e-3 if method == "gptq" else 1e-5)
+    torch.testing.assert_close(logits(stored, IDS), logits(fake, IDS), rtol=1e-3, atol=5e-3 if method == "gptq" else 1e-5)
     assert changes["bits_per_weight_basis"] == "measured" and 4.2 < changes["bits_per_weight"]["experts"] < 4.5
     # the view still reads (dequantized) weights; edits are refused with a clear message
     with pytest.raises(MoebenchError, match="experts are stored quantized"):
