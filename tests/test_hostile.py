@@ -243,6 +243,7 @@ def _validate(tmp_path, capsys, monkeypatch, text: str, *extra: str):
     return moebench(capsys, monkeypatch, "validate", suite, "--out", tmp_path / "out", *extra)
 
 
+@pytest.mark.slow  # lm-eval indexes its ~10k task configs first (14 s)
 @pytest.mark.parametrize("tasks", ['["no_such_task_xyz"]', '["pydoc_mc", "arc_easyy"]'])
 def test_unknown_lm_eval_task(tmp_path, capsys, monkeypatch, tasks):
     code, _, err = _validate(tmp_path, capsys, monkeypatch, ZOO_SUITE + f"[eval.lm_eval]\ntasks = {tasks}\nlimit = 4\n")
