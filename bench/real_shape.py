@@ -83,7 +83,7 @@ def child(args) -> dict:
     model = load(args.model, dtype=args.dtype)
     moe_layers = model.moe_layers
     block = model.block(moe_layers[0])
-    expert_bytes = sum(t.numel() * t.element_size() for t in (block.gate_up_proj, block.down_proj))
+    expert_bytes = sum(t.numel() * t.element_size() for t in (block.experts.gate_up_proj, block.experts.down_proj))
     cal = Calibration(CalibrationSpec(data=args.data, samples=args.samples, seqlen=args.seqlen, batch_size=args.batch_size), cache=False)
     windows = cal.windows(model.tokenizer)
 
@@ -105,6 +105,19 @@ def child(args) -> dict:
     method = host().method(args.child)()
     params = host().method(args.child).Params()
     ctx = Context(seed=0, calibration=cal, device="cpu", log=lambda *_: None)
+    if args.child == "premoe":  # PreMoe indexes the suite's tasks (two, as in bench/gpu_smoke.py) and retrieves one
+        import dataclasses
+        import tempfile
+        from pathlib import Path
+
+        from moebench.suite import load_suite
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "tasks.toml"
+            path.write_text(f'[suite]\nname = "real_shape"\n[model]\nsource = "{args.model}"\ndtype = "{args.dtype}"\n'
+                            '[tasks.prose]\ndata = "embedded:prose"\n[tasks.code]\ndata = "embedded:code"\n')
+            ctx.suite = load_suite(path)
+        params = dataclasses.replace(params, query="prose")
     gc.collect()
     with PeakRSS() as rss:
         t0 = time.process_time()
