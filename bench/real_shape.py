@@ -152,6 +152,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--json", help="append each method's row to this JSON-lines file")
+    ap.add_argument("--timeout", type=float, default=3600, help="wall seconds a method's process may take before it is stopped")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -162,27 +163,33 @@ def main() -> None:
 
     resolve(args.model, dtype=args.dtype)  # build the twin once, outside the timed children
     print(f"{args.model} ({args.dtype}), {args.samples} x {args.seqlen} calibration tokens, CPU, 1 thread")
+    last = None
     print("| method | s / MoE layer | x layer forward | memory added (x expert bytes) | budget (x fwd / mem) | meets |")
     print("|---|---|---|---|---|---|")
     for name in args.methods:
         cmd = [sys.executable, __file__, "--child", name, "--model", args.model, "--dtype", args.dtype, "--data", args.data,
                "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            print(f"| {name} | not finished in {args.timeout} s (wall) | | | | |", flush=True)
+            continue
         rows = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
         if proc.returncode or not rows:
             tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
             print(f"| {name} | failed: {tail} | | | | |", flush=True)
             continue
-        row = json.loads(rows[-1])
+        row = last = json.loads(rows[-1])
         budget = BUDGETS.get(name)
         ok = budget is not None and row["ratio"] <= budget and row["mem_x"] <= MEMORY_BUDGET
         print(f"| {name} | {row['s_per_layer']} | {row['ratio']} | {row['mem_x']} ({row['mem_added_bytes'] / GIB:.2f} GiB) "
-              f"| {budget} / {MEMORY_BUDGET} | {'yes' if ok else 'no'} |", flush=True)
+              f"| {budget} / {MEMORY_BUDGET} | {'yes' if ok else 'no'} | (wall {row['wall_s']} s)", flush=True)
         if args.json:
             with open(args.json, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
-    print(f"(one MoE layer forward of the calibration tokens: {row['forward_s'] if rows else '?'} CPU s; "
-          f"routed-expert bytes per layer: {row['expert_bytes'] / GIB if rows else 0:.2f} GiB)")
+    if last:
+        print(f"(one MoE layer forward of the calibration tokens: {last['forward_s']} CPU s; "
+              f"routed-expert bytes per layer: {last['expert_bytes'] / GIB:.2f} GiB)")
 
 
 if __name__ == "__main__":

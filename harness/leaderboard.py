@@ -28,7 +28,7 @@ from . import comparable
 from .render import HtmlColumn, esc, fitted_tables, front_plot, html_figure, html_page, html_table, label, md_table, origin, pareto_front, versions
 from .errors import MoebenchError
 from .record import Record, records_of
-from .report import better, fmt
+from .report import better, citation, fmt
 
 
 @dataclass
@@ -177,11 +177,11 @@ def _rows(board: Board) -> tuple[list[str], list[list[str]]]:
             if c == board.metric and e.delta is not None:
                 text += f" ({e.delta:+.1%})"
             values.append(text)
-        env = e.env
         if e.record.is_reference:  # a paper's figures: no rank, no run, no provenance but its citation
             ref = e.record.reference or {}
             rows.append(["paper", e.config, *values, "–", f"{e.record.suite} / {ref.get('paper')}", "–", "–", "–", "–"])
             continue
+        env = e.env
         rows.append(
             [
                 f"{rank}{' ★' if e.front else ''}",
@@ -208,8 +208,6 @@ LEGEND = (
 
 def _citations(board: Board) -> list[str]:
     """``name: citation`` of the board's paper rows."""
-    from .report import citation
-
     return [f"{e.config}: {citation(e.record)}" for e in board.papers]
 
 

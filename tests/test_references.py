@@ -59,7 +59,7 @@ def record(name: str, ppl: float, acc: float) -> dict:
 RUNS = [record("baseline", 10.0, 0.60), record("drop", 12.0, 0.55)]
 
 
-@pytest.mark.parametrize("name", ["deepseek_lite", "mixtral"])
+@pytest.mark.parametrize("name", ["deepseek_lite", "mixtral", "deepseek_v3"])
 def test_gpu_suites_with_reference_records_validate(name):
     s = load_suite(ROOT / "suites" / f"{name}.toml")
     assert s.references and all(r.source == "paper" and r.arxiv and r.table and r.row for r in s.references)
