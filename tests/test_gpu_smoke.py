@@ -38,7 +38,7 @@ def test_gpu_smoke_dry_run_on_the_cpu(tmp_path):
                           capture_output=True, text=True, timeout=1800,
                           env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
     assert table[0].startswith("| run | status | compress s | x27 layers s |")
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table[2:]]
     assert [r[0] for r in rows] == ["baseline"] + [m for m, _ in _script().METHODS]
