@@ -67,6 +67,7 @@ def ds(checkpoint):
     return checkpoint("deepseek_v2")
 
 
+@pytest.mark.slow
 def test_streamed_wanda_writes_the_in_memory_masks_and_logits(ds, tmp_path):
     memory = load(str(ds))
     expected = _apply(memory, "wanda", sparsity=0.5)
