@@ -24,7 +24,7 @@ from .analysis import (
 from . import alignment
 from .grouping import Groups, by_frequency, cluster, spectral
 from .healing import HealParams, enabled, heal, lora_heal, resolved, teacher_for
-from .operators import merge, operators
+from .operators import merge, operators, settings
 
 
 # == parameters ===========================================================================
@@ -396,5 +396,6 @@ def fusion_summary(model: MoEModel, before: dict[int, int], groups: dict[int, Gr
         **({"clustering": params.clustering} if params.grouping in ("act_cl", "state_cl") else {}),
         "align": params.align,
         "operator": params.operator,
+        **({"operator_args": settings(params.operator, params.operator_args)} if hasattr(params, "operator_args") else {}),
         "top_k": {layer: b.top_k for layer, b in ((b.layer, b) for b in model.blocks())},
     }

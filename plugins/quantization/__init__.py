@@ -609,9 +609,10 @@ class AWQ(_Quantizer):
         return self.collect + (("calls",) if params.objective == "block" else ())
 
     def variant(self, params: AWQParams) -> dict:
+        weighting = "; routing-weighted inputs (moebench variant)" if params.router_weighted else "; unweighted inputs (reference)"
         if params.objective == "block":
-            return {"variant": "block: one gate/up scale per experts block on the block output, down scale folded into up (reference)"}
-        return {"variant": "matrix: every matrix's scale on its own output (moebench variant)"}
+            return {"variant": "block: one gate/up scale per experts block on the block output, down scale folded into up (reference)" + weighting}
+        return {"variant": "matrix: every matrix's scale on its own output (moebench variant)" + weighting}
 
     def quantize(self, group, params: AWQParams, extra):
         pending = extra.get("_pending", {})
