@@ -144,12 +144,14 @@ def test_streamed_perplexity_equals_the_in_memory_perplexity(ds):
 
 
 def test_streamed_statistics_equal_a_full_pass_and_cross_layer_ones_are_refused(ds):
-    names = ["routing_counts", "router_mass"]
+    names = [n for n, cls in host().statistics.items() if cls.streamable]
+    assert {"routing_counts", "moe_io", "reap", "coactivation", "expert_mean_output"} <= set(names)
     memory = Calibration(CalibrationSpec(samples=4, seqlen=32, batch_size=2), cache=False).run(load(str(ds)), names)
     streamed_model = offload.open_model(ds)
     streamed = Calibration(CalibrationSpec(samples=4, seqlen=32, batch_size=2), cache=False).run(streamed_model, names)
-    for layer, counts in memory["routing_counts"].items():
-        assert torch.equal(streamed["routing_counts"][layer], counts)
+    assert streamed.keys() == memory.keys()
+    for name in names:
+        torch.testing.assert_close(streamed[name], memory[name], rtol=1e-6, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     with pytest.raises(MoebenchError, match="layer_similarity relate several layers"):
         Calibration(CalibrationSpec(samples=4, seqlen=32), cache=False).run(streamed_model, ["layer_similarity"])
 

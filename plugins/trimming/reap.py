@@ -37,6 +37,7 @@ class ReapSaliency(Statistic):
     """
 
     name = "reap"
+    streamable = True  # per-layer hooks: a layer-by-layer pass gives the same result
 
     def __init__(self, model, seed=0):
         super().__init__(model, seed)
