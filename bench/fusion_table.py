@@ -5,7 +5,10 @@ zoo DeepSeek-V2 model at two target expert counts, then prints a Markdown table:
 perplexity (and its change against the unpruned baseline), weight bytes, compression
 wall time (merging, healing, and any recalibration inside a method; the one shared
 calibration pass before the runs is timed apart) and, for healed runs, the
-distillation loss before and after on a fixed batch.
+distillation loss before and after on a fixed batch. Rows marked "(old: ...)" run the
+earlier behaviour that issue #16 kept as a named option beside the reference default
+(mergekit SCE, neuron alignment, spectral clustering, per-member fused LoRA adapters,
+expert drop by mean routing score).
 
     python bench/fusion_table.py                       # keep 8 and 4 of 16, 100 healing steps
     python bench/fusion_table.py --keep 8 4 --steps 100 --out reports/fusion-table
@@ -24,12 +27,17 @@ from moebench.suite import parse_suite
 #: (run name, method, params without keep); heal = None marks a run without healing
 ROWS = [
     ("top-k drop (frequency)", "expert_drop", {"criterion": "frequency"}),
+    ("top-k drop (mean routing score, reference)", "expert_drop", {"criterion": "score"}),
     ("merge: average", "merge", {"operator": "average"}),
     ("merge: frequency_average", "merge", {"operator": "frequency_average"}),
     ("merge: slerp", "merge", {"operator": "slerp"}),
     ("merge: sce", "merge", {"operator": "sce"}),
+    ("merge: sce (old: moebench variant)", "merge", {"operator": "sce", "operator_args": {"variant": "moebench"}}),
+    ("merge: frequency_average (old: no neuron alignment)", "merge", {"operator": "frequency_average", "align": False}),
     ("merge: frequency_average, act_cl grouping", "merge", {"operator": "frequency_average", "grouping": "act_cl"}),
     ("merge: frequency_average, state_cl grouping", "merge", {"operator": "frequency_average", "grouping": "state_cl"}),
+    ("merge: frequency_average, act_cl grouping (old: greedy)", "merge", {"operator": "frequency_average", "grouping": "act_cl", "clustering": "greedy"}),
+    ("merge: frequency_average, state_cl grouping (old: greedy)", "merge", {"operator": "frequency_average", "grouping": "state_cl", "clustering": "greedy"}),
     ("merge: frequency_average, row_average router", "merge", {"operator": "frequency_average", "router": "row_average"}),
     ("merge: frequency_average + heal", "merge", {"operator": "frequency_average", "heal": "experts"}),
     ("progressive merge (sce)", "progressive_merge", {}),
@@ -38,6 +46,8 @@ ROWS = [
     ("multiplexage + heal", "multiplexage", {"operator": "frequency_average", "heal": "all"}),
     ("fused LoRA r8", "fused_lora", {"operator": "frequency_average", "rank": 8}),
     ("fused LoRA r8 + heal", "fused_lora", {"operator": "frequency_average", "rank": 8, "heal": "adapters"}),
+    ("fused LoRA r8 (old: latent adapters)", "fused_lora", {"operator": "frequency_average", "rank": 8, "adapters": "latent"}),
+    ("fused LoRA r8 (old: latent adapters) + heal", "fused_lora", {"operator": "frequency_average", "rank": 8, "adapters": "latent", "heal": "adapters"}),
     ("mixture of LoRA r8 (keep = cores)", "mixture_of_lora", {"rank": 8}),
     ("mixture of LoRA r8 + heal", "mixture_of_lora", {"rank": 8, "heal": "adapters"}),
 ]

@@ -83,7 +83,7 @@ def child(args) -> dict:
     model = load(args.model, dtype=args.dtype)
     moe_layers = model.moe_layers
     block = model.block(moe_layers[0])
-    expert_bytes = sum(t.numel() * t.element_size() for t in (block.gate_up_proj, block.down_proj))
+    expert_bytes = sum(t.numel() * t.element_size() for t in (block.experts.gate_up_proj, block.experts.down_proj))
     cal = Calibration(CalibrationSpec(data=args.data, samples=args.samples, seqlen=args.seqlen, batch_size=args.batch_size), cache=False)
     windows = cal.windows(model.tokenizer)
 
@@ -105,6 +105,19 @@ def child(args) -> dict:
     method = host().method(args.child)()
     params = host().method(args.child).Params()
     ctx = Context(seed=0, calibration=cal, device="cpu", log=lambda *_: None)
+    if args.child == "premoe":  # PreMoe indexes the suite's tasks (two, as in bench/gpu_smoke.py) and retrieves one
+        import dataclasses
+        import tempfile
+        from pathlib import Path
+
+        from moebench.suite import load_suite
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "tasks.toml"
+            path.write_text(f'[suite]\nname = "real_shape"\n[model]\nsource = "{args.model}"\ndtype = "{args.dtype}"\n'
+                            '[tasks.prose]\ndata = "embedded:prose"\n[tasks.code]\ndata = "embedded:code"\n')
+            ctx.suite = load_suite(path)
+        params = dataclasses.replace(params, query="prose")
     gc.collect()
     with PeakRSS() as rss:
         t0 = time.process_time()
@@ -139,6 +152,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--json", help="append each method's row to this JSON-lines file")
+    ap.add_argument("--timeout", type=float, default=3600, help="wall seconds a method's process may take before it is stopped")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -149,27 +163,33 @@ def main() -> None:
 
     resolve(args.model, dtype=args.dtype)  # build the twin once, outside the timed children
     print(f"{args.model} ({args.dtype}), {args.samples} x {args.seqlen} calibration tokens, CPU, 1 thread")
+    last = None
     print("| method | s / MoE layer | x layer forward | memory added (x expert bytes) | budget (x fwd / mem) | meets |")
     print("|---|---|---|---|---|---|")
     for name in args.methods:
         cmd = [sys.executable, __file__, "--child", name, "--model", args.model, "--dtype", args.dtype, "--data", args.data,
                "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            print(f"| {name} | not finished in {args.timeout} s (wall) | | | | |", flush=True)
+            continue
         rows = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
         if proc.returncode or not rows:
             tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
             print(f"| {name} | failed: {tail} | | | | |", flush=True)
             continue
-        row = json.loads(rows[-1])
+        row = last = json.loads(rows[-1])
         budget = BUDGETS.get(name)
         ok = budget is not None and row["ratio"] <= budget and row["mem_x"] <= MEMORY_BUDGET
         print(f"| {name} | {row['s_per_layer']} | {row['ratio']} | {row['mem_x']} ({row['mem_added_bytes'] / GIB:.2f} GiB) "
-              f"| {budget} / {MEMORY_BUDGET} | {'yes' if ok else 'no'} |", flush=True)
+              f"| {budget} / {MEMORY_BUDGET} | {'yes' if ok else 'no'} | (wall {row['wall_s']} s)", flush=True)
         if args.json:
             with open(args.json, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
-    print(f"(one MoE layer forward of the calibration tokens: {row['forward_s'] if rows else '?'} CPU s; "
-          f"routed-expert bytes per layer: {row['expert_bytes'] / GIB if rows else 0:.2f} GiB)")
+    if last:
+        print(f"(one MoE layer forward of the calibration tokens: {last['forward_s']} CPU s; "
+              f"routed-expert bytes per layer: {last['expert_bytes'] / GIB:.2f} GiB)")
 
 
 if __name__ == "__main__":

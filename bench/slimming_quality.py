@@ -2,7 +2,8 @@
 
 Compares, on the routed experts (the default target): magnitude vs WANDA vs the
 MoE-Pruner rule vs SparseGPT at 50% unstructured sparsity and 2:4; RTN vs GPTQ vs AWQ
-at 4 and 3 bits (group 128, fake-quantized); the real 4-bit stores (packed int4 from
+at 4 and 3 bits (group 128, fake-quantized), and MoEQuant (affinity-weighted GPTQ Hessians, on the
+suite data or on expert-balanced self-sampled text) beside them; the real 4-bit stores (packed int4 from
 GPTQ, bitsandbytes NF4 / FP4) whose bytes are measured from the state dict; then the same
 methods on every Linear layer too (shared experts, attention, dense MLP). Besides
 perplexity, the mean per-token KL divergence from the uncompressed model's predictions
@@ -65,6 +66,10 @@ RUNS = [
     ("awq 3-bit g128", "awq", {"bits": 3, "group_size": 128}),
     ("gptq 3-bit g128 (old: parallel, weighted H)", "gptq", {"bits": 3, "group_size": 128, "true_sequential": False, "router_weighted": True}),
     ("awq 3-bit g128 (old: per matrix, weighted)", "awq", {"bits": 3, "group_size": 128, "objective": "matrix", "router_weighted": True}),
+    ("moequant 4-bit g128 (suite data)", "moequant", {"bits": 4, "group_size": 128, "calibration": "data"}),
+    ("moequant 4-bit g128 (EBSS)", "moequant", {"bits": 4, "group_size": 128}),
+    ("moequant 3-bit g128 (suite data)", "moequant", {"bits": 3, "group_size": 128, "calibration": "data"}),
+    ("moequant 3-bit g128 (EBSS)", "moequant", {"bits": 3, "group_size": 128}),
     ("gptq 4-bit g128, stored int4", "gptq", {"bits": 4, "group_size": 128, "storage": "int4"}),
     ("bnb_4bit nf4 (stored)", "bnb_4bit", {"quant_type": "nf4"}),
     ("bnb_4bit fp4 (stored)", "bnb_4bit", {"quant_type": "fp4"}),
@@ -111,6 +116,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=200, help="evaluation windows per data spec (at most what its test split holds)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", nargs="*", help="run only these labels (substring match); the baseline always runs")
+    ap.add_argument("--exact", action="store_true", help="--only names whole labels instead of substrings")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -128,7 +134,7 @@ def main() -> None:
     base_bytes, base_total = expert_bytes(base), weight_bytes(base.model)
     dense_bits = 8 * next(base.blocks()).gate_up_proj.element_size()
     for label, method, table in RUNS:
-        if args.only and method is not None and not any(o in label for o in args.only):
+        if args.only and method is not None and not any(o == label if args.exact else o in label for o in args.only):
             continue
         moe = MoEModel(copy.deepcopy(base.model), base.adapter, tokenizer=base.tokenizer, source=base.source, identity=base.identity)
         changes, seconds = {}, 0.0

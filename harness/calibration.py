@@ -53,6 +53,20 @@ class Statistic:
         raise NotImplementedError
 
 
+def check_streamable(names) -> None:
+    """A one-line error naming the statistics a layer-by-layer pass cannot gather (they relate several layers)."""
+    from .errors import MoebenchError
+    from .plugins import host
+
+    refused = [n for n in names if not host().statistic(n).streamable]
+    if refused:
+        able = sorted(n for n, cls in host().statistics.items() if cls.streamable)
+        raise MoebenchError(
+            f"statistics {', '.join(refused)} relate several layers within one pass, so a model streamed layer by layer "
+            f"([model] offload, checkpoint streaming) cannot gather them; streamable statistics: {', '.join(able)}"
+        )
+
+
 class StopForward(Exception):
     """Raised from a hook to end a forward pass early (the layers after it are not needed);
     every pass that captures inputs or stops at a router uses this one exception."""
@@ -161,13 +175,20 @@ class Calibration:
         from .plugins import host
         from .progress import progress_bar
 
+        if getattr(model, "stream", None) is not None:
+            check_streamable(names)
         collectors = [host().statistic(n)(model, seed=self.spec.seed) for n in names]
         handles = [h for c in collectors for h in c.attach()]
         windows = self.windows(model.tokenizer)
         try:
-            with progress_bar(f"calibration ({', '.join(names)})", len(windows)) as advance:
-                for n in forward_windows(model.model, windows, self.spec.batch_size, model.device):
-                    advance(n)
+            if getattr(model, "stream", None) is not None:  # [model] offload: the layer loop, one layer in memory
+                from .sequential import forward_layers
+
+                forward_layers(model, windows, self.spec.batch_size)
+            else:
+                with progress_bar(f"calibration ({', '.join(names)})", len(windows)) as advance:
+                    for n in forward_windows(model.model, windows, self.spec.batch_size, model.device):
+                        advance(n)
         finally:
             for h in handles:
                 h.remove()

@@ -156,12 +156,13 @@ def leaderboard(
     out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="a .md or .html file, or a directory for leaderboard.md and leaderboard.html"),
     metric: Optional[str] = typer.Option(None, "--metric", help="the ranking metric column (e.g. perplexity, lm_eval.pydoc_mc.acc); default: the one a metric declares (perplexity)"),
     title: str = typer.Option("moebench leaderboard", "--title"),
+    suite: list[Path] = typer.Option([], "--suite", help="show this suite's \\[\\[reference]] paper figures as rows marked 'paper' on its model's boards (never ranked); repeatable"),
 ):
     """A leaderboard page: one row per method configuration, best result per model, with provenance."""
     from . import leaderboard as lb
 
     metric = metric or lb.default_metric()
-    bs = lb.boards(read_all(results), metric)
+    bs = lb.boards(read_all(results) + paper_records(suite), metric)
     if not bs:
         raise MoebenchError(f"no ok record has the metric {metric!r}")
     if out_path is None:

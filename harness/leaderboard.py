@@ -7,6 +7,11 @@ model name the setting that tells them apart. On each board a method configurati
 pipeline with parameters, whatever the run was called) keeps its best record; the row
 carries that record's provenance — commit, versions, device, date — so any figure can
 be traced and reproduced.
+
+Papers' reported figures (records with status ``paper``: a suite's ``[[reference]]`` tables,
+read by ``moebench leaderboard --suite``) are shown on the boards of their model as rows
+marked ``paper``, below the ranked rows, with their citations: never ranked, no change
+against a baseline, not on the Pareto front (:mod:`moebench.reference`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from . import comparable
 from .render import HtmlColumn, esc, fitted_tables, front_plot, html_figure, html_page, html_table, label, md_table, origin, pareto_front, versions
 from .errors import MoebenchError
 from .record import Record, records_of
-from .report import better, fmt
+from .report import better, citation, fmt
 
 
 @dataclass
@@ -48,6 +53,8 @@ class Board:
     setting: str
     metric: str
     entries: list[Entry] = field(default_factory=list)
+    #: papers' reported figures for this model (status ``paper``): shown, never ranked
+    papers: list[Entry] = field(default_factory=list)
 
     @property
     def title(self) -> str:
@@ -88,11 +95,14 @@ def default_metric() -> str:
 
 def boards(records: Iterable[dict[str, Any] | Record], metric: str | None = None) -> list[Board]:
     """Group ok records into boards by (model, evaluation setting) and keep each configuration's best
-    (ranked by ``metric``, default :func:`default_metric`)."""
+    (ranked by ``metric``, default :func:`default_metric`). Paper records (status ``paper``) with the
+    metric join every board of their model as unranked rows; a model with only paper figures gets
+    a board of its own."""
     metric = metric or default_metric()
     lower = better(metric) == "lower"
     typed = records_of(records)
     ranked = [r for r in typed if r.ok and _finite(r.flat_metrics().get(metric))]
+    papers = list({r.run_id: r for r in typed if r.is_reference and _finite(r.flat_metrics().get(metric))}.values())
 
     def model_of(r: Record) -> str:
         return (r.source or "?") + (f" ({r.dtype})" if r.dtype and r.dtype != "float32" else "")
@@ -128,6 +138,13 @@ def boards(records: Iterable[dict[str, Any] | Record], metric: str | None = None
         for i in pareto_front([(entries[i].metrics[size], sign * entries[i].metrics[metric]) for i in sized]):
             entries[sized[i]].front = True
         out.append(Board(model, setting, metric, entries))
+    for paper in papers:
+        model = model_of(paper)
+        mine = [b for b in out if b.model == model] or [Board(model, "papers' figures only", metric)]
+        if mine[0] not in out:
+            out.append(mine[0])
+        for board in mine:
+            board.papers.append(Entry(paper.name, paper, paper.flat_metrics(), runs=0))
     return out
 
 
@@ -140,7 +157,7 @@ def _finite(value: Any) -> bool:
 
 def _columns(board: Board) -> list[str]:
     """The ranking metric, then the columns metrics declare for leaderboards (``Column.leaderboard``)."""
-    df = pd.DataFrame([e.metrics for e in board.entries])
+    df = pd.DataFrame([e.metrics for e in [*board.entries, *board.papers]])
     shown = column_specs.leaderboard_columns([c for c in df.columns if df[c].notna().any() and c != board.metric])
     return [board.metric, *shown]
 
@@ -149,7 +166,7 @@ def _rows(board: Board) -> tuple[list[str], list[list[str]]]:
     cols = _columns(board)
     headers = ["#", "method configuration", *map(label, cols), "runs", "suite / run", "commit", "versions", "device", "date"]
     rows = []
-    for rank, e in enumerate(board.entries, 1):
+    for rank, e in enumerate([*board.entries, *board.papers], 1):
         values = []
         for c in cols:
             text = fmt(e.metrics.get(c), c)
@@ -159,6 +176,10 @@ def _rows(board: Board) -> tuple[list[str], list[list[str]]]:
             if c == board.metric and e.delta is not None:
                 text += f" ({e.delta:+.1%})"
             values.append(text)
+        if e.record.is_reference:  # a paper's figures: no rank, no run, no provenance but its citation
+            ref = e.record.reference or {}
+            rows.append(["paper", e.config, *values, "–", f"{e.record.suite} / {ref.get('paper')}", "–", "–", "–", "–"])
+            continue
         env = e.env
         rows.append(
             [
@@ -179,8 +200,14 @@ def _rows(board: Board) -> tuple[list[str], list[list[str]]]:
 LEGEND = (
     "One row per method configuration (pipeline and parameters) with its best result on this board; "
     "the change is against the baseline measured in the same suite run. ★ marks the Pareto front "
-    "(no other configuration is both smaller and better)."
+    "(no other configuration is both smaller and better). Rows marked paper are figures a paper "
+    "reports for this model (cited below the board), not measured here and never ranked."
 )
+
+
+def _citations(board: Board) -> list[str]:
+    """``name: citation`` of the board's paper rows."""
+    return [f"{e.config}: {citation(e.record)}" for e in board.papers]
 
 
 def markdown(bs: list[Board], title: str = "moebench leaderboard") -> str:
@@ -188,6 +215,9 @@ def markdown(bs: list[Board], title: str = "moebench leaderboard") -> str:
     for board in bs:
         headers, rows = _rows(board)
         parts += [f"## {board.title}", "", md_table(headers, rows, right=range(2, 2 + len(_columns(board)) + 1)), ""]
+        if board.papers:
+            parts += ["Paper figures (reported by the paper, not measured here; never ranked):", "",
+                      *[f"- {c}" for c in _citations(board)], ""]
     if not bs:
         parts.append("No ok results with the ranking metric.")
     return "\n".join(parts) + "\n"
@@ -198,7 +228,7 @@ def html(bs: list[Board], title: str = "moebench leaderboard") -> str:
     for board in bs:
         headers, rows = _rows(board)
         body.append(f"<h2>{esc(board.title)}</h2>")
-        row_classes = ["baseline" if e.config == "baseline" else "" for e in board.entries]
+        row_classes = ["baseline" if e.config == "baseline" else "" for e in board.entries] + ["paper"] * len(board.papers)
         # rank, configuration and figures fit the page; each row's provenance folds below
         n = 2 + len(_columns(board)) + 1
         columns = [HtmlColumn(h, [r[i] for r in rows], wrap=i == 1) for i, h in enumerate(headers[:n])]
@@ -209,6 +239,9 @@ def html(bs: list[Board], title: str = "moebench leaderboard") -> str:
             + '<details class="more"><summary>provenance of each row: suite / run, commit, versions, device, date</summary>'
             + html_table(["#", *headers[n:]], provenance, wraps, row_classes, left=len(headers) - n + 1) + "</details></div>"
         )
+        if board.papers:
+            body.append("<p>Paper figures (reported by the paper, not measured here; never ranked):</p><ul>"
+                        + "".join(f"<li>{esc(c)}</li>" for c in _citations(board)) + "</ul>")
         size = column_specs.size_column()
         if size and any(_finite(e.metrics.get(size)) for e in board.entries):
             # points named by rank: configuration names are too long for a plot

@@ -213,7 +213,10 @@ def execute(suite: Suite, spec: RunSpec, ctx: Context, save_models: Path | None 
             from .preflight import inside
 
             folder = inside(save_models, save_models / model_card.folder_name(spec.name, spec.run_id), "saved model folder")
-            model.save(folder)
+            if model.stream is not None:  # [model] offload: the last step already wrote the checkpoint, layer by layer
+                model.stream.keep(folder)
+            else:
+                model.save(folder)
             loader = LOADER if model.saved_format == "moebench" else model_card.TRANSFORMERS
             record.saved_model = {"path": str(folder), "loader": loader, "format": model.saved_format}
             ctx.log(f"  saved to {folder}; load it with:\n    " + model_card.how_to_load(folder, loader).replace("\n", "\n    "))
@@ -225,6 +228,8 @@ def execute(suite: Suite, spec: RunSpec, ctx: Context, save_models: Path | None 
         record.error = f"{type(exc).__name__}: {exc}"
         record.traceback = traceback.format_exc(limit=8)
     finally:
+        if model is not None and model.stream is not None:
+            model.stream.close()  # the streamed steps' outputs nobody kept
         del model
         gc.collect()
         if torch.cuda.is_available():
@@ -274,9 +279,15 @@ def load_model(suite: Suite, keep: bool = False) -> MoEModel:
     """
     from .models import fingerprint, restore, snapshot
 
+    m = suite.model
+    if m.offload is not None:  # streamed from its checkpoint: nothing but embeddings and head is loaded, so nothing to keep
+        from . import offload
+        from .models import resolve
+
+        path = resolve(m.source, suite.hardware.threads, m.dtype)
+        return offload.open_model(path, dtype=m.dtype, device=m.device, source=m.source)
     if not keep:
         return _load(suite)
-    m = suite.model
     local = fingerprint(m.source) if os.path.isdir(m.source) else None
     key = (m.source, local, m.dtype, m.device, m.trust_remote_code, str(suite.hardware.max_memory))
     if _PRISTINE and _PRISTINE[0][0] == key and m.device != "auto":
@@ -309,7 +320,16 @@ def apply_pipeline(model: MoEModel, spec: RunSpec, ctx: Context, seconds: dict[s
         while key in changes:
             key, n = f"{step.method}#{n}", n + 1
         t0 = time.perf_counter()
-        changes[key] = method.apply(model, step.params, ctx) or {}
+        if model.stream is not None:  # [model] offload: the step reads one checkpoint and writes the next, layer by layer
+            model.stream.begin()
+            try:
+                changes[key] = method.apply(model, step.params, ctx) or {}
+            except BaseException:
+                model.stream.abort()
+                raise
+            model.stream.end(step.method)
+        else:
+            changes[key] = method.apply(model, step.params, ctx) or {}
         model.record_step(step.method, step.params)  # later steps never read statistics of the model before this one
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()

@@ -77,6 +77,8 @@ def test_merge_gives_the_target_count_with_a_standard_architecture(grouping, ope
     assert model.expert_counts() == {1: 4, 2: 4, 3: 4}
     assert changes["experts_before"] == 48 and changes["experts_after"] == 12
     assert changes["reload"] == "transformers" and changes["router"] == "sum_prob"
+    if operator == "sce":  # the record names the SCE rule and select fraction even when the suite named none
+        assert changes["operator_args"] == {"select": 0.2, "variant": "reference"}
     for groups in changes["groups"].values():
         assert sorted(e for g in groups for e in g) == list(range(16))
     assert torch.isfinite(logits(model.model)).all()

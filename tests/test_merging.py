@@ -8,7 +8,7 @@ import pytest
 import torch
 from moebench.errors import MoebenchError
 from moebench.hookspecs import hookimpl
-from moebench_plugins.fusion.operators import merge, operators, sce, slerp
+from moebench_plugins.fusion.operators import merge, operators, sce, settings, slerp
 from moebench.params import ParamError, parse
 from moebench.plugins import host
 
@@ -180,3 +180,9 @@ def test_aligned_merge_of_two_permuted_copies_gives_the_expert_back():
     torch.testing.assert_close(merge(agu, w, "average"), gate_up)
     torch.testing.assert_close(merge(adn, w, "average"), down)
     assert not torch.allclose(merge(stack_gu, w, "average"), gate_up), "unaligned, the copies average into something else"
+
+
+def test_settings_name_the_operator_defaults_a_run_used():
+    assert settings("sce", {}) == {"select": 0.2, "variant": "reference"}
+    assert settings("sce", {"variant": "moebench"}) == {"select": 0.2, "variant": "moebench"}
+    assert settings("average", {}) == {}

@@ -167,6 +167,7 @@ def test_method_keeps_the_task_experts_and_retrieval_deploys_from_the_checkpoint
     ctx = Context(calibration=Calibration(SPEC), suite=suite)
     changes = method.apply(model, params, ctx)
     assert changes["notation"] == "4/6" and changes["experts_after"] == 6 * 4 and changes["experts_before"] == 16 * 4
+    assert changes["tcess_k"] == 1  # the reference's TCESS ran (the record says so)
     assert set(changes["retrieval"]["distances"]) == {"prose", "code"} and changes["retrieval"]["expected"] == "code"
     assert changes["retrieval"]["correct"] == (changes["task"] == "code")
     assert changes["retrieval"]["faiss"] in ("cpu", "gpu")
@@ -199,10 +200,11 @@ def test_method_with_a_named_task_and_a_saved_index(index, ds_model, checkpoint,
 
     folder = index.save(tmp_path / "idx")
     model = models.load(str(checkpoint("deepseek_v2")))
-    params = host().method("premoe")().Params(keep_ratio=0.25, task="prose", index=str(folder))
+    params = host().method("premoe")().Params(keep_ratio=0.25, task="prose", index=str(folder), k=0)
     ctx = Context(suite=None)
     changes = host().method("premoe")().apply(model, params, ctx)
     assert changes["notation"] == "4/4" and changes["task"] == "prose" and "retrieval" not in changes
+    assert changes["tcess_k"] == index.settings.k == 1  # what the saved index scored with, not the run's k = 0
     assert changes["kept"] == {k: sorted(v) for k, v in index.keep("prose", 4).items()}
     assert any("settings" in n for n in ctx.notes)  # the saved index's threshold/key layer win over the run's
     bad = host().method("premoe")().Params(keep=4, task="poetry", index=str(folder))

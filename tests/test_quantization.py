@@ -337,6 +337,7 @@ def test_awq_block_objective_shares_the_gate_up_scale_and_folds_down_into_up():
     moe = tiny(layers=2)
     changes = apply(moe, "awq", bits=4, group_size=32, storage="int4")
     assert changes["variant"].startswith("block")
+    assert changes["variant"].endswith("unweighted inputs (reference)")  # the record says which weighting ran
     stored = moe.block(moe.moe_layers[0]).experts
     scales = stored.gate_up_input_scale.view(torch.float16)
     assert (scales == scales[0]).all() and not (scales == 1).all()  # one gate/up scale for the whole block

@@ -59,10 +59,16 @@ def record(name: str, ppl: float, acc: float) -> dict:
 RUNS = [record("baseline", 10.0, 0.60), record("drop", 12.0, 0.55)]
 
 
-def test_gpu_suites_with_reference_records_validate():
-    s = load_suite(ROOT / "suites" / "deepseek_lite.toml")
+@pytest.mark.parametrize("name", ["deepseek_lite", "mixtral", "deepseek_v3"])
+def test_gpu_suites_with_reference_records_validate(name):
+    s = load_suite(ROOT / "suites" / f"{name}.toml")
     assert s.references and all(r.source == "paper" and r.arxiv and r.table and r.row for r in s.references)
     assert {r.name for r in s.references} <= {run.name for run in s.runs()}
+    # every paper figure stands beside a column the suite measures (lm-eval tasks named in its [eval.lm_eval])
+    tasks = set(getattr(s.evals.get("lm_eval"), "tasks", None) or [])
+    for ref in s.references:
+        for metric in ref.metrics:
+            assert metric == "perplexity" or metric.split(".")[1] in tasks, (name, metric)
 
 
 def test_references_do_not_change_run_ids(tmp_path):
@@ -127,3 +133,26 @@ def _write(tmp_path: Path, records: list[dict], name: str = "r.jsonl") -> Path:
     path = tmp_path / name
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def test_leaderboard_shows_paper_rows_beside_measured_ones_never_ranked(tmp_path):
+    from moebench import leaderboard
+
+    refs = [r.to_dict() for r in suite_records(load_suite(suite(tmp_path)))]
+    (board,) = leaderboard.boards(RUNS + refs)
+    assert [e.config for e in board.entries] == ["baseline", "expert_drop()"]  # ranked: measured runs only
+    assert [e.config for e in board.papers] == ["baseline (paper, arXiv 2406.02500)"]
+    assert board.papers[0].delta is None and not board.papers[0].front
+    md = leaderboard.markdown([board])
+    row = next(line for line in md.splitlines() if "(paper, arXiv" in line)
+    assert row.startswith("| paper | baseline (paper, arXiv 2406.02500) | 9.5 |") and "%)" not in row
+    assert "- baseline (paper, arXiv 2406.02500): Some MoE paper, arXiv 2406.02500, Table 2, row Baseline" in md
+    assert 'class="paper"' in leaderboard.html([board])
+    # a model no measured run has: its paper figures get a board of their own
+    other = [{**r, "model": {"source": "mistralai/Mixtral-8x7B-v0.1", "dtype": "bfloat16"}} for r in refs]
+    boards = leaderboard.boards(RUNS + other)
+    assert [(b.model, len(b.entries), len(b.papers)) for b in boards] == [("zoo:deepseek_v2", 2, 0), ("mistralai/Mixtral-8x7B-v0.1 (bfloat16)", 0, 1)]
+    # the CLI reads them from --suite
+    out = CliRunner().invoke(app, ["leaderboard", str(_write(tmp_path, RUNS)), "--suite", str(suite(tmp_path))])
+    assert out.exit_code == 0, out.output
+    assert "| paper | baseline (paper, arXiv 2406.02500) | 9.5 |" in out.output

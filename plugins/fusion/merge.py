@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
@@ -23,7 +24,7 @@ from .analysis import (
 from . import alignment
 from .grouping import Groups, by_frequency, cluster, spectral
 from .healing import HealParams, enabled, heal, lora_heal, resolved, teacher_for
-from .operators import merge, operators
+from .operators import merge, operators, settings
 
 
 # == parameters ===========================================================================
@@ -185,24 +186,35 @@ def _member_weights(freq: torch.Tensor, members: list[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def merged_experts(block: MoEBlock, groups: Groups, freq: torch.Tensor, operator: str, options: dict, align: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each group's gate, up and down merged separately: ``(gate_up [M, 2I, H], down [M, H, I])``.
+def member_stacks(block: MoEBlock, groups: Groups, freq: torch.Tensor, align: bool = False) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """Per group, what a merge operator receives: ``(weights [n], {"gate", "up", "down": stack [n, ...]})``.
 
     With ``align``, members' neurons are first permuted to match the group's most-used
     member (:mod:`.alignment`).
     """
     inter = block.intermediate_size
-    gate_up, down = [], []
     for members in groups.members:
         idx = torch.tensor(members, device=block.gate_up_proj.device)
         w = _member_weights(freq, members)
         gu, dn = block.gate_up_proj.data[idx], block.down_proj.data[idx]
         if align and len(members) > 1:
             gu, dn = alignment.align(gu, dn, int(w.argmax()))
-        gate = merge(gu[:, :inter], w, operator, **options)
-        up = merge(gu[:, inter:], w, operator, **options)
+        yield w, {"gate": gu[:, :inter], "up": gu[:, inter:], "down": dn}
+
+
+@torch.no_grad()
+def merged_experts(block: MoEBlock, groups: Groups, freq: torch.Tensor, operator: str, options: dict, align: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's gate, up and down merged separately: ``(gate_up [M, 2I, H], down [M, H, I])``.
+
+    With ``align``, members' neurons are first permuted to match the group's most-used
+    member (:mod:`.alignment`).
+    """
+    gate_up, down = [], []
+    for w, stacks in member_stacks(block, groups, freq, align):
+        gate = merge(stacks["gate"], w, operator, **options)
+        up = merge(stacks["up"], w, operator, **options)
         gate_up.append(torch.cat([gate, up], dim=0))
-        down.append(merge(dn, w, operator, **options))
+        down.append(merge(stacks["down"], w, operator, **options))
     return torch.stack(gate_up), torch.stack(down)
 
 
@@ -384,5 +396,6 @@ def fusion_summary(model: MoEModel, before: dict[int, int], groups: dict[int, Gr
         **({"clustering": params.clustering} if params.grouping in ("act_cl", "state_cl") else {}),
         "align": params.align,
         "operator": params.operator,
+        **({"operator_args": settings(params.operator, params.operator_args)} if hasattr(params, "operator_args") else {}),
         "top_k": {layer: b.top_k for layer, b in ((b.layer, b) for b in model.blocks())},
     }

@@ -18,6 +18,7 @@ Plugins add operators with the ``register_merge_operators`` hook (declared in
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -55,6 +56,17 @@ def operator(name: str) -> MergeOperator:
     if name not in table:
         raise MoebenchError(f"unknown merge operator {name!r}{did_you_mean(name, table)}; known: {', '.join(sorted(table))}")
     return table[name]
+
+
+def settings(name: str, options: dict) -> dict:
+    """The options operator ``name`` runs with: its keyword defaults overlaid with ``options`` (for the record,
+    so a run says e.g. which SCE variant and select fraction it used even when the suite named none)."""
+    try:
+        params = list(inspect.signature(operator(name)).parameters.values())[2:]  # after (stack, weights)
+    except (TypeError, ValueError):  # a callable without a readable signature: only what was given
+        params = []
+    defaults = {p.name: p.default for p in params if isinstance(p.default, (str, int, float, bool, type(None)))}
+    return {**defaults, **options}
 
 
 def merge(stack: torch.Tensor, weights: torch.Tensor | None = None, name: str = "average", **options) -> torch.Tensor:

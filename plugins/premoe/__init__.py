@@ -113,6 +113,7 @@ class PreMoe(Method):
         changes = {
             "notation": f"{active}/{n}",
             "task": chosen,
+            "tcess_k": index.settings.k,  # experts a token marks in TCESS (0: the layer's top-k, moebench's variant; 1: the reference)
             "kept": {layer: sorted(e) for layer, e in kept.items()},
             "experts_before": sum(total.values()),
             "experts_after": sum(len(e) for e in kept.values()),
