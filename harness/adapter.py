@@ -259,6 +259,9 @@ class MoEModel:
         self.lineage: list[str] = []
         #: the format the last :meth:`save` wrote: "transformers", "moebench" (own layout) or a plugin's standard format
         self.saved_format: str | None = None
+        #: set when the model is streamed from disk (``[model] offload``, :class:`moebench.offload.DiskOffload`):
+        #: its decoder layers stay on ``meta`` except the one the layer loop is on
+        self.stream = None
 
     # -- view ---------------------------------------------------------------------------
     @property

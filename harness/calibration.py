@@ -18,12 +18,13 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from . import paths
 from .data import calibration_windows
+from .forward import StopForward, forward_windows  # noqa: F401  (also importable from here, as before)
 
 if TYPE_CHECKING:
     from .adapter import MoEModel
@@ -53,27 +54,18 @@ class Statistic:
         raise NotImplementedError
 
 
-class StopForward(Exception):
-    """Raised from a hook to end a forward pass early (the layers after it are not needed);
-    every pass that captures inputs or stops at a router uses this one exception."""
+def check_streamable(names) -> None:
+    """A one-line error naming the statistics a layer-by-layer pass cannot gather (they relate several layers)."""
+    from .errors import MoebenchError
+    from .plugins import host
 
-
-def forward_windows(model: "torch.nn.Module", windows: torch.Tensor, batch_size: int, device) -> Iterator[int]:
-    """The one forward machinery: run token ``windows [n, seqlen]`` through a causal LM in
-    batches, without a KV cache; yields each batch's size after its pass.
-
-    Statistics (:meth:`Calibration.run`), the layer-sequential capture
-    (:class:`moebench.sequential.Sequential`) and checkpoint streaming
-    (:class:`moebench.checkpoint.LayerStream`) all drive their hooks through it; a hook
-    that has what it needs raises :class:`StopForward` to skip the rest of the pass.
-    """
-    with torch.no_grad():
-        for batch in windows.split(batch_size):
-            try:
-                model(input_ids=batch.to(device), use_cache=False)
-            except StopForward:
-                pass
-            yield len(batch)
+    refused = [n for n in names if not host().statistic(n).streamable]
+    if refused:
+        able = sorted(n for n, cls in host().statistics.items() if cls.streamable)
+        raise MoebenchError(
+            f"statistics {', '.join(refused)} relate several layers within one pass, so a model streamed layer by layer "
+            f"([model] offload, checkpoint streaming) cannot gather them; streamable statistics: {', '.join(able)}"
+        )
 
 
 def hidden_in(args, kwargs) -> torch.Tensor:
@@ -161,13 +153,20 @@ class Calibration:
         from .plugins import host
         from .progress import progress_bar
 
+        if getattr(model, "stream", None) is not None:
+            check_streamable(names)
         collectors = [host().statistic(n)(model, seed=self.spec.seed) for n in names]
         handles = [h for c in collectors for h in c.attach()]
         windows = self.windows(model.tokenizer)
         try:
-            with progress_bar(f"calibration ({', '.join(names)})", len(windows)) as advance:
-                for n in forward_windows(model.model, windows, self.spec.batch_size, model.device):
-                    advance(n)
+            if getattr(model, "stream", None) is not None:  # [model] offload: the layer loop, one layer in memory
+                from .sequential import forward_layers
+
+                forward_layers(model, windows, self.spec.batch_size)
+            else:
+                with progress_bar(f"calibration ({', '.join(names)})", len(windows)) as advance:
+                    for n in forward_windows(model.model, windows, self.spec.batch_size, model.device):
+                        advance(n)
         finally:
             for h in handles:
                 h.remove()

@@ -102,6 +102,9 @@ class Method:
     needs_calibration: ClassVar[bool] = False
     #: one-line summary shown by ``moebench methods`` (defaults to the docstring's first line)
     summary: ClassVar[str] = ""
+    #: compresses one decoder layer at a time through the layer loop (``ctx.sequential`` or
+    #: ``static_steps``), so it runs on a model streamed from disk (``[model] offload``)
+    streams: ClassVar[bool] = False
 
     def needs(self, params) -> tuple[str, ...]:
         """Statistics needed for these parameters (override when they depend on a criterion)."""
@@ -112,6 +115,14 @@ class Method:
         """Refuse parameters that do not fit the model before any work (``shape``: a
         :class:`moebench.preflight.ModelShape` read from its config); raise
         :class:`moebench.params.ParamError` naming the parameter. Default: no check."""
+
+    def streaming(self, params) -> str | None:
+        """Why this step cannot run on a model streamed layer by layer (``[model] offload``), or None when it can.
+
+        Default: ``streams``. Override when it depends on the parameters."""
+        if self.streams:
+            return None
+        return "it is not layer-sequential (it needs the whole model in memory)"
 
     def requires(self, params) -> Needs:
         """Everything this step reads from calibration, in one place (the suite check and the
@@ -140,6 +151,9 @@ class Metric:
     relative: ClassVar[bool] = False
     #: how reports read each column this metric writes (see :class:`moebench.columns.Column`)
     columns: ClassVar[tuple["Column", ...]] = ()
+    #: measures a model streamed layer by layer from disk (``[model] offload``): ``model.stream`` is set
+    #: and the decoder layers are on ``meta`` until :func:`moebench.sequential.forward_layers` reads them
+    streams: ClassVar[bool] = False
 
     def measure(self, model: "MoEModel", params, ctx: Context) -> dict[str, Any]:
         """Return entries to merge into the record's ``metrics``."""

@@ -133,11 +133,11 @@ def check_model_source(suite) -> ModelShape | None:
         check_tokenizer(path, suite.path, suite.model.trust_remote_code)
         if suite.model.trust_remote_code:
             return None  # its config class is remote code: not run before the run itself
-        from transformers import AutoConfig
+        from .models import load_config
 
         try:
-            config = AutoConfig.from_pretrained(str(path))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            config = load_config(str(path))  # a folder moebench saved with its own structure too
+        except (OSError, ValueError, KeyError, TypeError, MoebenchError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SuiteError(suite.path, where, f"{source}: config.json cannot be read ({first})") from None
         try:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .adapter import MoEModel
-from .calibration import StopForward, forward_windows
+from .forward import StopForward, forward_windows
 from .errors import MoebenchError
 
 #: module kinds a method can target
@@ -134,11 +134,18 @@ class Group:
     module: nn.Module
     attr: str  # "weight" (Linear), "gate_up_proj" or "down_proj"
     stats: Stats | None = None
+    #: routed experts only: the slice of the layer's experts this group holds (``expert_chunk``; None: all)
+    experts: slice | None = None
+    #: statistics gathered only when the group's turn comes (:meth:`LayerStep.sequential`), so the
+    #: Hessians of one slice of experts are held at a time instead of the whole layer's
+    deferred: bool = False
 
     @property
     def weight(self) -> torch.Tensor:
         w = getattr(self.module, self.attr).data
-        return w.unsqueeze(0) if self.attr == "weight" else w
+        if self.attr == "weight":
+            return w.unsqueeze(0)
+        return w if self.experts is None else w[self.experts]  # a view: writes reach the layer
 
     @property
     def path(self) -> str:
@@ -156,6 +163,35 @@ class Group:
         size = max(1, math.ceil(n / count))
         for i in range(0, n, size):
             yield slice(i, min(i + size, n))
+
+
+def split_experts(groups: list[Group], size: int) -> list[Group]:
+    """The routed-experts groups cut into slices of at most ``size`` experts, every slice after the first
+    deferred: a layer's experts are then gathered and solved ``size`` at a time (DeepSeek-V3: 256 experts
+    of 7168-wide inputs are 52 GB of float32 Hessians at once, 3.3 GB in slices of 16)."""
+    out: list[Group] = []
+    for g in groups:
+        n = g.weight.shape[0]
+        if g.attr == "weight" or n <= size:
+            out.append(g)
+            continue
+        for k, start in enumerate(range(0, n, size)):
+            out.append(Group(g.name, g.kind, g.layer, g.module, g.attr, experts=slice(start, min(start + size, n)), deferred=k > 0))
+    return out
+
+
+def due(groups: list[Group]) -> list[Group]:
+    """Of ``groups`` (the rest of a layer, in order), those whose statistics a gather fills now: all but
+    deferred expert slices, of which only the first pending one per matrix (at most one per experts tensor)."""
+    out, seen = [], set()
+    for g in groups:
+        key = (id(g.module), g.attr)
+        if g.experts is not None:
+            if key in seen:
+                continue
+            seen.add(key)
+        out.append(g)
+    return out
 
 
 def find_groups(model: MoEModel, layer: int, targets: Iterable[str]) -> list[Group]:
@@ -225,7 +261,7 @@ class LayerStep:
         for i, group in enumerate(self.groups):
             stage = self.stage.get(group.name, i)
             if group.stats is None or (current is not None and stage != current):
-                self.refresh(self.groups[i:])
+                self.refresh(due(self.groups[i:]))
                 stage = self.stage.get(group.name, i)
             current = stage
             yield group
@@ -252,6 +288,8 @@ class Sequential:
         max_samples: int = 2048,
         staged: bool = False,
         weight_power: float = 1.0,
+        through: bool = False,
+        expert_chunk: int | None = None,
     ):
         self.model = model
         self.windows = windows
@@ -260,7 +298,15 @@ class Sequential:
         unknown = self.collect - set(COLLECT)
         if unknown:
             raise ValueError(f"collect: unknown statistics {sorted(unknown)}; expected some of {', '.join(COLLECT)}")
-        check_targets(self.targets)
+        if self.targets or not through:
+            check_targets(self.targets)
+        #: run the last layer too and keep its outputs in :attr:`outputs` (a forward pass, layer by layer)
+        self.through = through
+        self.outputs: list[torch.Tensor] = []
+        #: routed experts gathered and solved this many at a time (:func:`split_experts`; needs ``staged``)
+        self.expert_chunk = expert_chunk
+        if expert_chunk is not None and (expert_chunk < 1 or not staged):
+            raise ValueError("expert_chunk needs staged (true-sequential) statistics and a positive number of experts")
         self.batch_size = max(1, batch_size)
         self.router_weighted = router_weighted
         #: a routed token's input is scaled by ``weight ** weight_power`` (0.5: Hessians weighted by the weight itself, MoEQuant)
@@ -367,6 +413,10 @@ class Sequential:
         by_attr = {g.attr: g for g in groups}
         experts = groups[0].module
         weighted = self.router_weighted
+        count = experts.gate_up_proj.shape[0]
+        # which experts each matrix's statistics cover ([start, stop): a slice with expert_chunk) and the union
+        spans = {a: (g.experts.start, g.experts.stop) if g.experts is not None else (0, count) for a, g in by_attr.items()}
+        first, last = min(a for a, _ in spans.values()), max(b for _, b in spans.values())
 
         def pre(module, args, kwargs):
             values = list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index", "top_k_weights") if k in kwargs]
@@ -376,18 +426,20 @@ class Sequential:
             if calls is not None and cap > 0:
                 rows = slice(None, None, max(1, math.ceil(hidden.shape[0] / cap)))
                 calls.append((hidden[rows][:cap].float(), index[rows][:cap].clone(), weights[rows][:cap].detach().float()))
-            for e in range(experts.gate_up_proj.shape[0]):
+            for e in range(first, last):
                 tok, pos = torch.where(index == e)
                 if tok.numel() == 0:
                     continue
                 x = hidden[tok].float()
                 scale = weights[tok, pos].detach().float()[:, None] ** self.weight_power if weighted else None
-                if "gate_up_proj" in by_attr:
-                    by_attr["gate_up_proj"].stats.add(e, x * scale if weighted else x, cap)
-                if "down_proj" in by_attr:
+                lo, hi = spans.get("gate_up_proj", (0, 0))
+                if lo <= e < hi:
+                    by_attr["gate_up_proj"].stats.add(e - lo, x * scale if weighted else x, cap)
+                lo, hi = spans.get("down_proj", (0, 0))
+                if lo <= e < hi:
                     gate, up = nn.functional.linear(x, experts.gate_up_proj[e].float()).chunk(2, dim=-1)
                     h = experts.act_fn(gate) * up
-                    by_attr["down_proj"].stats.add(e, h * scale if weighted else h, cap)
+                    by_attr["down_proj"].stats.add(e - lo, h * scale if weighted else h, cap)
 
         return pre
 
@@ -401,21 +453,31 @@ class Sequential:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self._capture()
+        stream = getattr(self.model, "stream", None)  # [model] offload: layers read and written one at a time
         try:
             for i, layer in enumerate(self.model.layers):
-                groups = find_groups(self.model, i, self.targets)
+                if stream is not None:
+                    stream.load(i)
+                groups = find_groups(self.model, i, self.targets) if self.targets else []
+                if groups and self.expert_chunk is not None:
+                    groups = split_experts(groups, self.expert_chunk)
                 if groups:
                     step = LayerStep(i, layer, groups)
                     step.gather = lambda gs, step=step: self._gather(step, gs)
                     # staged: down_proj's statistics wait for LayerStep.sequential(), so both Hessians are never held at once
-                    self._gather(step, [g for g in groups if not (self.staged and g.attr == "down_proj")])
-                    self.experts_without_tokens += sum(int((g.stats.tokens == 0).sum()) for g in groups if g.attr == "gate_up_proj")
+                    self._gather(step, [g for g in groups if not (self.staged and g.attr == "down_proj") and not g.deferred])
+                    self.experts_without_tokens += sum(
+                        int((g.stats.tokens == 0).sum()) for g in groups if g.attr == "gate_up_proj" and g.stats is not None)
                     yield step
                     for g in groups:
                         g.stats = None  # free this layer's statistics before the next
-                if i < len(self.model.layers) - 1:  # the last layer's outputs feed nothing here
+                if self.through or i < len(self.model.layers) - 1:  # the last layer's outputs feed nothing here
                     self._advance(i)
+                if stream is not None:
+                    stream.done(i)
                 self.layers_done += 1
+            if self.through:
+                self.outputs = list(self._hidden)
         finally:
             self._hidden.clear()
             self._calls.clear()
@@ -435,6 +497,20 @@ class Sequential:
         return out
 
 
+@torch.no_grad()
+def forward_layers(model: MoEModel, windows: torch.Tensor, batch_size: int = 8) -> list[torch.Tensor]:
+    """``windows [n, seqlen]`` through every decoder layer, one layer at a time; the last layer's outputs per batch.
+
+    The same loop as a compression pass (:class:`Sequential` with nothing to compress), so
+    a model streamed from disk (``model.stream``) holds one layer at a time: calibration
+    statistics hook into it, and a streamed perplexity puts the head on its outputs.
+    """
+    run = Sequential(model, windows, targets=(), collect=(), batch_size=batch_size, through=True)
+    for _ in run:
+        pass
+    return run.outputs
+
+
 def peak_rss_bytes() -> int:
     """The process's peak resident set size so far (a high-water mark; bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -447,12 +523,19 @@ def from_context(model: MoEModel, ctx, method: str, **kwargs) -> Sequential:
 
 
 def static_steps(model: MoEModel, targets: Iterable[str]) -> Iterator[LayerStep]:
-    """The layers' groups without calibration (for data-free methods: magnitude, RTN, bitsandbytes)."""
+    """The layers' groups without calibration (for data-free methods: magnitude, RTN, bitsandbytes).
+
+    A streamed model (``model.stream``) has each layer read before its step and written after it."""
     check_targets(targets)
+    stream = getattr(model, "stream", None)
     for i, layer in enumerate(model.layers):
+        if stream is not None:
+            stream.load(i)
         groups = find_groups(model, i, targets)
         if groups:
             yield LayerStep(i, layer, groups)
+        if stream is not None:
+            stream.done(i)
 
 
 def record_edit(model: MoEModel, method: str, params) -> None:

@@ -43,6 +43,8 @@ class ModelSpec:
     dtype: str = "float32"
     device: str = "cpu"
     trust_remote_code: bool = False
+    #: "disk": never load the model whole; stream decoder layers from its checkpoint one at a time (moebench.offload)
+    offload: str | None = None
 
 
 @dataclass
@@ -237,6 +239,12 @@ def parse_suite(raw: dict, path: str = "<suite>") -> Suite:
     check_compare(raw.get("compare"), path)  # [compare] tolerances for `moebench compare`
     suite = Suite(path, info, model, hardware, calibration, evals, entries, raw.get("compare", {}), tables, raw, hashed)
     _check_unique_runs(suite, err)
+    if model.offload is not None:
+        from .offload import refusal
+
+        refused = refusal(suite)
+        if refused:
+            raise err(*refused)
     from .reference import parse_references
 
     suite.references = parse_references(raw.get("reference"), err, [r.name for r in suite.runs()])
@@ -373,6 +381,13 @@ def _check_model(model: ModelSpec, err) -> None:
             raise err("model.source", str(exc)) from None
     elif not os.path.isdir(source) and (source.count("/") != 1 or source.startswith((".", "/"))):
         raise err("model.source", f"{source!r} is neither zoo:NAME, twin:NAME, an existing model folder, nor a hub id like 'org/name'")
+    if model.offload is not None:
+        from .offload import MODES
+
+        if model.offload not in MODES:
+            raise err("model.offload", f"expected one of {', '.join(repr(m) for m in MODES)} (stream decoder layers from the checkpoint), got {model.offload!r}")
+        if model.trust_remote_code:
+            raise err("model.offload", "offload streams the checkpoint with transformers' own model classes; expected trust_remote_code = false")
 
 
 def _check_hardware(hardware: HardwareSpec, model: ModelSpec, err) -> None:

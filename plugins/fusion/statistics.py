@@ -19,6 +19,7 @@ class Coactivation(RouterStatistic):
     """Tokens that select both experts, per MoE layer: ``{layer: [E, E] int64}`` (diagonal: selections)."""
 
     name = "coactivation"
+    streamable = True  # per-layer hooks: a layer-by-layer pass gives the same result
 
     def __init__(self, model, seed=0):
         super().__init__(model, seed)
@@ -90,6 +91,7 @@ class ExpertMeanOutput(Statistic):
     """
 
     name = "expert_mean_output"
+    streamable = True  # per-layer hooks: a layer-by-layer pass gives the same result
 
     def __init__(self, model, seed=0):
         super().__init__(model, seed)

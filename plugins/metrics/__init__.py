@@ -52,6 +52,22 @@ def window_nll(model: torch.nn.Module, batch: torch.Tensor) -> tuple[float, int]
     return nll.item(), batch[:, 1:].numel()
 
 
+def streamed_perplexity(model: MoEModel, ids: torch.Tensor, batch_size: int = 8) -> float:
+    """Perplexity over ``ids [n, seqlen]`` of a model streamed from disk (``[model] offload``): the windows go
+    through the decoder layers one layer at a time (:func:`moebench.sequential.forward_layers`), then the head."""
+    from moebench.offload import logits as head
+    from moebench.sequential import forward_layers
+
+    total, count = 0.0, 0
+    hidden = forward_layers(model, ids, batch_size)
+    for start, h in zip(range(0, len(ids), batch_size), hidden):
+        batch = ids[start : start + batch_size].to(h.device)
+        out = head(model, h).float()
+        total += F.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
 def perplexity(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 8) -> float:
     """Perplexity of ``model`` over the windows ``ids [n, seqlen]``."""
     total, count = 0.0, 0
@@ -76,6 +92,7 @@ class Perplexity(Metric):
 
     name = "perplexity"
     Params = PerplexityParams
+    streams = True
     columns = (
         Column("perplexity", label="ppl", order=10, delta=True, tolerance={"rel": 0.01}, setting=_setting, leaderboard=0),
         # the evaluation setting stored beside the value, not figures to compare
@@ -86,7 +103,10 @@ class Perplexity(Metric):
 
     def measure(self, model: MoEModel, params: PerplexityParams, ctx: Context) -> dict:
         ids = windows(encode(model.tokenizer, load_text(params.data, params.split)), params.seqlen, params.max_samples)
-        value = perplexity(model.model, ids, params.batch_size)
+        if model.stream is not None:
+            value = streamed_perplexity(model, ids, params.batch_size)
+        else:
+            value = perplexity(model.model, ids, params.batch_size)
         return {
             "perplexity": {
                 "value": value,
@@ -137,8 +157,9 @@ def routed_experts(model: MoEModel) -> int:
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of every tensor in the state dict as stored (packed quantized tensors at their packed size)."""
     seen, total = set(), 0
-    for tensor in model.state_dict().values():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
+    for tensor in model.state_dict(keep_vars=True).values():
+        # a streamed model's layers are on meta (no storage): tied tensors are the same object there
+        key = id(tensor) if tensor.is_meta else (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
         if key not in seen:
             seen.add(key)
             total += tensor.numel() * tensor.element_size()
@@ -150,6 +171,7 @@ class ModelSize(Metric):
 
     name = "size"
     always = True
+    streams = True  # shapes only: works on a streamed model's meta layers
     # sizes are deterministic: gated exactly
     columns = (
         Column("params.total", label="params", order=20, delta=True, tolerance={"rel": 0.0}, si=True),

@@ -407,6 +407,10 @@ class GPTQParams(QuantParams):
         True, help="true: down_proj (and o_proj) Hessians come from the already-quantized gate/up (q/k/v), as the reference; "
         "false: every Hessian of a layer from its unquantized weights (moebench's earlier variant)"
     )
+    expert_chunk: int | None = param(
+        None, help="gather and solve a layer's routed experts this many at a time (one layer run per slice), so only "
+        "their Hessians are held (DeepSeek-V3: 52 GB for 256 experts at once); needs true_sequential; same codes"
+    )
 
     def check(self):
         super().check()
@@ -414,6 +418,8 @@ class GPTQParams(QuantParams):
             raise ValueError(f"damp must be in (0, 1), got {self.damp}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.expert_chunk is not None and (self.expert_chunk < 1 or not self.true_sequential):
+            raise ValueError(f"expert_chunk must be a positive number of experts with true_sequential = true, got {self.expert_chunk}")
 
 
 @dataclass
@@ -443,6 +449,7 @@ class _Quantizer(Method):
 
     Params = QuantParams
     collect: tuple[str, ...] = ()
+    streams = True  # one layer at a time (ctx.sequential / static_steps): runs with [model] offload
 
     def apply(self, model: MoEModel, params: QuantParams, ctx: Context) -> dict:
         if self.collect:
@@ -466,7 +473,11 @@ class _Quantizer(Method):
                     w = q.select(c).dequantize()
                     group.weight[c] = (w if in_scale is None else w / in_scale[c, None, :]).to(dtype)
                 if params.storage != "fake":
-                    packed.setdefault(group.path, {})[group.attr] = (group, q, in_scale)
+                    parts = packed.setdefault(group.path, {})
+                    if group.attr in parts:  # the next slice of the same experts (expert_chunk): codes joined in expert order
+                        first, q0, s0 = parts[group.attr]
+                        group, q, in_scale = first, Quantized.cat([q0, q]), None if s0 is None else torch.cat([s0, in_scale])
+                    parts[group.attr] = (group, q, in_scale)
             for path, parts in packed.items():
                 tally.stored(self._store(model, path, parts, params), next(iter(parts.values()))[0].kind)
         changes = {"bits": params.bits, "group_size": params.group_size, "symmetric": params.symmetric, "storage": params.storage,
@@ -565,7 +576,7 @@ class GPTQ(_Quantizer):
         return Quantized.cat(parts), None
 
     def run_options(self, params: GPTQParams) -> dict:
-        return {"staged": params.true_sequential}
+        return {"staged": params.true_sequential, **({"expert_chunk": params.expert_chunk} if params.expert_chunk else {})}
 
     def variant(self, params: GPTQParams) -> dict:
         order = ("true sequential: each Hessian from the already-quantized earlier stages (reference)" if params.true_sequential

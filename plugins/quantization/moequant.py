@@ -117,6 +117,11 @@ class MoEQuant(GPTQ):
     name = "moequant"
     Params = MoEQuantParams
 
+    def streaming(self, params: MoEQuantParams) -> str | None:
+        if params.calibration == "self_sampled":
+            return "its self-sampled calibration (EBSS) generates text with the whole model; set calibration = 'data'"
+        return super().streaming(params)
+
     def run_options(self, params: MoEQuantParams) -> dict:
         # inputs scaled by sqrt(c): the Hessian sums c x x^T, as the reference's add_batch_score
         return {**super().run_options(params), **({"weight_power": 0.5} if params.router_weighted else {})}

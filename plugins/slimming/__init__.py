@@ -94,6 +94,7 @@ class _Pruner(Method):
     """Shared flow: visit each layer's targeted groups, prune them in place, report what was achieved per module kind."""
 
     Params = PruneParams
+    streams = True  # one layer at a time (ctx.sequential / static_steps): runs with [model] offload
 
     def apply(self, model: MoEModel, params: PruneParams, ctx: Context) -> dict:
         ctx.note(MASKED)
@@ -108,16 +109,16 @@ class _Pruner(Method):
             steps = run
         else:
             run, steps = None, static_steps(model, params.targets)
-        groups: list[Group] = []
+        counted = Achieved(params.pattern)
         for step in steps:
             for group in step.groups:
                 self.prune(group, params)
-                groups.append(group)
+                counted.add(group)  # counted now: a streamed layer ([model] offload) leaves memory after its step
         if run is not None:
             changes["calibration"] = run.summary()
             if run.experts_without_tokens:
                 ctx.note(NO_TOKENS.format(n=run.experts_without_tokens))
-        return {**changes, **achieved(groups, params.pattern)}
+        return {**changes, **counted.summary()}
 
     def variant(self, params) -> str:
         """Which unstructured rule ran, for the record."""
@@ -207,27 +208,42 @@ class SparseGPT(_Pruner):
             weight[c] = new.to(weight.dtype)
 
 
-def achieved(groups: list[Group], nm: NM | None) -> dict:
-    """Measured zeros per module kind over the targeted matrices (and whether an n:m pattern holds everywhere)."""
-    zeros: dict[str, int] = {}
-    total: dict[str, int] = {}
-    matrices: dict[str, int] = {}
-    holds = True
-    for g in groups:
+class Achieved:
+    """Measured zeros per module kind over the targeted matrices (and whether an n:m pattern holds everywhere),
+    counted group by group as each is pruned."""
+
+    def __init__(self, nm: NM | None):
+        self.nm = nm
+        self.zeros: dict[str, int] = {}
+        self.total: dict[str, int] = {}
+        self.matrices: dict[str, int] = {}
+        self.holds = True
+
+    def add(self, g: Group) -> None:
         w = g.weight
-        zeros[g.kind] = zeros.get(g.kind, 0) + int((w == 0).sum())
-        total[g.kind] = total.get(g.kind, 0) + w.numel()
-        matrices[g.kind] = matrices.get(g.kind, 0) + w.shape[0]
-        if nm is not None:
-            holds = holds and nm_holds(w, nm)
-    out = {
-        "sparsity": {k: round(zeros[k] / total[k], 6) for k in total},
-        "weights": total,
-        "matrices": matrices,
-    }
-    if nm is not None:
-        out["nm_holds"] = holds
-    return out
+        self.zeros[g.kind] = self.zeros.get(g.kind, 0) + int((w == 0).sum())
+        self.total[g.kind] = self.total.get(g.kind, 0) + w.numel()
+        self.matrices[g.kind] = self.matrices.get(g.kind, 0) + w.shape[0]
+        if self.nm is not None:
+            self.holds = self.holds and nm_holds(w, self.nm)
+
+    def summary(self) -> dict:
+        out = {
+            "sparsity": {k: round(self.zeros[k] / self.total[k], 6) for k in self.total},
+            "weights": self.total,
+            "matrices": self.matrices,
+        }
+        if self.nm is not None:
+            out["nm_holds"] = self.holds
+        return out
+
+
+def achieved(groups: list[Group], nm: NM | None) -> dict:
+    """:class:`Achieved` over ``groups`` at once."""
+    counted = Achieved(nm)
+    for g in groups:
+        counted.add(g)
+    return counted.summary()
 
 
 @hookimpl
