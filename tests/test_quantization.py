@@ -266,18 +266,18 @@ def test_every_method_runs_from_a_suite(name, checkpoint, tmp_path):
         ],
     }
     result = run_suite(parse_suite(raw), RunOptions(out=tmp_path / "out", log=lambda *_: None))
-    records = {r["name"]: r for r in result.records}
-    assert all(r["status"] == "ok" for r in records.values()), [r.get("error") for r in records.values()]
-    base = records["baseline"]["metrics"]["weight_bytes"]
-    assert records["rtn"]["metrics"]["weight_bytes"] == base  # fake: nothing stored smaller
-    assert 3 < records["gptq"]["changes"]["gptq"]["bits_per_weight"]["experts"] < 4
-    assert set(records["awq"]["changes"]["awq"]["bits_per_weight"]) == {"experts", "attention"}
+    records = {r.name: r for r in result.records}
+    assert all(r.ok for r in records.values()), [r.error for r in records.values()]
+    base = records["baseline"].metrics["weight_bytes"]
+    assert records["rtn"].metrics["weight_bytes"] == base  # fake: nothing stored smaller
+    assert 3 < records["gptq"].changes["gptq"]["bits_per_weight"]["experts"] < 4
+    assert set(records["awq"].changes["awq"]["bits_per_weight"]) == {"experts", "attention"}
     for name_ in ("bnb", "gptq-int4"):
-        assert records[name_]["metrics"]["weight_bytes"] < base
-        assert records[name_]["metrics"]["params"] == records["baseline"]["metrics"]["params"]
+        assert records[name_].metrics["weight_bytes"] < base
+        assert records[name_].metrics["params"] == records["baseline"].metrics["params"]
     drop = records["drop-then-gptq"]
-    assert drop["changes"]["expert_drop"]["experts_after"] * 2 == drop["changes"]["expert_drop"]["experts_before"]
-    assert drop["changes"]["gptq"]["weights"]["experts"] * 2 == records["gptq"]["changes"]["gptq"]["weights"]["experts"]
+    assert drop.changes["expert_drop"]["experts_after"] * 2 == drop.changes["expert_drop"]["experts_before"]
+    assert drop.changes["gptq"]["weights"]["experts"] * 2 == records["gptq"].changes["gptq"]["weights"]["experts"]
 
 
 @pytest.mark.slow
