@@ -4,9 +4,10 @@ Loads the zoo DeepSeek-V2 model, feeds the calibration tokens through it, and qu
 one routed expert's gate, up and down projections with both libraries on the same inputs
 (every token entering the MoE block; :mod:`moebench_plugins.quantization.peers`), for
 several settings. Prints, per projection and setting, the share of codes that differ and
-the relative Frobenius distance of the dequantized weights, for moebench's defaults and
-for moebench with the reference's two details (``group_weights = "block_start"``,
-``half_scales = False``). Needs GPTQModel (extra ``peer-gptq``, in its own environment:
+the relative Frobenius distance of the dequantized weights, for moebench's earlier group
+rule (``group_weights = "updated"``), its default (the reference's ``"block_start"``, with
+float16 scales while choosing codes) and the default with float32 scales
+(``half_scales = False``, as GPTQModel). Needs GPTQModel (extra ``peer-gptq``, in its own environment:
 it pins numpy 2.2.6).
 
     python bench/peer_gptqmodel.py                  # layer 1, expert 0, 16 x 64 tokens
@@ -50,16 +51,17 @@ def main() -> None:
     projections = expert_inputs(model, args.layer, args.expert, windows)
     print(f"model {args.model}, layer {args.layer}, expert {args.expert}, {windows.numel()} calibration tokens, damp {args.damp}")
     print()
-    print("| projection | bits | group | sym | act_order | moebench default: codes differ / rel Frobenius | reference details: codes differ / rel Frobenius |")
-    print("|---|---:|---:|---|---|---|---|")
+    print("| projection | bits | group | sym | act_order | earlier rule (updated, float16): codes differ / rel Frobenius "
+          "| default (block_start, float16) | block_start, float32 scales |")
+    print("|---|---:|---:|---|---|---|---|---|")
     for name, (w, x) in projections.items():
         h = x.T.double() @ x.double()
         for bits, group, sym, act in SETTINGS:
             kw = dict(bits=bits, group_size=group, act_order=act, damp=args.damp, symmetric=sym)
             theirs = gptqmodel_gptq(w, x, **kw)
-            default = compare(gptq(w, h.float(), **kw), theirs)
-            ref = compare(gptq(w, h.float(), group_weights="block_start", half_scales=False, **kw), theirs)
-            print(f"| {name} {tuple(w.shape)} | {bits} | {group} | {sym} | {act} | {default[0]:.2%} / {default[1]:.2e} | {ref[0]:.2%} / {ref[1]:.2e} |")
+            cells = [compare(gptq(w, h.float(), group_weights="updated", **kw), theirs), compare(gptq(w, h.float(), **kw), theirs),
+                     compare(gptq(w, h.float(), half_scales=False, **kw), theirs)]
+            print(f"| {name} {tuple(w.shape)} | {bits} | {group} | {sym} | {act} | " + " | ".join(f"{a:.2%} / {b:.2e}" for a, b in cells) + " |")
 
 
 if __name__ == "__main__":

@@ -33,9 +33,10 @@ def projections():
 
 
 @pytest.mark.parametrize("bits,group,sym,act", SETTINGS)
-def test_gptq_with_the_reference_details_is_gptqmodels_to_the_code(projections, bits, group, sym, act):
-    """With ``group_weights = "block_start"`` and ``half_scales = False`` every code, scale and
-    zero equals GPTQModel's (measured: 0 of 8192 codes differ in every setting)."""
+def test_gptq_with_float32_scales_is_gptqmodels_to_the_code(projections, bits, group, sym, act):
+    """With the default group rule (``group_weights = "block_start"``, the reference's) and
+    ``half_scales = False`` every code, scale and zero equals GPTQModel's (measured: 0 of
+    8192 codes differ per projection in every setting)."""
     for w, x, h in projections.values():
         kw = dict(bits=bits, group_size=group, act_order=act, damp=0.01, symmetric=sym)
         ours = gptq(w, h, group_weights="block_start", half_scales=False, **kw)
@@ -45,16 +46,15 @@ def test_gptq_with_the_reference_details_is_gptqmodels_to_the_code(projections, 
         torch.testing.assert_close(ours.zero, theirs.zero, rtol=0, atol=0)
 
 
-def test_moebench_default_differs_from_gptqmodel_by_its_two_details(projections):
-    """moebench's defaults differ by design, by an amount the details explain.
+def test_moebench_differs_from_gptqmodel_by_its_float16_scales_and_its_earlier_group_rule(projections):
+    """What separates moebench's GPTQ from GPTQModel's, each cause pinned down alone.
 
-    ``half_scales`` (codes chosen against the float16 scale that is stored; GPTQModel
-    chooses them against float32 and stores float16) flips a few codes, which the error
-    feedback then propagates: measured 0.5-1.8% of codes with per-row or 128-wide groups.
-    ``group_weights = "updated"`` (group scales fitted after the error feedback inside the
-    block; the reference reads the block-start weights) matters only for groups narrower
-    than the 128-column block: measured 6-25% of codes at group 32. Either alone, the other
-    at the reference setting, leaves the corresponding gap, so each cause is pinned down.
+    ``half_scales`` (moebench's default: codes chosen against the float16 scale that is
+    stored; GPTQModel chooses them against float32 and stores float16) flips a few codes,
+    which the error feedback then propagates: measured 0.3-3.5% of codes. The earlier group
+    rule ``group_weights = "updated"`` (group scales fitted after the in-block error
+    feedback; the reference and the default read the block-start weights) matters only for
+    groups narrower than the 128-column block: measured 6-25% of codes at group 32.
     """
     w, x, h = projections["gate"]
     theirs = {g: gptqmodel_gptq(w, x, 4, g) for g in (32, 128)}
@@ -63,6 +63,6 @@ def test_moebench_default_differs_from_gptqmodel_by_its_two_details(projections)
         return (q.codes != theirs[g].codes).float().mean().item()
 
     assert 0 < differ(gptq(w, h, 4, 128), 128) < 0.05  # only half_scales acts at full-row groups
-    assert differ(gptq(w, h, 4, 128, group_weights="block_start"), 128) == differ(gptq(w, h, 4, 128), 128)
-    assert differ(gptq(w, h, 4, 32, half_scales=False), 32) > 0.05  # group_weights alone
-    assert 0 < differ(gptq(w, h, 4, 32, group_weights="block_start"), 32) < 0.05  # half_scales alone
+    assert differ(gptq(w, h, 4, 128, group_weights="updated"), 128) == differ(gptq(w, h, 4, 128), 128)
+    assert differ(gptq(w, h, 4, 32, group_weights="updated", half_scales=False), 32) > 0.05  # the group rule alone
+    assert 0 < differ(gptq(w, h, 4, 32), 32) < 0.05  # half_scales alone

@@ -140,7 +140,7 @@ def gptq(
     damp: float = 0.01,
     block_size: int = 128,
     symmetric: bool = False,
-    group_weights: str = "updated",
+    group_weights: str = "block_start",
     half_scales: bool = True,
 ) -> Quantized:
     """GPTQ (Frantar et al., 2210.17323) on a stack ``w [B, rows, cols]`` with Hessians ``H [B, cols, cols]``.
@@ -152,13 +152,12 @@ def gptq(
     contiguous columns (what a packed store needs). ``H`` is any positive multiple of
     ``X^T X`` over the calibration inputs.
 
-    Two details differ from the reference code (IST-DASLab/gptq, AutoGPTQ, GPTQModel), which
-    matter only with groups narrower than a block (``group_size < 128``) and for float16
-    rounding; both are options so a peer check can reproduce the reference to the bit
-    (tests/test_peer_gptqmodel.py): ``group_weights = "updated"`` fits a group's scale to
-    its columns after the error feedback of earlier columns in the same block, where the
-    reference (``"block_start"``) reads them as they stood when the block began;
-    ``half_scales`` rounds scales to float16 before choosing codes (see :func:`group_params`).
+    ``group_weights = "block_start"`` fits a group's scale to its columns as they stood when
+    their block began, as the reference code does (IST-DASLab/gptq, AutoGPTQ, GPTQModel);
+    ``"updated"`` (moebench's earlier rule) fits it after the error feedback of earlier
+    columns in the block; they differ only for groups narrower than the block. ``half_scales``
+    rounds scales to float16 before choosing codes (see :func:`group_params`); off, the
+    codes equal GPTQModel's to the bit (tests/test_peer_gptqmodel.py).
     """
     _check_bits(bits)
     if group_weights not in ("updated", "block_start"):
