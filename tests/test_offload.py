@@ -230,6 +230,7 @@ def test_suite_run_with_offload_saves_what_the_in_memory_run_saves(ds, tmp_path,
         assert disk.metrics["perplexity"]["value"] == pytest.approx(memory.metrics["perplexity"]["value"], rel=1e-5)
         assert disk.metrics["params"] == memory.metrics["params"]
         assert disk.metrics["weight_bytes"] == memory.metrics["weight_bytes"]
+        assert any(n.startswith("offload=disk") for n in disk.notes) and not any(n.startswith("offload") for n in memory.notes)
     saved = Path(records["disk"]["w"].saved_model["path"])
     back, want = load_pretrained(saved), load_pretrained(records["memory"]["w"].saved_model["path"])
     ids = _probe()
