@@ -20,6 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
+from moebench.record import Record, records_of
 from moebench.runner import RunOptions, run_suite
 from moebench.suite import parse_suite
 
@@ -79,25 +80,25 @@ def suite(args) -> dict:
     }
 
 
-def table(records: list[dict], keeps: list[int]) -> str:
-    base = next(r for r in records if r["name"] == "baseline")
-    base_ppl = base["metrics"]["perplexity"]["value"]
+def table(records: list[Record], keeps: list[int]) -> str:
+    base = next(r for r in records if r.name == "baseline")
+    base_ppl = base.metrics["perplexity"]["value"]
     lines = [
-        f"Baseline (16 experts per MoE layer): perplexity {base_ppl:.3f}, weights {base['metrics']['weight_bytes'] / 2**20:.2f} MiB.",
+        f"Baseline (16 experts per MoE layer): perplexity {base_ppl:.3f}, weights {base.metrics['weight_bytes'] / 2**20:.2f} MiB.",
         "",
         "| keep | method | experts | perplexity | Δ ppl | weights MiB | compress s | heal loss before → after |",
         "|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for keep in keeps:
         for label, _, _ in ROWS:
-            r = next((r for r in records if r.get("entry") == label and r.get("grid", {}).get("keep") == keep), None)
+            r = next((r for r in records if r.entry == label and r.grid.get("keep") == keep), None)
             if r is None:
                 continue
-            if r["status"] != "ok":
-                lines.append(f"| {keep} | {label} | failed: {r['error']} |")
+            if not r.ok:
+                lines.append(f"| {keep} | {label} | failed: {r.error} |")
                 continue
-            m = r["metrics"]
-            changes = next(iter(r["changes"].values()))
+            m = r.metrics
+            changes = next(iter(r.changes.values()))
             heal = changes.get("healing")
             heal_text = f"{heal['loss_before']:.4g} → {heal['loss_after']:.4g}" if heal else "–"
             ppl = m["perplexity"]["value"]
@@ -150,13 +151,13 @@ def main() -> None:
     result = run_suite(s, RunOptions(out=args.out, resume=args.resume, log=lambda m: print(m, flush=True)))
     from moebench.store import read_records
 
-    records = list(read_records(args.out / "results.jsonl"))
+    records = records_of(read_records(args.out / "results.jsonl"))
     text = table(records, args.keep) + f"\n\nOne calibration pass gathering every statistic above, shared by all runs: {calibration_seconds:.1f} s."
     print()
     print(text)
     (args.out / "table.md").write_text(text + "\n")
     (args.out / "suite.json").write_text(json.dumps(suite(args), indent=2))
-    failed = [r["name"] for r in result.records if r["status"] != "ok"]
+    failed = [r.name for r in result.records if not r.ok]
     if failed:
         print("failed:", ", ".join(failed))
 

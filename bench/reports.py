@@ -15,6 +15,7 @@ from pathlib import Path
 
 from moebench import leaderboard, render
 from moebench.compare import compare
+from moebench.record import records_of
 from moebench.shard import merge
 from moebench.store import read_records
 
@@ -24,9 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def pile(records: list[dict], copies: int) -> list[dict]:
     out = []
     for i in range(copies):
-        for r in copy.deepcopy(records):
-            r["env"] = {**(r.get("env") or {}), "git_commit": f"{i:07x}", "device_name": f"machine-{i % 3}"}
-            out.append(r)
+        for r in records_of(copy.deepcopy(records)):
+            r.env = {**r.environment, "git_commit": f"{i:07x}", "device_name": f"machine-{i % 3}"}
+            out.append(r.to_dict())
     return out
 
 

@@ -18,12 +18,13 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from . import paths
 from .data import calibration_windows
+from .forward import StopForward, forward_windows  # noqa: F401  (also importable from here, as before)
 
 if TYPE_CHECKING:
     from .adapter import MoEModel
@@ -65,29 +66,6 @@ def check_streamable(names) -> None:
             f"statistics {', '.join(refused)} relate several layers within one pass, so a model streamed layer by layer "
             f"([model] offload, checkpoint streaming) cannot gather them; streamable statistics: {', '.join(able)}"
         )
-
-
-class StopForward(Exception):
-    """Raised from a hook to end a forward pass early (the layers after it are not needed);
-    every pass that captures inputs or stops at a router uses this one exception."""
-
-
-def forward_windows(model: "torch.nn.Module", windows: torch.Tensor, batch_size: int, device) -> Iterator[int]:
-    """The one forward machinery: run token ``windows [n, seqlen]`` through a causal LM in
-    batches, without a KV cache; yields each batch's size after its pass.
-
-    Statistics (:meth:`Calibration.run`), the layer-sequential capture
-    (:class:`moebench.sequential.Sequential`) and checkpoint streaming
-    (:class:`moebench.checkpoint.LayerStream`) all drive their hooks through it; a hook
-    that has what it needs raises :class:`StopForward` to skip the rest of the pass.
-    """
-    with torch.no_grad():
-        for batch in windows.split(batch_size):
-            try:
-                model(input_ids=batch.to(device), use_cache=False)
-            except StopForward:
-                pass
-            yield len(batch)
 
 
 def hidden_in(args, kwargs) -> torch.Tensor:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import MoEModel
-from .calibration import StopForward, forward_windows
+from .forward import StopForward, forward_windows
 from .errors import MoebenchError
 
 FP8_BLOCK = 128

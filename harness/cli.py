@@ -75,7 +75,7 @@ def run(
 
     for table in terminal_table(list(read_records(target / "results.jsonl"))):
         out.print(table)
-    failed = [r["name"] for r in result.records if r["status"] != "ok"]
+    failed = [r.name for r in result.records if not r.ok]
     if failed:
         err.print(f"{len(failed)} run(s) failed: {', '.join(failed)}")
         raise typer.Exit(1)

@@ -315,7 +315,7 @@ def compare(new: Iterable[dict[str, Any] | Record], baseline: Iterable[dict[str,
             result.findings.append(
                 Finding("config_changed", suite, name, message=f"run id {base.run_id} → {rec.run_id}: the suite or method parameters changed; compared anyway")
             )
-        differ = comparable.differences(comparable.spec(base.to_dict()), comparable.spec(rec.to_dict()))
+        differ = comparable.differences(comparable.spec(base), comparable.spec(rec))
         if differ:  # another model or evaluation: the figures say nothing about a regression
             message = "measured differently (" + "; ".join(differ) + "): not compared; rerun with the baseline's settings or refresh the baseline"
             result.findings.append(Finding("incomparable", suite, name, message=message, blocking=True))

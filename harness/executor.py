@@ -15,6 +15,7 @@ from .errors import MoebenchError
 
 if TYPE_CHECKING:
     from .calibration import Calibration
+    from .record import Record
     from .runner import Job
     from .suite import RunSpec, Suite
 
@@ -28,7 +29,7 @@ class Executor(Protocol):
     def measure(self, suite: "Suite", spec: "RunSpec", names: list[str], calibration: "Calibration | None") -> dict[str, Any]:
         """Re-measure only the named metrics of ``spec`` (the baseline, on resume, for relative metrics)."""
 
-    def run(self, jobs: list["Job"], started: Callable[["RunSpec"], None], log: Callable[[str], None]) -> Iterator[tuple["RunSpec", dict]]:
+    def run(self, jobs: list["Job"], started: Callable[["RunSpec"], None], log: Callable[[str], None]) -> Iterator[tuple["RunSpec", "Record"]]:
         """Each job's ``(spec, record)``, in the order they finish; closing the iterator cancels the rest."""
 
 

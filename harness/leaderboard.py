@@ -101,19 +101,18 @@ def boards(records: Iterable[dict[str, Any] | Record], metric: str | None = None
     metric = metric or default_metric()
     lower = better(metric) == "lower"
     typed = records_of(records)
-    ranked = [r.to_dict() for r in typed if r.ok and _finite(r.flat_metrics().get(metric))]
+    ranked = [r for r in typed if r.ok and _finite(r.flat_metrics().get(metric))]
     papers = list({r.run_id: r for r in typed if r.is_reference and _finite(r.flat_metrics().get(metric))}.values())
 
-    def model_of(r: dict[str, Any] | Record) -> str:
-        t = r if isinstance(r, Record) else Record.from_dict(r)
-        return (t.source or "?") + (f" ({t.dtype})" if t.dtype and t.dtype != "float32" else "")
+    def model_of(r: Record) -> str:
+        return (r.source or "?") + (f" ({r.dtype})" if r.dtype and r.dtype != "float32" else "")
 
     out = []
     # one board per model and evaluation spec of the ranking metric (data, split, seqlen, samples...)
     groups = comparable.group(ranked, key=model_of, tables=lambda r: [comparable.table_of(metric)])
-    settings = [setting_of(Record.from_dict(g.records[0]), metric) for g in groups]
+    settings = [setting_of(g.records[0], metric) for g in groups]
     for g, setting in zip(groups, settings):
-        model, recs = g.key, records_of(g.records)
+        model, recs = g.key, g.records
         if sum(1 for h, s in zip(groups, settings) if h.key == g.key and s == setting) > 1:  # the text does not tell them apart
             setting = f"{setting}; {g.label}" if setting else g.label
         baselines = {(r.suite, origin(r)): r for r in recs if r.is_baseline}

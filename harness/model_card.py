@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .models import LOADER  # noqa: F401  (re-exported: what a card names)
+from .record import Record
 
 TRANSFORMERS = "transformers"
 
@@ -36,13 +37,14 @@ def how_to_load(folder: str | Path, loader: str) -> str:
     return f"from {module} import {func}, load\nmodel = {func}({str(folder)!r})  # or load(...) for the model with its tokenizer and MoE view"
 
 
-def write(folder: str | Path, record: dict[str, Any]) -> Path:
+def write(folder: str | Path, record: Record | dict[str, Any]) -> Path:
     """Write ``folder/README.md`` for the run ``record`` (its ``saved_model``, pipeline, metrics, notes)."""
     folder = Path(folder)
-    saved = record["saved_model"]
+    rec = Record.from_dict(record)
+    saved = rec.saved_model or {}
     loader = saved["loader"]
-    base = record.get("model", {})
-    methods = [step.get("method", "?") for step in record.get("pipeline", [])]
+    base = rec.model
+    methods = [step.get("method", "?") for step in rec.pipeline]
     lines = [
         "---",
         f"library_name: {'transformers' if loader == TRANSFORMERS else 'moebench'}",
@@ -50,22 +52,22 @@ def write(folder: str | Path, record: dict[str, Any]) -> Path:
         "tags: [moebench, mixture-of-experts, " + ", ".join(methods) + "]",
         "---",
         "",
-        f"# {record.get('name')} ({record.get('suite')})",
+        f"# {rec.name} ({rec.suite})",
         "",
-        f"Compressed by moebench from `{base.get('source')}` ({base.get('dtype')}) in run `{record.get('name')}` "
-        f"(id `{record.get('run_id')}`) of suite `{record.get('suite')}`; status **{record.get('status')}**.",
+        f"Compressed by moebench from `{rec.source}` ({rec.dtype}) in run `{rec.name}` "
+        f"(id `{rec.run_id}`) of suite `{rec.suite}`; status **{rec.status}**.",
         "",
         "## Method",
         "",
     ]
-    for step in record.get("pipeline", []):
+    for step in rec.pipeline:
         lines.append(f"- `{step.get('method')}` with `{json.dumps(step.get('params', {}), sort_keys=True)}`")
     lines += ["", "## Metrics", ""]
-    rows = list(_scalars(record.get("metrics", {})))
+    rows = list(_scalars(rec.metrics))
     if rows:
         lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     else:
-        lines.append("No metrics were recorded" + (f" (the run failed: {record.get('error')})." if record.get("error") else "."))
+        lines.append("No metrics were recorded" + (f" (the run failed: {rec.error})." if rec.error else "."))
     lines += ["", "## How to load", ""]
     if loader == TRANSFORMERS:
         fmt = saved.get("format", TRANSFORMERS)
@@ -79,8 +81,8 @@ def write(folder: str | Path, record: dict[str, Any]) -> Path:
             f"with an error naming `{LOADER}`; load it with moebench installed:"
         )
     lines += ["", "```python", how_to_load(folder, loader), "```", ""]
-    if record.get("notes"):
-        lines += ["## Notes", ""] + [f"- {n}" for n in record["notes"]] + [""]
+    if rec.notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in rec.notes] + [""]
     path = folder / "README.md"
     path.write_text("\n".join(lines))
     return path

@@ -26,9 +26,12 @@ import copy
 import dataclasses
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import MoebenchError
+
+if TYPE_CHECKING:
+    from .record import Record
 
 #: environment the workers need to find the same caches and stay offline
 FORWARDED_ENV = (
@@ -66,7 +69,7 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)  # stdout of the command is the results table
 
 
-def _run(job) -> dict:
+def _run(job) -> "Record":
     from .runner import run_job
 
     job = dataclasses.replace(job, suite=for_worker(job.suite))

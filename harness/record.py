@@ -91,6 +91,16 @@ class Record:
 
         return flatten(self.metrics or {})
 
+    def __getitem__(self, key: str) -> Any:
+        """Read-only ``record["name"]`` over the JSON form, for scripts written when
+        :func:`moebench.runner.run_suite` returned dicts (bench/gpu_smoke.py); moebench's own
+        code reads the attributes."""
+        return self.to_dict()[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """``record.get("error")`` over the JSON form; see :meth:`__getitem__`."""
+        return self.to_dict().get(key, default)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any] | "Record") -> "Record":
         """A record from its JSON object; missing fields take their defaults, unknown ones go to ``extra``."""

@@ -64,12 +64,11 @@ def suite_tables(records: Iterable[dict[str, Any] | Record]) -> list[SuiteTable]
     from .comparable import group
 
     by_suite: dict[str, list[Record]] = {}
-    dicts = [r.to_dict() if isinstance(r, Record) else r for r in records]
-    for g in group(dicts, key=lambda r: r.get("suite")):
+    for g in group(records_of(records), key=lambda r: r.suite):
         title = f"{g.key} [{g.label}]" if g.label else g.key
         while title in by_suite:  # groups whose differences do not show in their labels stay apart
             title += "'"
-        by_suite[title] = records_of(g.records)
+        by_suite[title] = list(g.records)
     tables = []
     for suite, recs in by_suite.items():
         origins = list(dict.fromkeys(origin(r) for r in recs))

@@ -15,7 +15,7 @@ import pandas as pd
 
 from . import columns as _columns
 from .columns import flatten  # noqa: F401  (re-exported: moebench.report.flatten)
-from .record import Record
+from .record import Record, records_of
 from .reference import PAPER
 
 #: identity columns of every row (the rest are metric columns described by moebench.columns)
@@ -31,15 +31,14 @@ def frame(records: Iterable[dict[str, Any] | Record]) -> pd.DataFrame:
     """
     from .comparable import group
 
-    records = [r.to_dict() if isinstance(r, Record) else r for r in records]
+    records = records_of(records)
     labels = {}
-    for g in group(records, key=lambda r: r.get("suite")):
+    for g in group(records, key=lambda r: r.suite):
         for r in g.records:
             labels[id(r)] = f"{g.key} [{g.label}]" if g.label else g.key
     rows: dict[tuple, dict] = {}
-    for d in records:
-        r = Record.from_dict(d)
-        row = {"suite": labels[id(d)], "name": r.name, "run_id": r.run_id, "status": r.status}
+    for r in records:
+        row = {"suite": labels[id(r)], "name": r.name, "run_id": r.run_id, "status": r.status}
         row.update(r.flat_metrics())
         _columns.derive(row)  # plugin columns built from others (e.g. PreMoe's active/kept)
         rows[(row["suite"], r.run_id)] = row

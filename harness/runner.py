@@ -33,6 +33,7 @@ from .method import Context
 from .models import LOADER, load
 from .params import to_dict
 from .plugins import host
+from .record import Record
 from .store import ResultStore
 from .suite import RunSpec, Suite
 
@@ -64,7 +65,7 @@ class Job:
     out: Path | None = None
 
 
-def run_job(job: Job, log: Callable[[str], None] = print) -> dict:
+def run_job(job: Job, log: Callable[[str], None] = print) -> Record:
     """Execute one run and return its record: the per-run unit every executor calls."""
     suite = job.suite
     if suite.hardware.threads:
@@ -77,7 +78,7 @@ def run_job(job: Job, log: Callable[[str], None] = print) -> dict:
 @dataclass
 class SuiteResult:
     out: Path
-    records: list[dict] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     calibration: dict = field(default_factory=dict)
 
@@ -130,16 +131,16 @@ def run_suite(suite: Suite, options: RunOptions) -> SuiteResult:
     with _interrupts() as interrupted, records as finished:  # closing cancels what an executor still has queued
         for spec, record in finished:
             store.append(record)  # a disk that refuses it stops the suite here (DiskFull), the file left whole
-            host().notify("on_record", suite=suite, record=record)
+            host().notify("on_record", suite=suite, record=record.to_dict())  # plugins get the JSON object, as written
             result.records.append(record)
-            status = "ok" if record["status"] == "ok" else f"FAILED: {record['error']}"
+            status = "ok" if record.ok else f"FAILED: {record.error}"
             options.log(f"  {spec.name}: {status}")
             if interrupted.is_set():  # Ctrl-C landed in a finalizer, which swallows the exception
                 raise KeyboardInterrupt
-            if disk_failure(record.get("error")):  # a run the disk failed: recorded, then the suite stops
+            if disk_failure(record.error):  # a run the disk failed: recorded, then the suite stops
                 from .store import DiskFull
 
-                raise DiskFull(f"run {spec.name!r}: the disk refused data ({record['error']}); stopped after this run, finished runs are in {store.path}; free space, then continue with --resume")
+                raise DiskFull(f"run {spec.name!r}: the disk refused data ({record.error}); stopped after this run, finished runs are in {store.path}; free space, then continue with --resume")
     _PRISTINE.clear()  # the model snapshot lives for one suite
     result.calibration = calibration.summary() if calibration else {}
     return result
@@ -159,8 +160,8 @@ def _records(executor, suite: Suite, todo: list[RunSpec], calibration, baseline,
     for batch in (first, [r for r in todo if r not in first]):
         jobs = [Job(suite, spec, calibration, baseline, options.save_models, options.out) for spec in batch]
         for spec, record in executor.run(jobs, started, options.log):
-            if spec.is_baseline and record["status"] == "ok":
-                baseline = record["metrics"]
+            if spec.is_baseline and record.ok:
+                baseline = record.metrics
             yield spec, record
 
 
@@ -188,7 +189,7 @@ def _interrupts():
         signal.signal(signal.SIGINT, previous)
 
 
-def execute(suite: Suite, spec: RunSpec, ctx: Context, save_models: Path | None = None) -> dict:
+def execute(suite: Suite, spec: RunSpec, ctx: Context, save_models: Path | None = None) -> Record:
     """One run: fresh model, pipeline, metrics. Exceptions become a failed record."""
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     record = _new_record(suite, spec, ctx.notes)
@@ -198,16 +199,18 @@ def execute(suite: Suite, spec: RunSpec, ctx: Context, save_models: Path | None 
         model = load_model(suite, keep=True)
         if spec.pipeline and placement.materialize(model.model):  # device = "auto" with offload
             ctx.note("device=auto: offloaded layers were loaded into CPU memory to be edited, and ran there")
+        if model.stream is not None:
+            ctx.note("offload=disk: decoder layers were read from the checkpoint one at a time; each step wrote a new checkpoint layer by layer")
         t0 = time.perf_counter()
         steps: dict[str, float] = {}
         with PeakMemory(suite.model.device) as peak:
-            record["changes"] = apply_pipeline(model, spec, ctx, steps)
+            record.changes = apply_pipeline(model, spec, ctx, steps)
         if spec.pipeline:
-            record["metrics"]["compress_seconds"] = time.perf_counter() - t0
+            record.metrics["compress_seconds"] = time.perf_counter() - t0
             if peak.bytes is not None:
-                record["metrics"].update(compress_peak_bytes=peak.bytes, compress_peak_kind=peak.kind)
+                record.metrics.update(compress_peak_bytes=peak.bytes, compress_peak_kind=peak.kind)
         if len(steps) > 1:
-            record["metrics"]["compress_seconds_by_step"] = steps
+            record.metrics["compress_seconds_by_step"] = steps
         if save_models is not None and spec.pipeline:
             from .preflight import inside
 
@@ -217,15 +220,15 @@ def execute(suite: Suite, spec: RunSpec, ctx: Context, save_models: Path | None 
             else:
                 model.save(folder)
             loader = LOADER if model.saved_format == "moebench" else model_card.TRANSFORMERS
-            record["saved_model"] = {"path": str(folder), "loader": loader, "format": model.saved_format}
+            record.saved_model = {"path": str(folder), "loader": loader, "format": model.saved_format}
             ctx.log(f"  saved to {folder}; load it with:\n    " + model_card.how_to_load(folder, loader).replace("\n", "\n    "))
-        record["metrics"].update(measure(model, suite, ctx))
+        record.metrics.update(measure(model, suite, ctx))
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # recorded, and the suite goes on
-        record["status"] = "failed"
-        record["error"] = f"{type(exc).__name__}: {exc}"
-        record["traceback"] = traceback.format_exc(limit=8)
+        record.status = "failed"
+        record.error = f"{type(exc).__name__}: {exc}"
+        record.traceback = traceback.format_exc(limit=8)
     finally:
         if model is not None and model.stream is not None:
             model.stream.close()  # the streamed steps' outputs nobody kept
@@ -233,38 +236,35 @@ def execute(suite: Suite, spec: RunSpec, ctx: Context, save_models: Path | None 
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    if record.get("saved_model"):
-        model_card.write(record["saved_model"]["path"], record)
+    if record.saved_model:
+        model_card.write(record.saved_model["path"], record)
     if ctx.calibration is not None and spec.pipeline:
-        record["calibration"] = {**ctx.calibration.spec.key(), **ctx.calibration.summary()}
-    record["started"] = started
-    record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    record["env"] = environment(suite.model.device)
+        record.calibration = {**ctx.calibration.spec.key(), **ctx.calibration.summary()}
+    record.started = started
+    record.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    record.env = environment(suite.model.device)
     return record
 
 
-def _new_record(suite: Suite, spec: RunSpec, notes: list[str]) -> dict[str, Any]:
-    return {
-        "run_id": spec.run_id,
-        "suite": suite.name,
-        "name": spec.name,
-        "entry": spec.entry,
-        "grid": spec.grid,
-        "status": "ok",
-        "pipeline": [s.to_dict() for s in spec.pipeline],
-        "model": {"source": suite.model.source, "dtype": suite.model.dtype},
-        "evals": {name: to_dict(params) for name, params in suite.evals.items()},
-        "metrics": {},
-        "changes": {},
-        "notes": notes,
-        "error": None,
-    }
+def _new_record(suite: Suite, spec: RunSpec, notes: list[str]) -> Record:
+    return Record(
+        run_id=spec.run_id,
+        suite=suite.name,
+        name=spec.name,
+        entry=spec.entry,
+        grid=spec.grid,
+        pipeline=[s.to_dict() for s in spec.pipeline],
+        model={"source": suite.model.source, "dtype": suite.model.dtype},
+        evals={name: to_dict(params) for name, params in suite.evals.items()},
+        notes=notes,  # the run's Context.notes: what a method notes later lands here too
+    )
 
 
-def failed_record(suite: Suite, spec: RunSpec, error: str) -> dict[str, Any]:
+def failed_record(suite: Suite, spec: RunSpec, error: str) -> Record:
     """The record of a run that never returned one (its worker died): failed, with the cause."""
     record = _new_record(suite, spec, [])
-    record.update(status="failed", error=error, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    record.status, record.error = "failed", error
+    record.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return record
 
 

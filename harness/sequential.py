@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .adapter import MoEModel
-from .calibration import StopForward, forward_windows
+from .forward import StopForward, forward_windows
 from .errors import MoebenchError
 
 #: module kinds a method can target

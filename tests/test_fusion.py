@@ -339,14 +339,14 @@ params = {{ rank = 8, heal = {{ steps = 2 }} }}
     )
     suite = load_suite(suite_file)
     result = run_suite(suite, RunOptions(out=tmp_path / "out", save_models=tmp_path / "models", log=lambda m: None))
-    assert [r["status"] for r in result.records] == ["ok"] * 6, [r.get("error") for r in result.records]
+    assert [r.status for r in result.records] == ["ok"] * 6, [r.error for r in result.records]
     from moebench_plugins.metrics import Perplexity
 
     for record in result.records[1:]:
-        changes = next(iter(record["changes"].values()))
+        changes = next(iter(record.changes.values()))
         if "healing" in changes:
-            assert changes["healing"]["loss_after"] < changes["healing"]["loss_before"], record["name"]
-        saved = record["saved_model"]
+            assert changes["healing"]["loss_after"] < changes["healing"]["loss_before"], record.name
+        saved = record.saved_model
         folder = saved["path"] if isinstance(saved, dict) else saved
         loaders = [load_pretrained] + ([AutoModelForCausalLM.from_pretrained] if changes["reload"] == "transformers" else [])
         for loader in loaders:
@@ -354,7 +354,7 @@ params = {{ rank = 8, heal = {{ steps = 2 }} }}
             reloaded = MoEModel(net, host().adapter_for(net), tokenizer=zoo.tokenizer())
             measured = Perplexity().measure(reloaded, suite.evals["perplexity"], Context())["perplexity"]["value"]
             # the same logits: the reloaded model's perplexity is the one measured before saving
-            assert measured == pytest.approx(record["metrics"]["perplexity"]["value"], rel=1e-5), (record["name"], loader)
+            assert measured == pytest.approx(record.metrics["perplexity"]["value"], rel=1e-5), (record.name, loader)
 
 
 @pytest.mark.parametrize("name", ["deepseek_v2", "mixtral"])

@@ -265,9 +265,9 @@ def test_a_suite_run_keeps_lm_eval_samples_in_its_run_folder_and_exports_them(ch
     """), max_samples=1)
     result = run_suite(load_suite(path), RunOptions(out=tmp_path / "out", log=lambda m: None))
     for record in result.records:
-        assert record["status"] == "ok", record.get("error")
-        files = record["metrics"]["lm_eval_info"]["files"]
-        folder = tmp_path / "out" / "runs" / f"{record['name']}-{record['run_id']}"
+        assert record.ok, record.error
+        files = record.metrics["lm_eval_info"]["files"]
+        folder = tmp_path / "out" / "runs" / f"{record.name}-{record.run_id}"
         assert set(files["samples"]) == {"pydoc_cloze", "pydoc_gen"}
         for task, sample_file in files["samples"].items():
             assert Path(sample_file).parent == folder and len(Path(sample_file).read_text().splitlines()) == 2
@@ -276,7 +276,7 @@ def test_a_suite_run_keeps_lm_eval_samples_in_its_run_folder_and_exports_them(ch
     done = subprocess.run([sys.executable, "-m", "moebench.cli", "report", str(tmp_path / "out"), "--format", "lm-eval", "--out", str(tmp_path / "lm")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     for record in result.records:
-        exported = tmp_path / "lm" / f"{record['name']}-{record['run_id']}"
+        exported = tmp_path / "lm" / f"{record.name}-{record.run_id}"
         (results,) = exported.glob("results_*.json")
         stamp = results.name[len("results_") : -len(".json")]
         assert sorted(p.name for p in exported.glob("samples_*.jsonl")) == [f"samples_pydoc_cloze_{stamp}.jsonl", f"samples_pydoc_gen_{stamp}.jsonl"]

@@ -101,7 +101,7 @@ def test_every_run_reaches_mlflow_and_wandb_with_its_metrics_params_and_tags(che
         tags = ["nightly"]
     """), max_samples=2)
     result = run_suite(load_suite(path), RunOptions(out=tmp_path / "out", log=lambda m: None))
-    records = {r["name"]: Record.from_dict(r) for r in result.records}
+    records = {r.name: r for r in result.records}
     assert set(records) == {"baseline", "drop"} and all(r.ok for r in records.values())
 
     client = mlflow.tracking.MlflowClient(file_store)

@@ -118,6 +118,23 @@ def test_streamed_gptq_int4_writes_the_in_memory_codes(ds, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method,table", [
+    ("sparsegpt", {"sparsity": 0.5}),
+    ("awq", {"targets": ["experts", "attention"]}),  # AWQ folds scales into the layer's norms too
+    ("magnitude", {"sparsity": 0.5}),
+    ("moequant", {"calibration": "data"}),
+])
+def test_every_streaming_method_writes_the_in_memory_weights(ds, tmp_path, method, table):
+    memory = load(str(ds))
+    _apply(memory, method, **table)
+    _streamed(ds, tmp_path / "out", method, **table)
+    back, want = load_pretrained(tmp_path / "out").state_dict(), memory.model.state_dict()
+    assert back.keys() == want.keys()
+    for key, value in want.items():
+        torch.testing.assert_close(back[key], value, rtol=1e-6, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.slow
 def test_gptq_in_expert_slices_gives_the_same_codes_holding_fewer_hessians(ds):
     whole = load(str(ds))
     sliced = load(str(ds))
@@ -144,12 +161,14 @@ def test_streamed_perplexity_equals_the_in_memory_perplexity(ds):
 
 
 def test_streamed_statistics_equal_a_full_pass_and_cross_layer_ones_are_refused(ds):
-    names = ["routing_counts", "router_mass"]
+    names = [n for n, cls in host().statistics.items() if cls.streamable]
+    assert {"routing_counts", "moe_io", "reap", "coactivation", "expert_mean_output"} <= set(names)
     memory = Calibration(CalibrationSpec(samples=4, seqlen=32, batch_size=2), cache=False).run(load(str(ds)), names)
     streamed_model = offload.open_model(ds)
     streamed = Calibration(CalibrationSpec(samples=4, seqlen=32, batch_size=2), cache=False).run(streamed_model, names)
-    for layer, counts in memory["routing_counts"].items():
-        assert torch.equal(streamed["routing_counts"][layer], counts)
+    assert streamed.keys() == memory.keys()
+    for name in names:
+        torch.testing.assert_close(streamed[name], memory[name], rtol=1e-6, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     with pytest.raises(MoebenchError, match="layer_similarity relate several layers"):
         Calibration(CalibrationSpec(samples=4, seqlen=32), cache=False).run(streamed_model, ["layer_similarity"])
 
@@ -204,15 +223,16 @@ def test_suite_run_with_offload_saves_what_the_in_memory_run_saves(ds, tmp_path,
     for mode, extra in (("memory", ""), ("disk", 'offload = "disk"')):
         suite = _parse(_suite(ds, methods, extra))
         result = run_suite(suite, RunOptions(out=tmp_path / mode, save_models=tmp_path / f"{mode}-models", log=lambda m: None))
-        records[mode] = {r["name"]: r for r in result.records}
+        records[mode] = {r.name: r for r in result.records}
     for name in ("baseline", "w"):
         disk, memory = records["disk"][name], records["memory"][name]
-        assert disk["status"] == "ok", disk.get("error")
-        assert disk["metrics"]["perplexity"]["value"] == pytest.approx(memory["metrics"]["perplexity"]["value"], rel=1e-5)
-        assert disk["metrics"]["params"] == memory["metrics"]["params"]
-        assert disk["metrics"]["weight_bytes"] == memory["metrics"]["weight_bytes"]
-    saved = Path(records["disk"]["w"]["saved_model"]["path"])
-    back, want = load_pretrained(saved), load_pretrained(records["memory"]["w"]["saved_model"]["path"])
+        assert disk.status == "ok", disk.error
+        assert disk.metrics["perplexity"]["value"] == pytest.approx(memory.metrics["perplexity"]["value"], rel=1e-5)
+        assert disk.metrics["params"] == memory.metrics["params"]
+        assert disk.metrics["weight_bytes"] == memory.metrics["weight_bytes"]
+        assert any(n.startswith("offload=disk") for n in disk.notes) and not any(n.startswith("offload") for n in memory.notes)
+    saved = Path(records["disk"]["w"].saved_model["path"])
+    back, want = load_pretrained(saved), load_pretrained(records["memory"]["w"].saved_model["path"])
     ids = _probe()
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids).logits, want(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
@@ -233,8 +253,8 @@ def test_a_compressed_checkpoint_is_evaluated_streamed_as_in_memory(ds, tmp_path
     for mode, extra in (("memory", ""), ("disk", 'offload = "disk"')):
         suite = _parse(_suite(tmp_path / "int4", "", extra))
         (record,) = run_suite(suite, RunOptions(out=tmp_path / mode, log=lambda m: None)).records
-        assert record["status"] == "ok", record.get("error")
-        ppl[mode] = record["metrics"]["perplexity"]["value"]
+        assert record.status == "ok", record.error
+        ppl[mode] = record.metrics["perplexity"]["value"]
     assert ppl["disk"] == pytest.approx(ppl["memory"], rel=1e-5)
 
 

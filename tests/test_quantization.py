@@ -105,7 +105,8 @@ def test_gptq_true_sequential_changes_only_what_follows_the_first_stage():
     moe, parallel = tiny(layers=2), tiny(layers=2)
     changes = apply(moe, "gptq", bits=3, group_size=32)
     assert changes["variant"] == {"order": "true sequential: each Hessian from the already-quantized earlier stages (reference)",
-                                  "hessian": "unweighted X^T X (reference)"}
+                                  "hessian": "unweighted X^T X (reference)",
+                                  "group_scales": "group scales from the block-start weights (reference)"}
     apply(parallel, "gptq", bits=3, group_size=32, true_sequential=False)
     first = moe.moe_layers[0]
     torch.testing.assert_close(moe.block(first).experts.gate_up_proj, parallel.block(first).experts.gate_up_proj)
@@ -266,18 +267,18 @@ def test_every_method_runs_from_a_suite(name, checkpoint, tmp_path):
         ],
     }
     result = run_suite(parse_suite(raw), RunOptions(out=tmp_path / "out", log=lambda *_: None))
-    records = {r["name"]: r for r in result.records}
-    assert all(r["status"] == "ok" for r in records.values()), [r.get("error") for r in records.values()]
-    base = records["baseline"]["metrics"]["weight_bytes"]
-    assert records["rtn"]["metrics"]["weight_bytes"] == base  # fake: nothing stored smaller
-    assert 3 < records["gptq"]["changes"]["gptq"]["bits_per_weight"]["experts"] < 4
-    assert set(records["awq"]["changes"]["awq"]["bits_per_weight"]) == {"experts", "attention"}
+    records = {r.name: r for r in result.records}
+    assert all(r.ok for r in records.values()), [r.error for r in records.values()]
+    base = records["baseline"].metrics["weight_bytes"]
+    assert records["rtn"].metrics["weight_bytes"] == base  # fake: nothing stored smaller
+    assert 3 < records["gptq"].changes["gptq"]["bits_per_weight"]["experts"] < 4
+    assert set(records["awq"].changes["awq"]["bits_per_weight"]) == {"experts", "attention"}
     for name_ in ("bnb", "gptq-int4"):
-        assert records[name_]["metrics"]["weight_bytes"] < base
-        assert records[name_]["metrics"]["params"] == records["baseline"]["metrics"]["params"]
+        assert records[name_].metrics["weight_bytes"] < base
+        assert records[name_].metrics["params"] == records["baseline"].metrics["params"]
     drop = records["drop-then-gptq"]
-    assert drop["changes"]["expert_drop"]["experts_after"] * 2 == drop["changes"]["expert_drop"]["experts_before"]
-    assert drop["changes"]["gptq"]["weights"]["experts"] * 2 == records["gptq"]["changes"]["gptq"]["weights"]["experts"]
+    assert drop.changes["expert_drop"]["experts_after"] * 2 == drop.changes["expert_drop"]["experts_before"]
+    assert drop.changes["gptq"]["weights"]["experts"] * 2 == records["gptq"].changes["gptq"]["weights"]["experts"]
 
 
 @pytest.mark.slow
@@ -354,3 +355,20 @@ def test_size_metric_counts_quantized_experts_without_dequantizing(monkeypatch):
     expected = parameter_counts(fake)
     monkeypatch.setattr(PackedInt4Experts, "weight", lambda self, attr, e: pytest.fail("the size metric dequantized an expert"))
     assert parameter_counts(stored) == expected
+
+
+def test_gptq_group_scales_come_from_the_block_start_weights_as_the_reference():
+    """Reference GPTQ fits each group's scale to the weights as they stood when the block began
+    (the first block: the original weights, i.e. RTN's scales); the earlier rule ("updated")
+    fits groups after the in-block error feedback, so only its first group keeps RTN's scale."""
+    torch.manual_seed(3)
+    w, x = torch.randn(16, 96), torch.randn(256, 96)
+    h = x.T @ x
+    ref, rtn_q = gptq(w, h, 4, group_size=32), rtn(w, 4, group_size=32)
+    torch.testing.assert_close(ref.scale, rtn_q.scale, rtol=0, atol=0)
+    torch.testing.assert_close(ref.zero, rtn_q.zero, rtol=0, atol=0)
+    updated = gptq(w, h, 4, group_size=32, group_weights="updated")
+    torch.testing.assert_close(updated.scale[:, 0], rtn_q.scale[:, 0], rtol=0, atol=0)
+    assert not torch.equal(updated.scale[:, 1:], rtn_q.scale[:, 1:])
+    with pytest.raises(ValueError, match="group_weights"):
+        gptq(w, h, 4, group_size=32, group_weights="later")

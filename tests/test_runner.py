@@ -44,6 +44,12 @@ def test_records_and_failed_run_does_not_stop_the_suite(tmp_path, checkpoint, is
         assert key in drop["env"]
     assert drop["calibration"]["samples"] == 4
     assert result.calibration["passes"] == 1
+    # the fields in the order runs have always written them (the runner builds a Record; the file is unchanged)
+    head = ["run_id", "suite", "name", "entry", "grid", "status", "pipeline", "model", "evals", "metrics", "changes", "notes", "error"]
+    assert list(base) == head + ["started", "finished", "env"]
+    assert list(bad) == head + ["traceback", "calibration", "started", "finished", "env"]
+    assert list(drop) == head + ["calibration", "started", "finished", "env"]
+    assert [(r.name, r.status) for r in result.records] == [(r["name"], r["status"]) for r in records]
 
 
 def _cli(*args, **kwargs):
@@ -138,5 +144,5 @@ def test_suite_loads_the_model_once_and_restores_clean_copies(tmp_path, checkpoi
     again = run_suite(load_suite(path), RunOptions(out=tmp_path / "reloaded", log=lambda m: None)).records
     assert len(loads) == 1 + 4  # the pre-calibration pass and each of the three runs
     for a, b in zip(records, again):  # every run started from the same clean model
-        assert a["metrics"]["perplexity"]["value"] == b["metrics"]["perplexity"]["value"]
-        assert a["changes"] == b["changes"]
+        assert a.metrics["perplexity"]["value"] == b.metrics["perplexity"]["value"]
+        assert a.changes == b.changes

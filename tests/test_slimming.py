@@ -269,17 +269,17 @@ def test_every_method_runs_from_a_suite(name, checkpoint, tmp_path):
         ],
     }
     result = run_suite(parse_suite(raw), RunOptions(out=tmp_path / "out", log=lambda *_: None))
-    records = {r["name"]: r for r in result.records}
-    assert all(r["status"] == "ok" for r in records.values()), [r.get("error") for r in records.values()]
-    assert records["magnitude"]["changes"]["magnitude"]["sparsity"] == {"experts": 0.5}
-    wanda = records["wanda"]["changes"]["wanda"]
+    records = {r.name: r for r in result.records}
+    assert all(r.ok for r in records.values()), [r.error for r in records.values()]
+    assert records["magnitude"].changes["magnitude"]["sparsity"] == {"experts": 0.5}
+    wanda = records["wanda"].changes["wanda"]
     assert all(v == 0.5 for v in wanda["sparsity"].values()) and "attention" in wanda["sparsity"]
-    assert records["sparsegpt-2:4"]["changes"]["sparsegpt"]["nm_holds"] is True
-    pipeline = records["drop-then-wanda"]["changes"]
+    assert records["sparsegpt-2:4"].changes["sparsegpt"]["nm_holds"] is True
+    pipeline = records["drop-then-wanda"].changes
     layers = pipeline["block_drop"]["blocks_before"]
     assert pipeline["block_drop"]["blocks_after"] == layers - 1 and pipeline["wanda"]["calibration"]["layers"] == layers - 1
     assert pipeline["wanda"]["sparsity"] == {"experts": 0.5}
-    assert "sparsity is masked zeros; no sparse kernel" in records["wanda"]["notes"]
+    assert "sparsity is masked zeros; no sparse kernel" in records["wanda"].notes
 
 
 def test_suite_without_calibration_is_refused():

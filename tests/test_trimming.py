@@ -145,13 +145,13 @@ def test_one_calibration_pass_per_suite_and_cache_hits_and_invalidation(checkpoi
     first = run_suite(load_suite(path), RunOptions(out=tmp_path / "a", log=lambda m: None))
     assert first.calibration["passes"] == 1
     assert set(first.calibration["computed"]) == {"router_mass", "moe_similarity", "layer_similarity"}
-    assert all(r["status"] == "ok" for r in first.records)
+    assert all(r.ok for r in first.records)
     # a new process (fresh service) reads every statistic from the disk cache
     again = run_suite(load_suite(path), RunOptions(out=tmp_path / "b", log=lambda m: None))
     assert again.calibration["passes"] == 0
     assert set(again.calibration["reused"]) == {"router_mass", "moe_similarity", "layer_similarity"}
-    a = [r["metrics"]["params"] for r in first.records]
-    assert a == [r["metrics"]["params"] for r in again.records], "cached statistics give the same choices"
+    a = [r.metrics["params"] for r in first.records]
+    assert a == [r.metrics["params"] for r in again.records], "cached statistics give the same choices"
     # another data spec is another key
     path.write_text(suite_text(checkpoint("deepseek_v2"), methods, data="embedded:code"))
     other = run_suite(load_suite(path), RunOptions(out=tmp_path / "c", log=lambda m: None))

@@ -177,14 +177,17 @@ class MoEInputs(Statistic):
 
     name = "moe_io"
     max_tokens = 4096
+    # positions are drawn per batch and looked up by each layer's call count, so a layer-by-layer
+    # pass (every batch through one layer, then the next) keeps the same positions as a full one
+    streamable = True
 
     def __init__(self, model, seed=0):
         super().__init__(model, seed)
         self.inputs: dict[int, list] = defaultdict(list)
         self.outputs: dict[int, list] = defaultdict(list)
         self.generator = torch.Generator().manual_seed(seed)
-        self._kept = 0
-        self._select = None
+        self._selects: list[torch.Tensor] = []  # per batch, drawn by the first MoE layer
+        self._calls: dict[int, int] = defaultdict(int)  # per layer, batches seen
 
     def attach(self) -> list:
         handles = []
@@ -192,10 +195,13 @@ class MoEInputs(Statistic):
             def hook(module, args, output, i=block.layer):
                 x = args[0].detach().reshape(-1, args[0].shape[-1])
                 y = _first(output).detach().reshape(-1, x.shape[-1])
+                batch = self._calls[i]
+                self._calls[i] += 1
                 if i == self.model.moe_layers[0]:  # the first MoE layer draws positions for all layers
                     per_batch = max(1, self.max_tokens // 8)
-                    self._select = torch.randperm(x.shape[0], generator=self.generator)[:per_batch]
-                sel = self._select[self._select < x.shape[0]]
+                    self._selects.append(torch.randperm(x.shape[0], generator=self.generator)[:per_batch])
+                select = self._selects[batch]
+                sel = select[select < x.shape[0]]
                 if sum(t.shape[0] for t in self.inputs[i]) < self.max_tokens:
                     self.inputs[i].append(x[sel].float().cpu())
                     self.outputs[i].append(y[sel].float().cpu())

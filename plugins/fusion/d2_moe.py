@@ -35,9 +35,8 @@ from moebench.adapter import MoEModel
 from moebench.method import Context, Method
 from moebench.params import param
 
-from .merge import module_path
-from .modules import CLASS_PATH, FusedMoE, MixtureOfLoRAExperts, block_spec
-from .variants import experts_init
+from .modules import CLASS_PATH, MixtureOfLoRAExperts
+from .variants import experts_init, install_fused
 
 
 @dataclass
@@ -180,18 +179,11 @@ class D2MoE(Method):
             b_g, a_g = whitened_low_rank(gate - base_gu[:inter], grams["gate_up_proj"][e], rank, params.damp)
             b_u, a_u = whitened_low_rank(up - base_gu[inter:], grams["gate_up_proj"][e], rank, params.damp)
             b_d, a_d = whitened_low_rank(down - base_d, grams["down_proj"][e], rank, params.damp)
-            experts.gate_up_a[e].copy_(torch.cat([a_g, a_u]))
-            experts.gate_up_b[e, :inter].copy_(b_g)
-            experts.gate_up_b[e, inter:].copy_(b_u)
-            experts.down_a[e].copy_(a_d)
-            experts.down_b[e].copy_(b_d)
+            experts.set_residual(e, (b_g, a_g), (b_u, a_u), (b_d, a_d))
             for w, approx in ((gate, base_gu[:inter] + b_g @ a_g), (up, base_gu[inter:] + b_u @ a_u), (down, base_d + b_d @ a_d)):
                 err += (w - approx).pow(2).sum().item()
                 total += w.pow(2).sum().item()
-        experts = experts.to(dtype=ref.dtype)
-        spec = {**block_spec(model, block), "experts": type(experts).__name__, "experts_init": init}
-        path = module_path(model, block.module)
-        model.replace_module(path, FusedMoE(**spec, _inner=block.module, _experts=experts), {"class": CLASS_PATH, "init": spec})
+        install_fused(model, block, experts.to(dtype=ref.dtype), init)
         return {"rank": rank, "full_rank": rank >= min(inter, hidden), "weight_rel_error": math.sqrt(err / max(total, 1e-300)),
                 "top_k": block.top_k}
 

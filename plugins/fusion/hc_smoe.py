@@ -16,8 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
-
+from moebench.budgets import check_keep
 from moebench.params import param
 
 from .grouping import Groups, hierarchical
@@ -25,7 +24,7 @@ from .healing import HealParams
 from .merge import merged_experts
 from .modules import GroupedExperts
 from .operators import operators
-from .variants import _Variant, experts_init
+from .variants import RouterKeepingVariant, merged_module
 
 
 @dataclass
@@ -45,19 +44,14 @@ class HcSmoeParams:
         return f"hierarchical({self.linkage},{self.metric})"
 
     def check(self):
-        if self.keep is None and self.keep_ratio is None:
-            raise ValueError("keep_ratio: set keep_ratio or keep")
-        if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
-        if self.keep is not None and self.keep < 1:
-            raise ValueError(f"keep must be >= 1, got {self.keep}")
+        check_keep(self.keep, self.keep_ratio, "keep_ratio: set keep_ratio or keep")
         if self.linkage == "ward" and self.metric != "euclidean":
             raise ValueError("linkage: ward needs metric = 'euclidean'")
         if self.operator not in operators():
             raise ValueError(f"operator must be one of {', '.join(sorted(operators()))}, got {self.operator!r}")
 
 
-class HcSmoe(_Variant):
+class HcSmoe(RouterKeepingVariant):
     """HC-SMoE (Chen et al. 2024, arXiv 2410.08589): hierarchical clustering of experts on mean outputs, frequency-weighted merge.
 
     Reference: wazenmai/HC-SMoE. The router and top-k are unchanged (members share their
@@ -79,10 +73,6 @@ class HcSmoe(_Variant):
         return hierarchical(stats["expert_mean_output"][block.layer]["mean"], n, params.linkage, params.metric, freq)
 
     def build(self, model, block, groups, freq, params, ctx):
-        gate_up, down = merged_experts(block, groups, freq, params.operator, params.operator_args, params.align)
-        init = experts_init(model, block, groups)
-        experts = GroupedExperts(**init)
-        with torch.no_grad():
-            experts.gate_up_proj.copy_(gate_up)
-            experts.down_proj.copy_(down)
+        merged = merged_experts(block, groups, freq, params.operator, params.operator_args, params.align)
+        experts, init = merged_module(GroupedExperts, model, block, groups, merged)
         return experts, init, {"merged": groups.num_groups, "top_k": block.top_k}

@@ -26,13 +26,14 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from moebench.budgets import check_keep
 from moebench.params import param
 
 from .grouping import Groups, by_frequency
 from .healing import HealParams
 from .merge import merged_experts
 from .modules import GroupedExperts
-from .variants import _Variant, experts_init
+from .variants import RouterKeepingVariant, merged_module
 
 
 @dataclass
@@ -52,12 +53,7 @@ class McSmoeParams:
         return "dominant experts by frequency, members by router-logit similarity"
 
     def check(self):
-        if self.keep is None and self.keep_ratio is None:
-            raise ValueError("keep_ratio: set keep_ratio or keep")
-        if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
-        if self.keep is not None and self.keep < 1:
-            raise ValueError(f"keep must be >= 1, got {self.keep}")
+        check_keep(self.keep, self.keep_ratio, "keep_ratio: set keep_ratio or keep")
         if self.compress_rank is not None and self.compress_rank < 1:
             raise ValueError(f"compress_rank must be >= 1, got {self.compress_rank}")
         if not 0 <= self.sparsity < 1:
@@ -84,7 +80,7 @@ def low_rank_plus_sparse(w: torch.Tensor, rank: int, sparsity: float) -> torch.T
     return (low + res).to(w.dtype)
 
 
-class McSmoe(_Variant):
+class McSmoe(RouterKeepingVariant):
     """MC-SMoE (Li et al., ICLR 2024, arXiv 2310.01334): merge around dominant experts grouped by router logits, neurons aligned, frequency-weighted.
 
     Reference: UNITES-Lab/MC-SMoE. Deviations: no fine-tuning after merging by default
@@ -115,9 +111,5 @@ class McSmoe(_Variant):
                     down[m] = low_rank_plus_sparse(down[m], params.compress_rank, params.sparsity)
             facts["compressed"] = {"rank": params.compress_rank, "sparsity": params.sparsity, "storage": "dense (L + S)"}
             ctx.note("mc_smoe: C-SMoE's low-rank + sparse experts are stored densely; their bytes do not shrink")
-        init = experts_init(model, block, groups)
-        experts = GroupedExperts(**init)
-        with torch.no_grad():
-            experts.gate_up_proj.copy_(gate_up)
-            experts.down_proj.copy_(down)
+        experts, init = merged_module(GroupedExperts, model, block, groups, (gate_up, down))
         return experts, init, facts

@@ -258,6 +258,16 @@ class MixtureOfLoRAExperts(nn.Module):
         self.down_a = nn.Parameter(torch.zeros(num_experts, rank, intermediate_size))
         self.down_b = nn.Parameter(torch.zeros(num_experts, hidden_size, rank))
 
+    @torch.no_grad()
+    def set_residual(self, e: int, gate: tuple[torch.Tensor, torch.Tensor], up: tuple[torch.Tensor, torch.Tensor], down: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Store expert ``e``'s residual factors ``(B, A)`` of its gate, up and down projections (packed as above)."""
+        inter = self.intermediate_dim
+        self.gate_up_a[e].copy_(torch.cat([gate[1], up[1]]))
+        self.gate_up_b[e, :inter].copy_(gate[0])
+        self.gate_up_b[e, inter:].copy_(up[0])
+        self.down_a[e].copy_(down[1])
+        self.down_b[e].copy_(down[0])
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
         inter, r = self.intermediate_dim, self.rank

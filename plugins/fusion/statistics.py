@@ -15,6 +15,23 @@ from .analysis import (
 
 
 # == calibration statistics ===============================================================
+class BlockInputStatistic(Statistic):
+    """Base for statistics read off the hidden states entering each MoE block: implement
+    ``update_block(block, hidden)`` (the block's input as it ran, not detached)."""
+
+    def attach(self) -> list:
+        handles = []
+        for block in self.model.blocks():
+            def hook(module, args, kwargs, output, block=block):
+                self.update_block(block, hidden_in(args, kwargs))
+
+            handles.append(block.module.register_forward_hook(hook, with_kwargs=True))
+        return handles
+
+    def update_block(self, block: MoEBlock, hidden: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
 class Coactivation(RouterStatistic):
     """Tokens that select both experts, per MoE layer: ``{layer: [E, E] int64}`` (diagonal: selections)."""
 
@@ -33,7 +50,7 @@ class Coactivation(RouterStatistic):
         return self.counts
 
 
-class OutputSimilarity(Statistic):
+class OutputSimilarity(BlockInputStatistic):
     """Cosine similarity of every pair of experts' outputs on the same sampled tokens.
 
     ``{layer: {"all": [E, E], "routed": [E, E], "tokens": N}}``: ``all`` averages over
@@ -51,16 +68,7 @@ class OutputSimilarity(Statistic):
         self.sums: dict[int, dict] = {}
         self.generator = torch.Generator().manual_seed(seed)
 
-    def attach(self) -> list:
-        handles = []
-        for block in self.model.blocks():
-            def hook(module, args, kwargs, output, block=block):
-                self._update(block, hidden_in(args, kwargs))
-
-            handles.append(block.module.register_forward_hook(hook, with_kwargs=True))
-        return handles
-
-    def _update(self, block: MoEBlock, hidden: torch.Tensor) -> None:
+    def update_block(self, block: MoEBlock, hidden: torch.Tensor) -> None:
         x = hidden.detach().reshape(-1, hidden.shape[-1])
         have = int(self.sums[block.layer]["tokens"]) if block.layer in self.sums else 0
         n = min(self.per_call, self.max_tokens - have, x.shape[0])
@@ -83,7 +91,7 @@ class OutputSimilarity(Statistic):
         return {layer: output_similarity(sums) for layer, sums in self.sums.items()}
 
 
-class ExpertMeanOutput(Statistic):
+class ExpertMeanOutput(BlockInputStatistic):
     """Every expert's mean output over all calibration tokens (each token run through every expert).
 
     ``{layer: {"mean": [E, H] float64, "tokens": T}}``: HC-SMoE's expert representation
@@ -97,17 +105,8 @@ class ExpertMeanOutput(Statistic):
         super().__init__(model, seed)
         self.sums: dict[int, dict] = {}
 
-    def attach(self) -> list:
-        handles = []
-        for block in self.model.blocks():
-            def hook(module, args, kwargs, output, block=block):
-                self._update(block, hidden_in(args, kwargs))
-
-            handles.append(block.module.register_forward_hook(hook, with_kwargs=True))
-        return handles
-
     @torch.no_grad()
-    def _update(self, block: MoEBlock, hidden: torch.Tensor) -> None:
+    def update_block(self, block: MoEBlock, hidden: torch.Tensor) -> None:
         x = hidden.detach().reshape(-1, hidden.shape[-1])
         total = torch.stack([block.expert_forward(e, x).double().sum(0).cpu() for e in range(block.num_experts)])
         entry = self.sums.setdefault(block.layer, {"sum": torch.zeros_like(total), "tokens": 0})

@@ -38,7 +38,7 @@ from .modules import (
 )
 
 
-class _Variant(Method):
+class RouterKeepingVariant(Method):
     """Shared flow of the variants that keep the original router and wrap the block in :class:`FusedMoE`."""
 
     Params = VariantParams
@@ -68,12 +68,7 @@ class _Variant(Method):
             groups[b.layer] = g = self.group(b, budgets[b.layer], params, stats)
             experts, init, facts[b.layer] = self.build(model, b, g, stats["routing_counts"][b.layer], params, ctx)
             ref = b.gate_up_proj
-            experts = experts.to(device=ref.device, dtype=ref.dtype)
-            spec = {**block_spec(model, b), "experts": type(experts).__name__, "experts_init": init}
-            path = module_path(model, b.module)
-            wrapper = FusedMoE(**spec, _inner=b.module, _experts=experts)
-            model.replace_module(path, wrapper, {"class": CLASS_PATH, "init": spec})
-            fused.append(wrapper)
+            fused.append(install_fused(model, b, experts.to(device=ref.device, dtype=ref.dtype), init))
         model.record_edit(f"{self.name}({digest([params_summary(params), {k: g.members for k, g in groups.items()}])})")
         ctx.note(f"{self.name}: fused layers are opaque to the MoEModel view (later steps and the experts count skip them; params.active counts all their weights)")
         changes = fusion_summary(model, before, groups, params, after={layer: g.num_groups for layer, g in groups.items()})
@@ -102,23 +97,19 @@ def _variant_parameters(fused: list[FusedMoE], train: str) -> list[nn.Parameter]
     return out
 
 
-class Multiplexage(_Variant):
+class Multiplexage(RouterKeepingVariant):
     """Merged experts behind the original router, with a learned bias from the members' routing share (moe-pruner's multiplexage)."""
 
     name = "multiplexage"
     Params = VariantParams
 
     def build(self, model, block, groups, freq, params, ctx):
-        gate_up, down = merged_experts(block, groups, freq, params.operator, params.operator_args, params.align)
-        init = experts_init(model, block, groups)
-        experts = MultiplexExperts(**init)
-        with torch.no_grad():
-            experts.gate_up_proj.copy_(gate_up)
-            experts.down_proj.copy_(down)
+        merged = merged_experts(block, groups, freq, params.operator, params.operator_args, params.align)
+        experts, init = merged_module(MultiplexExperts, model, block, groups, merged)
         return experts, init, {"merged": groups.num_groups, "top_k": block.top_k}
 
 
-class FusedLoRA(_Variant):
+class FusedLoRA(RouterKeepingVariant):
     """Merged experts plus low-rank adapters fed by the original routing (moe-pruner's fused experts).
 
     Default (``adapters = "members"``), as moe-pruner's ``FusedLinear`` in mixture mode
@@ -139,12 +130,8 @@ class FusedLoRA(_Variant):
     def build(self, model, block, groups, freq, params, ctx):
         if params.adapters == "members":
             return self._members(model, block, groups, freq, params)
-        gate_up, down = merged_experts(block, groups, freq, params.operator, params.operator_args, params.align)
-        init = {**experts_init(model, block, groups), "rank": params.rank, "latent": params.latent}
-        experts = FusedLoRAExperts(**init)
-        with torch.no_grad():
-            experts.gate_up_proj.copy_(gate_up)
-            experts.down_proj.copy_(down)
+        merged = merged_experts(block, groups, freq, params.operator, params.operator_args, params.align)
+        experts, init = merged_module(FusedLoRAExperts, model, block, groups, merged, rank=params.rank, latent=params.latent)
         experts.reset_adapters(torch.Generator().manual_seed(ctx.seed * 1000 + block.layer))
         return experts, init, {"merged": groups.num_groups, "top_k": block.top_k, "rank": params.rank, "latent": params.latent, "adapters": "latent"}
 
@@ -153,10 +140,7 @@ class FusedLoRA(_Variant):
         gate_up, down = merged_experts(block, groups, freq, params.operator, params.operator_args, params.align)
         inter, hidden = block.intermediate_size, block.gate_up_proj.shape[-1]
         rank = min(params.rank, inter, hidden)
-        init = {**experts_init(model, block, groups), "rank": rank}
-        experts = MemberAdapterExperts(**init)
-        experts.gate_up_proj.copy_(gate_up)
-        experts.down_proj.copy_(down)
+        experts, init = merged_module(MemberAdapterExperts, model, block, groups, (gate_up, down), rank=rank)
         for g, members in enumerate(groups.members):
             idx = torch.tensor(members, device=block.gate_up_proj.device)
             gu, dn = block.gate_up_proj.data[idx], block.down_proj.data[idx]
@@ -174,7 +158,7 @@ class FusedLoRA(_Variant):
         return experts, init, {"merged": groups.num_groups, "top_k": block.top_k, "rank": rank, "adapters": "members"}
 
 
-class MixtureOfLoRA(_Variant):
+class MixtureOfLoRA(RouterKeepingVariant):
     """Each expert as a shared core plus a truncated-SVD low-rank residual, gated by the original router (exact at full rank)."""
 
     name = "mixture_of_lora"
@@ -198,11 +182,7 @@ class MixtureOfLoRA(_Variant):
                 b_g, a_g = low_rank(gate - core_gate, rank)
                 b_u, a_u = low_rank(up - core_up, rank)
                 b_d, a_d = low_rank(down - cores_d[assign[e]], rank)
-                experts.gate_up_a[e].copy_(torch.cat([a_g, a_u]))
-                experts.gate_up_b[e, :inter].copy_(b_g)
-                experts.gate_up_b[e, inter:].copy_(b_u)
-                experts.down_a[e].copy_(a_d)
-                experts.down_b[e].copy_(b_d)
+                experts.set_residual(e, (b_g, a_g), (b_u, a_u), (b_d, a_d))
                 for w, approx in ((gate, core_gate + b_g @ a_g), (up, core_up + b_u @ a_u), (down, cores_d[assign[e]] + b_d @ a_d)):
                     kept += (w.float() - approx.float()).pow(2).sum().item()
                     total += w.float().pow(2).sum().item()
@@ -242,3 +222,23 @@ def experts_init(model: MoEModel, block: MoEBlock, groups: Groups) -> dict:
         "intermediate_size": block.intermediate_size,
         "hidden_act": model.config.hidden_act,
     }
+
+
+def merged_module(cls: type[nn.Module], model: MoEModel, block: MoEBlock, groups: Groups, merged: tuple[torch.Tensor, torch.Tensor], **init) -> tuple[nn.Module, dict]:
+    """A ``cls`` experts module for ``block``'s groups holding the merged ``(gate_up, down)``
+    weights (:func:`~.merge.merged_experts`), and its init kwargs (:func:`experts_init` plus ``init``)."""
+    init = {**experts_init(model, block, groups), **init}
+    experts = cls(**init)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(merged[0])
+        experts.down_proj.copy_(merged[1])
+    return experts, init
+
+
+def install_fused(model: MoEModel, block: MoEBlock, experts: nn.Module, init: dict) -> FusedMoE:
+    """Put ``block`` behind a :class:`FusedMoE` running ``experts`` (built with ``init``), recorded so the saved model reloads it."""
+    spec = {**block_spec(model, block), "experts": type(experts).__name__, "experts_init": init}
+    path = module_path(model, block.module)
+    wrapper = FusedMoE(**spec, _inner=block.module, _experts=experts)
+    model.replace_module(path, wrapper, {"class": CLASS_PATH, "init": spec})
+    return wrapper

@@ -238,6 +238,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _stamp(stamps: dict[str, float], stage: str, device: torch.device) -> None:
+    """Note the clock under ``stage`` once the device has finished the work queued so far."""
+    _sync(device)
+    stamps[stage] = time.perf_counter()
+
+
 class _Stamp:
     """A stopping criterion that never stops: it notes the clock when the first new token is chosen.
 
@@ -250,8 +256,7 @@ class _Stamp:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         if self.stamps is not None and "prefilled" not in self.stamps:
-            _sync(self.device)
-            self.stamps["prefilled"] = time.perf_counter()
+            _stamp(self.stamps, "prefilled", self.device)
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
@@ -269,8 +274,7 @@ def greedy_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, 
 
     def mark(stage: str) -> None:
         if stamps is not None:
-            _sync(ids.device)
-            stamps[stage] = time.perf_counter()
+            _stamp(stamps, stage, ids.device)
 
     config = GenerationConfig(
         max_new_tokens=new_tokens,

@@ -56,6 +56,13 @@ def _spans(doc: str) -> list[tuple[int, int]]:
     return [m.span() for m in _WORD.finditer(doc)]
 
 
+def _documents(split: str):
+    """``(index, document, word spans, words)`` of each document of a split, in corpus order."""
+    for d, doc in enumerate(corpus.documents(DOMAIN, SPLITS[split])):
+        spans = _spans(doc)
+        yield d, doc, spans, [doc[a:b] for a, b in spans]
+
+
 def _context(doc: str, spans: list[tuple[int, int]], i: int) -> str:
     """The ``CONTEXT_WORDS`` words before word ``i``, as written (line breaks kept)."""
     return doc[spans[max(0, i - CONTEXT_WORDS)][0] : spans[i - 1][1]]
@@ -72,12 +79,10 @@ def _finish(items: list[dict], rng: random.Random) -> list[dict]:
 @lru_cache(maxsize=None)
 def mc_items(split: str, seed: int = 0) -> tuple[dict, ...]:
     """Continuation items: ``{context, choices, label, doc}``, the label indexing the true continuation."""
-    docs = corpus.documents(DOMAIN, SPLITS[split])
     rng = random.Random(f"pydoc_mc/{split}/{seed}")
     k = MC_CHOICE_WORDS
     items = []
-    for d, doc in enumerate(docs):
-        words = _spans(doc)
+    for d, doc, words, _ in _documents(split):
         for i in range(CONTEXT_WORDS, len(words) - k, MC_STRIDE):
             span = [doc[a:b] for a, b in words[i : i + k]]
             choices = [" ".join(span)]
@@ -98,12 +103,9 @@ def mc_items(split: str, seed: int = 0) -> tuple[dict, ...]:
 @lru_cache(maxsize=None)
 def cloze_items(split: str, seed: int = 0) -> tuple[dict, ...]:
     """Next-word items: ``{context, choices, label, doc}``; distractors are other words of the same document."""
-    docs = corpus.documents(DOMAIN, SPLITS[split])
     rng = random.Random(f"pydoc_cloze/{split}/{seed}")
     items = []
-    for d, doc in enumerate(docs):
-        words = _spans(doc)
-        texts = [doc[a:b] for a, b in words]
+    for d, doc, words, texts in _documents(split):
         eligible = [i for i, t in enumerate(texts) if _CLOZE_WORD.fullmatch(t)]
         vocabulary = sorted({texts[i] for i in eligible})
         if len(vocabulary) < CHOICES:
@@ -124,12 +126,9 @@ def cloze_items(split: str, seed: int = 0) -> tuple[dict, ...]:
 @lru_cache(maxsize=None)
 def gen_items(split: str, seed: int = 0) -> tuple[dict, ...]:
     """Next-word generation items: ``{context, target, doc}``, the target being the next word as written."""
-    docs = corpus.documents(DOMAIN, SPLITS[split])
     rng = random.Random(f"pydoc_gen/{split}/{seed}")
     items = []
-    for d, doc in enumerate(docs):
-        words = _spans(doc)
-        texts = [doc[a:b] for a, b in words]
+    for d, doc, words, texts in _documents(split):
         for i in range(CONTEXT_WORDS, len(words), CLOZE_STRIDE):
             if _CLOZE_WORD.fullmatch(texts[i]):  # a real word, not a symbol or a number
                 items.append({"context": _context(doc, words, i), "target": texts[i], "doc": d})

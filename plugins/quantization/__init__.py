@@ -407,6 +407,11 @@ class GPTQParams(QuantParams):
         True, help="true: down_proj (and o_proj) Hessians come from the already-quantized gate/up (q/k/v), as the reference; "
         "false: every Hessian of a layer from its unquantized weights (moebench's earlier variant)"
     )
+    group_scales: Literal["block_start", "updated"] = param(
+        "block_start", help="block_start: a group's scale is fitted to its columns as they stood when their 128-column block "
+        "began, as the reference code (IST-DASLab/gptq, GPTQModel); updated: after the error feedback of earlier columns "
+        "in the block (moebench's earlier variant); differs only for groups narrower than block_size"
+    )
     expert_chunk: int | None = param(
         None, help="gather and solve a layer's routed experts this many at a time (one layer run per slice), so only "
         "their Hessians are held (DeepSeek-V3: 52 GB for 256 experts at once); needs true_sequential; same codes"
@@ -554,8 +559,11 @@ class GPTQ(_Quantizer):
     Defaults follow the reference: unweighted Hessians ``X^T X`` and "true sequential"
     order (down_proj's Hessian from the outputs of the already-quantized gate/up, o_proj's
     from the quantized q/k/v). ``router_weighted`` and ``true_sequential = false`` keep
-    moebench's earlier variant. Deviation: Hessians are sums, not AutoGPTQ's running
-    ``2/n``-scaled mean (a positive factor, which the damping's relative form absorbs).
+    moebench's earlier variant, and so does ``group_scales = "updated"``. Deviations: Hessians
+    are sums, not AutoGPTQ's running ``2/n``-scaled mean (a positive factor, which the
+    damping's relative form absorbs); codes are chosen against the float16-rounded scale
+    that is stored (GPTQModel chooses them against float32, then stores float16). With
+    that rounding off, the codes equal GPTQModel 7.6.0's (tests/test_peer_gptqmodel.py).
     """
 
     name = "gptq"
@@ -572,7 +580,7 @@ class GPTQ(_Quantizer):
                 h = h.clone()
                 h[unseen] = torch.eye(h.shape[-1], device=h.device)
             parts.append(gptq(group.weight[c], h, params.bits, params.group_size, params.act_order, params.damp, params.block_size,
-                              params.symmetric))
+                              params.symmetric, group_weights=params.group_scales))
         return Quantized.cat(parts), None
 
     def run_options(self, params: GPTQParams) -> dict:
@@ -582,7 +590,9 @@ class GPTQ(_Quantizer):
         order = ("true sequential: each Hessian from the already-quantized earlier stages (reference)" if params.true_sequential
                  else "parallel: every Hessian from the unquantized layer (moebench variant)")
         hessian = "routing-weighted (moebench variant)" if params.router_weighted else "unweighted X^T X (reference)"
-        return {"variant": {"order": order, "hessian": hessian}}
+        scales = ("group scales from the block-start weights (reference)" if params.group_scales == "block_start"
+                  else "group scales after in-block error feedback (moebench variant)")
+        return {"variant": {"order": order, "hessian": hessian, "group_scales": scales}}
 
 
 class AWQ(_Quantizer):

@@ -64,12 +64,14 @@ def expand_groups(values: torch.Tensor, group_size: int, cols: int) -> torch.Ten
     return values.repeat_interleave(group_size, dim=-1)[..., :cols]
 
 
-def group_params(w: torch.Tensor, bits: int, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def group_params(w: torch.Tensor, bits: int, symmetric: bool = False, half_scales: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max ``(scale, zero)`` over the last dim of ``w``; the range always holds 0 (as GPTQ does).
 
     ``symmetric``: ``scale = max|w| / ((2**bits - 1) / 2)`` and ``zero = 2**(bits-1)`` (GPTQ's
     ``sym=True``; codes ``-2**(bits-1) .. 2**(bits-1) - 1`` once the zero is taken off).
-    The scale is rounded to float16 (how it is stored); an all-zero group gets scale 1.
+    The scale is rounded to float16 (how it is stored, so codes are chosen against the scale
+    that dequantizes them; ``half_scales = False`` keeps float32, as GPTQModel quantizes
+    before it stores float16); an all-zero group gets scale 1.
     """
     maxq = 2**bits - 1
     if symmetric:
@@ -78,8 +80,10 @@ def group_params(w: torch.Tensor, bits: int, symmetric: bool = False) -> tuple[t
         lo = w.amin(dim=-1).clamp(max=0)
         hi = w.amax(dim=-1).clamp(min=0)
         scale = (hi - lo) / maxq
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).half().float()
-    scale = torch.where(scale > 0, scale, torch.full_like(scale, 2.0**-24))  # float16 underflow
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if half_scales:
+        scale = scale.half().float()
+        scale = torch.where(scale > 0, scale, torch.full_like(scale, 2.0**-24))  # float16 underflow
     if symmetric:
         return scale, torch.full_like(scale, 2 ** (bits - 1))
     zero = torch.round(-lo / scale).clamp(0, maxq)
@@ -136,6 +140,8 @@ def gptq(
     damp: float = 0.01,
     block_size: int = 128,
     symmetric: bool = False,
+    group_weights: str = "block_start",
+    half_scales: bool = True,
 ) -> Quantized:
     """GPTQ (Frantar et al., 2210.17323) on a stack ``w [B, rows, cols]`` with Hessians ``H [B, cols, cols]``.
 
@@ -145,8 +151,17 @@ def gptq(
     scales are then fixed up front from the original weights, so groups stay runs of
     contiguous columns (what a packed store needs). ``H`` is any positive multiple of
     ``X^T X`` over the calibration inputs.
+
+    ``group_weights = "block_start"`` fits a group's scale to its columns as they stood when
+    their block began, as the reference code does (IST-DASLab/gptq, AutoGPTQ, GPTQModel);
+    ``"updated"`` (moebench's earlier rule) fits it after the error feedback of earlier
+    columns in the block; they differ only for groups narrower than the block. ``half_scales``
+    rounds scales to float16 before choosing codes (see :func:`group_params`); off, the
+    codes equal GPTQModel's to the bit (tests/test_peer_gptqmodel.py).
     """
     _check_bits(bits)
+    if group_weights not in ("updated", "block_start"):
+        raise ValueError(f"group_weights must be 'updated' or 'block_start', got {group_weights!r}")
     squeeze = w.ndim == 2
     if squeeze:
         w, hessian = w[None], hessian[None]
@@ -160,7 +175,7 @@ def gptq(
     zero = torch.zeros_like(scale)
     batch = torch.arange(B, device=W.device)
     if act_order:
-        s, z = group_params(_grouped(W, g), bits, symmetric)
+        s, z = group_params(_grouped(W, g), bits, symmetric, half_scales)
         scale.copy_(s)
         zero.copy_(z)
         perm = torch.argsort(H.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True)
@@ -180,7 +195,8 @@ def gptq(
             col = i1 + i
             if not act_order:
                 if col % g == 0:
-                    s, z = group_params(W1[:, :, i : i + g], bits, symmetric)
+                    source = W1[:, :, i : i + g] if group_weights == "updated" else W[:, :, col : col + g]
+                    s, z = group_params(source, bits, symmetric, half_scales)
                     scale[:, :, col // g], zero[:, :, col // g] = s, z
                 s, z = scale[:, :, col // g], zero[:, :, col // g]
             else:

@@ -24,6 +24,8 @@ from moebench.hookspecs import hookimpl
 from moebench.method import Context, Method
 from moebench.params import ParamError, param
 
+from .keep import keep_chosen
+
 
 # -- expert drop --------------------------------------------------------------------------
 @dataclass
@@ -120,29 +122,14 @@ class ExpertDrop(Method):
                 floor = {b.layer: 1 if params.global_floor == "one" else min(b.top_k, b.num_experts) for b in blocks}
                 budgets = global_budgets(blocks, scores, sum(budgets.values()), floor)
             keeps = {b.layer: sorted(torch.argsort(scores[b.layer], descending=True)[: budgets[b.layer]].tolist()) for b in blocks}
-        before = {b.layer: b.num_experts for b in blocks}
-        for b in blocks:
-            if params.preserve_gate:
-                model.zero_experts(b.layer, sorted(set(range(b.num_experts)) - set(keeps[b.layer])))
-                continue
-            for note in model.keep_experts(b.layer, keeps[b.layer]):
-                ctx.note(f"layer {b.layer}: {note}")
-            if params.top_k is not None:
-                model.set_top_k(b.layer, min(params.top_k, len(keeps[b.layer])))
-        return {
-            "kept": {b.layer: keeps[b.layer] for b in blocks},
-            "dropped": {b.layer: sorted(set(range(before[b.layer])) - set(keeps[b.layer])) for b in blocks},
-            "experts_before": sum(before.values()),
-            "experts_after": sum(len(k) for k in keeps.values()),
-            "top_k": {b.layer: model.block(b.layer).top_k for b in blocks},
-            "variant": {
-                "criterion": params.criterion,
-                **({"score": self.score_source(model, params)} if params.criterion == "score" else {}),
-                **({"global_floor": params.global_floor} if params.scope == "global" else {}),
-                "reverse_drop": params.reverse_drop,
-                "routing": "tokens of dropped experts dropped (router width kept)" if params.preserve_gate else "re-routed to kept experts",
-            },
+        variant = {
+            "criterion": params.criterion,
+            **({"score": self.score_source(model, params)} if params.criterion == "score" else {}),
+            **({"global_floor": params.global_floor} if params.scope == "global" else {}),
+            "reverse_drop": params.reverse_drop,
+            "routing": "tokens of dropped experts dropped (router width kept)" if params.preserve_gate else "re-routed to kept experts",
         }
+        return keep_chosen(model, blocks, keeps, params.top_k, ctx, after={"variant": variant}, zero=params.preserve_gate)
 
 
 def _scores(model: MoEModel, blocks: list[MoEBlock], p: ExpertDropParams, ctx: Context) -> dict[int, torch.Tensor]:

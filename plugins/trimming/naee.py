@@ -23,6 +23,8 @@ from moebench.budgets import check_keep, kept_count
 from moebench.method import Context, Method
 from moebench.params import param
 
+from .keep import keep_chosen
+
 
 @dataclass
 class NaeeParams:
@@ -100,7 +102,6 @@ class Naee(Method):
     def apply(self, model, params: NaeeParams, ctx: Context) -> dict:
         io = ctx.stats(model, "moe_io")["moe_io"]
         blocks = list(model.blocks())
-        before = {b.layer: b.num_experts for b in blocks}
         keeps, losses, search = {}, {}, {}
         for b in blocks:
             budget = kept_count(b.num_experts, params.keep, params.keep_ratio)
@@ -108,17 +109,5 @@ class Naee(Method):
             search[b.layer] = "exhaustive" if exhaustive else "greedy"
         if any(s == "greedy" for s in search.values()):
             ctx.note(f"naee: more than {params.max_combinations} combinations in some layers: greedy removal there (see changes.search)")
-        for b in blocks:
-            for note in model.keep_experts(b.layer, keeps[b.layer]):
-                ctx.note(f"layer {b.layer}: {note}")
-            if params.top_k is not None:
-                model.set_top_k(b.layer, min(params.top_k, len(keeps[b.layer])))
-        return {
-            "kept": keeps,
-            "dropped": {layer: sorted(set(range(before[layer])) - set(k)) for layer, k in keeps.items()},
-            "reconstruction_loss": {layer: round(v, 6) for layer, v in losses.items()},
-            "search": search,
-            "experts_before": sum(before.values()),
-            "experts_after": sum(len(k) for k in keeps.values()),
-            "top_k": {b.layer: model.block(b.layer).top_k for b in blocks},
-        }
+        details = {"reconstruction_loss": {layer: round(v, 6) for layer, v in losses.items()}, "search": search}
+        return keep_chosen(model, blocks, keeps, params.top_k, ctx, details)

@@ -27,6 +27,8 @@ from moebench.calibration import Statistic
 from moebench.method import Context, Method
 from moebench.params import param
 
+from .keep import keep_chosen
+
 
 class ReapSaliency(Statistic):
     """Per expert, the sum over routed tokens of ``gate x ||expert output||`` and the routed-token count.
@@ -37,6 +39,7 @@ class ReapSaliency(Statistic):
     """
 
     name = "reap"
+    streamable = True  # per-layer hooks: a layer-by-layer pass gives the same result
 
     def __init__(self, model, seed=0):
         super().__init__(model, seed)
@@ -114,20 +117,9 @@ class Reap(Method):
         if params.scope == "global":
             normed = {k: s / s.sum().clamp_min(1e-30) - 1e-12 * torch.arange(s.numel()) for k, s in scores.items()}
             budgets = global_budgets(blocks, normed, sum(budgets.values()))
-        before = {b.layer: b.num_experts for b in blocks}
         keeps = {}
         for b in blocks:
             order = sorted(range(b.num_experts), key=lambda e: (-scores[b.layer][e].item(), e))
             keeps[b.layer] = sorted(order[: budgets[b.layer]])
-            for note in model.keep_experts(b.layer, keeps[b.layer]):
-                ctx.note(f"layer {b.layer}: {note}")
-            if params.top_k is not None:
-                model.set_top_k(b.layer, min(params.top_k, len(keeps[b.layer])))
-        return {
-            "kept": keeps,
-            "dropped": {layer: sorted(set(range(before[layer])) - set(k)) for layer, k in keeps.items()},
-            "saliency": {layer: [round(v, 6) for v in s.tolist()] for layer, s in scores.items()},
-            "experts_before": sum(before.values()),
-            "experts_after": sum(len(k) for k in keeps.values()),
-            "top_k": {b.layer: model.block(b.layer).top_k for b in blocks},
-        }
+        details = {"saliency": {layer: [round(v, 6) for v in s.tolist()] for layer, s in scores.items()}}
+        return keep_chosen(model, blocks, keeps, params.top_k, ctx, details)
