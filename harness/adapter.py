@@ -599,12 +599,30 @@ def _digest(*tensors: torch.Tensor) -> str:
 
     h = hashlib.sha1()
     for t in tensors:
-        flat = t.detach().reshape(-1).float()
+        flat = t.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
         h.update(str(tuple(t.shape)).encode())
-        h.update(torch.stack([flat.sum(), flat.abs().sum()]).cpu().numpy().tobytes())
-        h.update(flat[::step].cpu().numpy().tobytes())
+        h.update(_sums(flat).cpu().numpy().tobytes())
+        h.update(flat[::step].float().cpu().numpy().tobytes())
     return h.hexdigest()[:12]
+
+
+#: tensors up to this many elements are summed in one float32 copy (as always: their digests, and the
+#: calibration cache keys built from them, are unchanged); larger ones a slice at a time
+DIGEST_SLICE = 1 << 24
+
+
+def _sums(flat: torch.Tensor) -> torch.Tensor:
+    """``[sum, sum of |x|]`` in float32, never holding a float32 copy of more than DIGEST_SLICE elements
+    (a whole layer's quantized experts as float32 would add several times the layer's bytes)."""
+    if flat.numel() <= DIGEST_SLICE:
+        f = flat.float()
+        return torch.stack([f.sum(), f.abs().sum()])
+    total = torch.zeros(2, dtype=torch.float64, device=flat.device)
+    for part in flat.split(DIGEST_SLICE):
+        f = part.float()
+        total += torch.stack([f.sum(), f.abs().sum()]).double()
+    return total.float()
 
 
 def _is_dense(adapter: Adapter, layer: nn.Module) -> bool:

@@ -199,6 +199,8 @@ def execute(suite: Suite, spec: RunSpec, ctx: Context, save_models: Path | None 
         model = load_model(suite, keep=True)
         if spec.pipeline and placement.materialize(model.model):  # device = "auto" with offload
             ctx.note("device=auto: offloaded layers were loaded into CPU memory to be edited, and ran there")
+        if model.stream is not None:
+            ctx.note("offload=disk: decoder layers were read from the checkpoint one at a time; each step wrote a new checkpoint layer by layer")
         t0 = time.perf_counter()
         steps: dict[str, float] = {}
         with PeakMemory(suite.model.device) as peak:

@@ -118,6 +118,23 @@ def test_streamed_gptq_int4_writes_the_in_memory_codes(ds, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method,table", [
+    ("sparsegpt", {"sparsity": 0.5}),
+    ("awq", {"targets": ["experts", "attention"]}),  # AWQ folds scales into the layer's norms too
+    ("magnitude", {"sparsity": 0.5}),
+    ("moequant", {"calibration": "data"}),
+])
+def test_every_streaming_method_writes_the_in_memory_weights(ds, tmp_path, method, table):
+    memory = load(str(ds))
+    _apply(memory, method, **table)
+    _streamed(ds, tmp_path / "out", method, **table)
+    back, want = load_pretrained(tmp_path / "out").state_dict(), memory.model.state_dict()
+    assert back.keys() == want.keys()
+    for key, value in want.items():
+        torch.testing.assert_close(back[key], value, rtol=1e-6, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.slow
 def test_gptq_in_expert_slices_gives_the_same_codes_holding_fewer_hessians(ds):
     whole = load(str(ds))
     sliced = load(str(ds))
@@ -213,6 +230,7 @@ def test_suite_run_with_offload_saves_what_the_in_memory_run_saves(ds, tmp_path,
         assert disk.metrics["perplexity"]["value"] == pytest.approx(memory.metrics["perplexity"]["value"], rel=1e-5)
         assert disk.metrics["params"] == memory.metrics["params"]
         assert disk.metrics["weight_bytes"] == memory.metrics["weight_bytes"]
+        assert any(n.startswith("offload=disk") for n in disk.notes) and not any(n.startswith("offload") for n in memory.notes)
     saved = Path(records["disk"]["w"].saved_model["path"])
     back, want = load_pretrained(saved), load_pretrained(records["memory"]["w"].saved_model["path"])
     ids = _probe()

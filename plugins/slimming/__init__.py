@@ -148,7 +148,7 @@ class Magnitude(_Pruner):
         weight = group.weight
         for c in group.chunks():
             w = weight[c]
-            w.masked_fill_(mask_for(w.float().abs(), params.sparsity, params.pattern, params.scope, parts_of(group)), 0.0)
+            w.masked_fill_(mask_for(w.float().abs_(), params.sparsity, params.pattern, params.scope, parts_of(group)), 0.0)
 
 
 class Wanda(_Pruner):
@@ -221,7 +221,7 @@ class Achieved:
 
     def add(self, g: Group) -> None:
         w = g.weight
-        self.zeros[g.kind] = self.zeros.get(g.kind, 0) + int((w == 0).sum())
+        self.zeros[g.kind] = self.zeros.get(g.kind, 0) + sum(int((w[c] == 0).sum()) for c in g.chunks())  # no whole-layer mask
         self.total[g.kind] = self.total.get(g.kind, 0) + w.numel()
         self.matrices[g.kind] = self.matrices.get(g.kind, 0) + w.shape[0]
         if self.nm is not None:

@@ -83,13 +83,16 @@ def lowest(score: torch.Tensor, k: int) -> torch.Tensor:
     return mask.logical_or_(tie)
 
 
-def row_mask(score: torch.Tensor, sparsity: float, chunk: int = 8) -> torch.Tensor:
-    """Prune the ``round(sparsity * cols)`` lowest scores of every row of ``score [B, rows, cols]`` (WANDA's comparison group)."""
+def row_mask(score: torch.Tensor, sparsity: float, chunk: int = 2) -> torch.Tensor:
+    """Prune the ``round(sparsity * cols)`` lowest scores of every row of ``score [B, rows, cols]`` (WANDA's comparison group).
+
+    ``chunk`` matrices at a time: the selection's temporaries (a copy of the scores and int64
+    positions, about 3x a float32 score) for two real-size experts, not for a whole slice of a layer."""
     k = pruned_per_row(sparsity, score.shape[-1])
     return torch.cat([lowest(part, k) for part in score.split(chunk)]) if score.ndim == 3 else lowest(score, k)
 
 
-def matrix_mask(score: torch.Tensor, sparsity: float, parts: int = 1, chunk: int = 8) -> torch.Tensor:
+def matrix_mask(score: torch.Tensor, sparsity: float, parts: int = 1, chunk: int = 2) -> torch.Tensor:
     """Prune the ``round(sparsity * n)`` lowest scores of each matrix: one threshold per matrix.
 
     ``score [B, rows, cols]``; with ``parts = 2`` each stacked matrix is two Linear layers
