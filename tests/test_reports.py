@@ -263,6 +263,7 @@ def test_leaderboard_best_per_configuration_with_provenance(tmp_path):
     assert missing.returncode == 2 and "no ok record has the metric 'nope'" in missing.stderr
 
 
+@pytest.mark.slow  # 10 s (a suite run plus lm-eval's own reader): the fast set must stay under 5 minutes
 def test_lm_eval_results_json_per_run_reads_in_lm_eval(tmp_path):
     from lm_eval.utils import make_table
 
