@@ -8,6 +8,11 @@ over the kept experts exactly as the architecture does. Every combination is tri
 there are at most ``max_combinations`` of them (the paper enumerates, e.g. C(8, 6) = 28
 for Mixtral); beyond that the search falls back to greedy removal (drop, one at a time,
 the expert whose removal changes the output least), which is recorded.
+
+This is the reference's ``layerwise_pruning``: every layer's inputs and target outputs
+come from one pass of the unpruned model. Its ``progressive_pruning`` (a layer's inputs
+re-collected after the earlier layers were pruned, targets still from the unpruned
+model) is not offered.
 """
 
 from __future__ import annotations
