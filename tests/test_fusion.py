@@ -163,8 +163,11 @@ def test_fused_lora_member_adapters_start_as_the_reference_svd_and_scale_on_firs
     block = model.block(1)
     originals = block.gate_up_proj.detach().clone(), block.down_proj.detach().clone()
     inter = block.intermediate_size
-    changes = run("fused_lora", model, calibration, keep=4, rank=64, align=False)
+    cls = host().method("fused_lora")
+    ctx = Context(calibration=calibration)
+    changes = cls().apply(model, parse(cls.Params, {"keep": 4, "rank": 64, "align": False}), ctx)
     assert changes["layers"][1]["adapters"] == "members"
+    assert any("without heal" in n for n in ctx.notes), "an unhealed members run says it is not meant to be used as is"
     experts = model.layers[1].mlp.fusion
     assert isinstance(experts, MemberAdapterExperts) and not experts.scaled.any()
     e = 5

@@ -122,10 +122,21 @@ class FusedLoRA(RouterKeepingVariant):
     merged expert runs with the summed weight of its selected members, as every grouped
     variant here. ``adapters = "latent"`` is moebench's earlier variant: one LoRA per merged
     expert whose input includes a latent projection of the routing weights.
+
+    The reference always trains after fusing: its first-forward scale makes each member
+    adapter's output as large as the merged projection's, so an unhealed ``members`` model
+    is far from the original (+98% perplexity on the zoo model at 8 of 16 experts,
+    docs/benchmarks.md); a run without ``heal`` says so in its notes.
     """
 
     name = "fused_lora"
     Params = FusedLoRAParams
+
+    def apply(self, model, params, ctx):
+        if params.adapters == "members" and not enabled(params.heal):
+            ctx.note("fused_lora: adapters = 'members' without heal; the reference trains after fusing (its adapters start "
+                     "as large as the merged output), so this model is not meant to be used unhealed")
+        return super().apply(model, params, ctx)
 
     def build(self, model, block, groups, freq, params, ctx):
         if params.adapters == "members":
