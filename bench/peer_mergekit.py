@@ -19,32 +19,17 @@ import argparse
 
 import torch
 
-from moebench.calibration import Calibration, CalibrationSpec
 from moebench.models import load
-from moebench_plugins.fusion.merge import MergeParams, group_layer, member_stacks, stats_needed
 from moebench_plugins.fusion.operators import merge
 from moebench_plugins.fusion.peers import (
     Agreement,
+    merge_groups,
     mergekit_karcher,
     mergekit_karcher_method,
     mergekit_multislerp,
     mergekit_sce,
     mergekit_slerp,
 )
-
-
-def groups_of(model, keep: int, samples: int, seqlen: int):
-    """``{layer: [(weights, {"gate", "up", "down": stack}), ...]}`` for every group of two or more experts."""
-    params = MergeParams(keep=keep)
-    params.check()
-    cal = Calibration(CalibrationSpec(samples=samples, seqlen=seqlen), cache=False)
-    stats = cal.stats(model, list(stats_needed(params)))
-    out = {}
-    for block in model.blocks():
-        groups = group_layer(block, keep, params, stats)
-        freq = stats["routing_counts"][block.layer].double()
-        out[block.layer] = [(w, s) for w, s in member_stacks(block, groups, freq, params.align) if len(w) > 1]
-    return out
 
 
 def pairings(select: float):
@@ -75,7 +60,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     model = load(args.model, threads=args.threads)
-    layers = groups_of(model, args.keep, args.samples, args.seqlen)
+    layers = merge_groups(model, args.keep, args.samples, args.seqlen)
     sizes = {layer: sorted(len(w) for w, _ in groups) for layer, groups in layers.items()}
     print(f"model {args.model}, keep {args.keep}, SCE select {args.select}; group sizes per layer: {sizes}")
     print()

@@ -16,12 +16,11 @@ import torch
 
 mergekit = pytest.importorskip("mergekit", reason="mergekit is not installed (optional extra: pip install -e '.[peer]')")
 
-from moebench.calibration import Calibration, CalibrationSpec  # noqa: E402
 from moebench.models import load  # noqa: E402
-from moebench_plugins.fusion.merge import MergeParams, group_layer, member_stacks, stats_needed  # noqa: E402
 from moebench_plugins.fusion.operators import merge  # noqa: E402
 from moebench_plugins.fusion.peers import (  # noqa: E402
     Agreement,
+    merge_groups,
     mergekit_karcher,
     mergekit_karcher_method,
     mergekit_multislerp,
@@ -38,18 +37,8 @@ ATOL, RTOL = 1e-6, 1e-5
 @pytest.fixture(scope="module")
 def groups():
     """``[(weights, stack)]``: every gate, up and down stack of every group of two or more experts."""
-    model = load("zoo:deepseek_v2", threads=2)
-    params = MergeParams(keep=4)
-    params.check()
-    cal = Calibration(CalibrationSpec(samples=8, seqlen=64), cache=False)
-    stats = cal.stats(model, list(stats_needed(params)))
-    out = []
-    for block in model.blocks():
-        found = group_layer(block, 4, params, stats)
-        freq = stats["routing_counts"][block.layer].double()
-        for w, stacks in member_stacks(block, found, freq, params.align):
-            if len(w) > 1:
-                out += [(w, stack) for stack in stacks.values()]
+    layers = merge_groups(load("zoo:deepseek_v2", threads=2), keep=4, samples=8, seqlen=64)
+    out = [(w, stack) for groups in layers.values() for w, stacks in groups for stack in stacks.values()]
     assert len(out) >= 9, "expected several multi-expert groups in every layer"
     return out
 

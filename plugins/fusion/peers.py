@@ -31,6 +31,25 @@ import torch
 
 from moebench.errors import MoebenchError
 
+def merge_groups(model, keep: int, samples: int, seqlen: int) -> dict[int, list[tuple[torch.Tensor, dict[str, torch.Tensor]]]]:
+    """``{layer: [(weights, {"gate", "up", "down": stack}), ...]}``: every group of two or more experts that the
+    ``merge`` method's defaults form on ``samples`` x ``seqlen`` calibration tokens, with its stacks as the operator
+    sees them (what the bench and the peer test compare)."""
+    from moebench.calibration import Calibration, CalibrationSpec
+
+    from .merge import MergeParams, group_layer, member_stacks, stats_needed
+
+    params = MergeParams(keep=keep)
+    params.check()
+    stats = Calibration(CalibrationSpec(samples=samples, seqlen=seqlen), cache=False).stats(model, list(stats_needed(params)))
+    out = {}
+    for block in model.blocks():
+        groups = group_layer(block, keep, params, stats)
+        freq = stats["routing_counts"][block.layer].double()
+        out[block.layer] = [(w, s) for w, s in member_stacks(block, groups, freq, params.align) if len(w) > 1]
+    return out
+
+
 #: the mergekit release the ``peer`` extra pins (pyproject.toml)
 MERGEKIT_VERSION = "0.1.5"
 
