@@ -69,6 +69,16 @@ def make_checkpoint(folder: Path, name: str, seed: int = 0, **overrides) -> Path
     return folder
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (restored after): tiny models on the shared 2-core test machine run
+    several times faster on one thread. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     made: dict[str, Path] = {}

@@ -25,12 +25,7 @@ from conftest import kl_from
 ARCHS = zoo.names()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the shared test machine is several times faster on one thread
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny(name: str = "deepseek_v2", layers: int = 3, dtype=torch.float32) -> MoEModel:

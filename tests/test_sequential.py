@@ -14,13 +14,7 @@ from moebench.plugins import host
 from moebench.sequential import Sequential, find_groups, from_context
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the test machine's cores are shared; one thread is several times faster than two there
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny(name: str, layers: int = 3, seed: int = 0) -> MoEModel:

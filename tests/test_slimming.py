@@ -23,12 +23,7 @@ from conftest import kl_from
 ARCHS = zoo.names()  # every adapted architecture has a zoo entry
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the shared test machine is several times faster on one thread
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny(name: str, layers: int = 3) -> MoEModel:
