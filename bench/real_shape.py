@@ -14,7 +14,7 @@ fresh subprocess so process peaks do not mix. Per method it reports:
 - whether the ratio and memory meet the budgets of issue #19.
 
     python bench/real_shape.py --model twin:deepseek_v2_lite?layers=2 [--samples 16 --seqlen 256]
-        [--methods rtn magnitude ...] [--dtype bfloat16] [--json out.jsonl]
+        [--methods rtn magnitude ...] [--dtype bfloat16] [--json out.jsonl] [--set gptq.expert_chunk=8]
 
 Twins measure time and memory, not quality: the methods' outputs are not scored here.
 """
@@ -68,6 +68,22 @@ class PeakRSS:
         return self.peak - self.start
 
 
+def with_settings(params, method: str, settings: list[str]):
+    """``params`` with each ``METHOD.FIELD=VALUE`` of ``settings`` that names ``method`` applied (typed like the default)."""
+    import dataclasses
+
+    changes = {}
+    for item in settings:
+        target, _, value = item.partition("=")
+        name, _, field = target.partition(".")
+        if name != method:
+            continue
+        default = getattr(params, field)  # AttributeError names a field the method does not have
+        kind = type(default) if default is not None else int
+        changes[field] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+    return dataclasses.replace(params, **changes)
+
+
 def child(args) -> dict:
     import gc
 
@@ -103,7 +119,7 @@ def child(args) -> dict:
     forward = sum(spent.values()) / len(moe_layers)
 
     method = host().method(args.child)()
-    params = host().method(args.child).Params()
+    params = with_settings(host().method(args.child).Params(), args.child, args.set)
     ctx = Context(seed=0, calibration=cal, device="cpu", log=lambda *_: None)
     if args.child == "premoe":  # PreMoe indexes the suite's tasks (two, as in bench/gpu_smoke.py) and retrieves one
         import dataclasses
@@ -131,6 +147,7 @@ def child(args) -> dict:
         "model": args.model,
         "dtype": args.dtype,
         "tokens": f"{args.samples}x{args.seqlen}",
+        "settings": [item for item in args.set if item.startswith(args.child + ".")],
         "moe_layers": len(moe_layers),
         "expert_bytes": expert_bytes,
         "forward_s": round(forward, 3),
@@ -153,6 +170,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--json", help="append each method's row to this JSON-lines file")
     ap.add_argument("--timeout", type=float, default=3600, help="wall seconds a method's process may take before it is stopped")
+    ap.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE",
+                    help="a method parameter other than its default, e.g. gptq.expert_chunk=8 (repeatable)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -169,6 +188,7 @@ def main() -> None:
     for name in args.methods:
         cmd = [sys.executable, __file__, "--child", name, "--model", args.model, "--dtype", args.dtype, "--data", args.data,
                "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size)]
+        cmd += [f"--set={item}" for item in args.set]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=args.timeout)
         except subprocess.TimeoutExpired:

@@ -223,6 +223,23 @@ def test_pruned_model_reloads_with_the_same_logits(tmp_path):
         torch.testing.assert_close(again(input_ids=ids).logits, logits)
 
 
+def test_sparsegpt_in_expert_slices_gives_the_masks_of_one_true_sequential_pass():
+    whole, sliced, parallel = tiny("deepseek_v2", layers=2), tiny("deepseek_v2", layers=2), tiny("deepseek_v2", layers=2)
+    a = apply(whole, "sparsegpt", true_sequential=True)
+    b = apply(sliced, "sparsegpt", true_sequential=True, expert_chunk=3)  # 16 experts: slices of 3 and a remainder of 1
+    apply(parallel, "sparsegpt")  # the reference's order: down_proj's Hessians from the unpruned gate/up
+    want, got, ref = whole.model.state_dict(), sliced.model.state_dict(), parallel.model.state_dict()
+    experts = [k for k in want if "experts." in k]
+    assert experts
+    for key in experts:
+        assert torch.equal(got[key], want[key]), key
+    assert any(not torch.equal(ref[k], want[k]) for k in experts if "down_proj" in k)  # the option changes the order
+    assert b["calibration"]["peak_stats_bytes"] < a["calibration"]["peak_stats_bytes"] / 3
+    assert "experts in slices of 3" in b["variant"] and "true sequential" in a["variant"]
+    with pytest.raises(ParamError, match="expert_chunk must be a positive number of experts with true_sequential"):
+        parse(host().method("sparsegpt").Params, {"expert_chunk": 4})
+
+
 def test_parameter_errors_name_the_field():
     params = host().method("wanda").Params
     with pytest.raises(ParamError, match=r"sparsity must be in \[0, 1\), got 1.5"):
