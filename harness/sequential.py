@@ -320,6 +320,7 @@ class Sequential:
         self.layers_done = 0
         self.tokens = int(windows.numel())
         self.experts_without_tokens = 0
+        self._counted: set[tuple] = set()  # (layer, group name, first expert) whose experts without tokens were counted
 
     @property
     def inputs(self) -> list[torch.Tensor]:
@@ -403,6 +404,11 @@ class Sequential:
             for h in handles:
                 h.remove()
             inputs.clear()
+        for g in groups:  # counted at a slice's first gather (deferred slices included), not again when re-gathered
+            key = (step.index, g.name, g.experts.start if g.experts is not None else 0)
+            if g.attr == "gate_up_proj" and key not in self._counted:
+                self._counted.add(key)
+                self.experts_without_tokens += int((g.stats.tokens == 0).sum())
         stats_bytes = sum(g.stats.nbytes() for g in step.groups if g.stats is not None)
         batch_bytes = max(h.numel() * h.element_size() for h in self._hidden)
         self.memory["peak_stats_bytes"] = max(self.memory["peak_stats_bytes"], stats_bytes)
@@ -466,8 +472,6 @@ class Sequential:
                     step.gather = lambda gs, step=step: self._gather(step, gs)
                     # staged: down_proj's statistics wait for LayerStep.sequential(), so both Hessians are never held at once
                     self._gather(step, [g for g in groups if not (self.staged and g.attr == "down_proj") and not g.deferred])
-                    self.experts_without_tokens += sum(
-                        int((g.stats.tokens == 0).sum()) for g in groups if g.attr == "gate_up_proj" and g.stats is not None)
                     yield step
                     for g in groups:
                         g.stats = None  # free this layer's statistics before the next

@@ -236,6 +236,9 @@ def test_sparsegpt_in_expert_slices_gives_the_masks_of_one_true_sequential_pass(
     assert any(not torch.equal(ref[k], want[k]) for k in experts if "down_proj" in k)  # the option changes the order
     assert b["calibration"]["peak_stats_bytes"] < a["calibration"]["peak_stats_bytes"] / 3
     assert "experts in slices of 3" in b["variant"] and "true sequential" in a["variant"]
+    # 8 tokens x top-4 leave experts without tokens; those of deferred slices are counted too
+    few = [apply(tiny("deepseek_v2", layers=2), "sparsegpt", context(1, 8), true_sequential=True, expert_chunk=k) for k in (None, 3)]
+    assert few[0]["calibration"]["experts_without_tokens"] == few[1]["calibration"]["experts_without_tokens"] > 0
     with pytest.raises(ParamError, match="expert_chunk must be a positive number of experts with true_sequential"):
         parse(host().method("sparsegpt").Params, {"expert_chunk": 4})
 
