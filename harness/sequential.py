@@ -275,7 +275,14 @@ class Sequential:
     input rows per matrix (for ``samples``). With ``staged`` the experts' ``down_proj``
     statistics are left to :meth:`LayerStep.sequential` (true-sequential methods). After each step's body the layer is re-run
     (as the method left it) to produce the next layer's inputs.
+
+    Within a step whose groups are all routed experts, the experts module's inputs recorded by the
+    first gather serve the later ones (down_proj after gate/up, further expert slices): a method may
+    write the grouped weights between gathers, nothing upstream of the experts.
     """
+
+    #: reuse the experts' inputs within an experts-only step (off: every gather runs the layer, for tests)
+    reuse_expert_inputs = True
 
     def __init__(
         self,
@@ -321,6 +328,8 @@ class Sequential:
         self.tokens = int(windows.numel())
         self.experts_without_tokens = 0
         self._counted: set[tuple] = set()  # (layer, group name, first expert) whose experts without tokens were counted
+        #: the experts module's inputs per batch, kept by the current layer's first experts-only gather
+        self._expert_inputs: dict[int, list[tuple]] = {}
 
     @property
     def inputs(self) -> list[torch.Tensor]:
@@ -395,15 +404,40 @@ class Sequential:
             else:
                 experts_groups.setdefault(id(g.module), []).append(g)
                 step.stage.setdefault(g.name, ("experts", id(g.module), g.attr))
-        for gs in experts_groups.values():
-            handles.append(gs[0].module.register_forward_pre_hook(self._experts_hook(gs, cap), with_kwargs=True))
-        try:
-            for b in range(len(self._hidden)):
-                self._run_layer(step.index, b)
-        finally:
-            for h in handles:
-                h.remove()
-            inputs.clear()
+        # A step whose groups are all routed experts changes nothing upstream of the experts between its gathers
+        # (only expert weights are written), so the experts' inputs of the first gather serve every later one:
+        # expert slices (expert_chunk) and staged down_proj cost no further layer runs.
+        reuse = self.reuse_expert_inputs and len(experts_groups) == 1 and all(g.attr != "weight" for g in step.groups)
+        held = self._expert_inputs.get(step.index) if reuse else None
+        if held is not None:
+            (gs,) = experts_groups.values()
+            hook = self._experts_hook(gs, cap)
+            for args, kwargs in held:
+                hook(gs[0].module, args, kwargs)
+        else:
+            record: list[tuple] = []
+            for gs in experts_groups.values():
+                hook = self._experts_hook(gs, cap)
+
+                def pre(module, args, kwargs, hook=hook):
+                    hook(module, args, kwargs)
+                    if reuse:  # kept for the step's later gathers; the rest of the layer is not needed for statistics
+                        record.append((args, kwargs))
+                        raise StopForward
+
+                handles.append(gs[0].module.register_forward_pre_hook(pre, with_kwargs=True))
+            try:
+                for b in range(len(self._hidden)):
+                    try:
+                        self._run_layer(step.index, b)
+                    except StopForward:
+                        pass
+            finally:
+                for h in handles:
+                    h.remove()
+                inputs.clear()
+            if reuse:
+                self._expert_inputs = {step.index: record}
         for g in groups:  # counted at a slice's first gather (deferred slices included), not again when re-gathered
             key = (step.index, g.name, g.experts.start if g.experts is not None else 0)
             if g.attr == "gate_up_proj" and key not in self._counted:
@@ -411,8 +445,10 @@ class Sequential:
                 self.experts_without_tokens += int((g.stats.tokens == 0).sum())
         stats_bytes = sum(g.stats.nbytes() for g in step.groups if g.stats is not None)
         batch_bytes = max(h.numel() * h.element_size() for h in self._hidden)
+        held_bytes = sum(t.numel() * t.element_size() for args, kwargs in self._expert_inputs.get(step.index, ())
+                         for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor))
         self.memory["peak_stats_bytes"] = max(self.memory["peak_stats_bytes"], stats_bytes)
-        tracked = sum(h.numel() * h.element_size() for h in self._hidden) + stats_bytes + batch_bytes
+        tracked = sum(h.numel() * h.element_size() for h in self._hidden) + stats_bytes + batch_bytes + held_bytes
         self.memory["peak_tracked_bytes"] = max(self.memory["peak_tracked_bytes"], tracked)
 
     def _experts_hook(self, groups: list[Group], cap: int):
@@ -475,6 +511,7 @@ class Sequential:
                     yield step
                     for g in groups:
                         g.stats = None  # free this layer's statistics before the next
+                    self._expert_inputs = {}
                 if self.through or i < len(self.model.layers) - 1:  # the last layer's outputs feed nothing here
                     self._advance(i)
                 if stream is not None:

@@ -182,3 +182,31 @@ def test_true_sequential_down_hessian_comes_from_the_quantized_gate_up():
             assert not torch.allclose(stale, expected, rtol=1e-2, atol=1e-2)  # the unquantized layer's was different
         assert step.stage  # q/k/v share a stage, experts in and out are two more
         assert len(set(step.stage.values())) < len(step.stage)
+
+
+@pytest.mark.parametrize("method,table", [
+    ("gptq", {"expert_chunk": 3, "group_size": 32}),
+    ("sparsegpt", {"true_sequential": True, "expert_chunk": 3}),
+])
+def test_an_experts_only_step_reuses_the_experts_inputs_with_the_same_result(method, table, monkeypatch):
+    """Staged down_proj and further expert slices read the experts' inputs kept by the step's first gather
+    instead of running the layer again: same weights, far fewer runs of the experts module."""
+    from moebench.params import parse
+
+    weights, runs = {}, {}
+    for reuse in (True, False):
+        monkeypatch.setattr(Sequential, "reuse_expert_inputs", reuse)
+        moe = tiny("deepseek_v2", layers=3)
+        moe.tokenizer = zoo.tokenizer()
+        count = [0]
+        for i in moe.moe_layers:
+            moe.block(i).experts.register_forward_pre_hook(lambda m, a: count.__setitem__(0, count[0] + 1))
+        cls = host().method(method)
+        ctx = Context(calibration=Calibration(CalibrationSpec(samples=4, seqlen=24, batch_size=2), cache=False))
+        cls().apply(moe, parse(cls.Params, table), ctx)
+        weights[reuse], runs[reuse] = moe.model.state_dict(), count[0]
+    for key, value in weights[False].items():
+        assert torch.equal(weights[True][key], value), key
+    # 2 MoE layers x 2 batches: one gather per layer with reuse, plus the first one's advance (the last layer's
+    # outputs feed nothing); without, 16 experts in slices of 3 are 6 slices x 2 stages = 12 gathers per layer
+    assert runs[True] == 2 * 2 + 2 and runs[False] == 2 * 2 * 12 + 2
