@@ -165,10 +165,14 @@ class Group:
             yield slice(i, min(i + size, n))
 
 
-def split_experts(groups: list[Group], size: int) -> list[Group]:
+def split_experts(groups: list[Group], size: int, staged: bool = True) -> list[Group]:
     """The routed-experts groups cut into slices of at most ``size`` experts, every slice after the first
     deferred: a layer's experts are then gathered and solved ``size`` at a time (DeepSeek-V3: 256 experts
-    of 7168-wide inputs are 52 GB of float32 Hessians at once, 3.3 GB in slices of 16)."""
+    of 7168-wide inputs are 52 GB of float32 Hessians at once, 3.3 GB in slices of 16).
+
+    Staged: every gate_up slice, then every down slice (down's statistics follow the written gate_up).
+    Not staged: gate_up and down of one slice after the other, gathered together before either is written,
+    which gives each slice the statistics of the unmodified layer."""
     out: list[Group] = []
     for g in groups:
         n = g.weight.shape[0]
@@ -177,6 +181,10 @@ def split_experts(groups: list[Group], size: int) -> list[Group]:
             continue
         for k, start in enumerate(range(0, n, size)):
             out.append(Group(g.name, g.kind, g.layer, g.module, g.attr, experts=slice(start, min(start + size, n)), deferred=k > 0))
+    if not staged:  # stable: non-expert groups keep their places, slices of one module interleave by first expert
+        slices = [g for g in out if g.experts is not None]
+        ordered = iter(sorted(slices, key=lambda g: (id(g.module), g.experts.start)))
+        out = [next(ordered) if g.experts is not None else g for g in out]
     return out
 
 
@@ -244,6 +252,10 @@ class LayerStep:
     groups: list[Group] = field(default_factory=list)
     stage: dict[str, tuple] = field(default_factory=dict)
     gather: Callable[[list[Group]], None] | None = None
+    #: False (expert slices in the reference order, not staged): statistics come from the layer as it was before
+    #: any group was written; :meth:`sequential` then only gathers deferred slices (gate_up and down of a slice
+    #: together) and never refreshes a stale stage
+    refresh_stale: bool = True
 
     def refresh(self, groups: list[Group]) -> None:
         """Re-collect the statistics of ``groups`` by running the layer again on its held inputs."""
@@ -260,7 +272,7 @@ class LayerStep:
         current = None
         for i, group in enumerate(self.groups):
             stage = self.stage.get(group.name, i)
-            if group.stats is None or (current is not None and stage != current):
+            if group.stats is None or (self.refresh_stale and current is not None and stage != current):
                 self.refresh(due(self.groups[i:]))
                 stage = self.stage.get(group.name, i)
             current = stage
@@ -310,10 +322,11 @@ class Sequential:
         #: run the last layer too and keep its outputs in :attr:`outputs` (a forward pass, layer by layer)
         self.through = through
         self.outputs: list[torch.Tensor] = []
-        #: routed experts gathered and solved this many at a time (:func:`split_experts`; needs ``staged``)
+        #: routed experts gathered and solved this many at a time (:func:`split_experts`); the method iterates
+        #: :meth:`LayerStep.sequential`, which gathers each deferred slice when its turn comes
         self.expert_chunk = expert_chunk
-        if expert_chunk is not None and (expert_chunk < 1 or not staged):
-            raise ValueError("expert_chunk needs staged (true-sequential) statistics and a positive number of experts")
+        if expert_chunk is not None and expert_chunk < 1:
+            raise ValueError(f"expert_chunk must be a positive number of experts, got {expert_chunk}")
         self.batch_size = max(1, batch_size)
         self.router_weighted = router_weighted
         #: a routed token's input is scaled by ``weight ** weight_power`` (0.5: Hessians weighted by the weight itself, MoEQuant)
@@ -502,9 +515,9 @@ class Sequential:
                     stream.load(i)
                 groups = find_groups(self.model, i, self.targets) if self.targets else []
                 if groups and self.expert_chunk is not None:
-                    groups = split_experts(groups, self.expert_chunk)
+                    groups = split_experts(groups, self.expert_chunk, self.staged)
                 if groups:
-                    step = LayerStep(i, layer, groups)
+                    step = LayerStep(i, layer, groups, refresh_stale=self.staged or self.expert_chunk is None)
                     step.gather = lambda gs, step=step: self._gather(step, gs)
                     # staged: down_proj's statistics wait for LayerStep.sequential(), so both Hessians are never held at once
                     self._gather(step, [g for g in groups if not (self.staged and g.attr == "down_proj") and not g.deferred])

@@ -223,24 +223,31 @@ def test_pruned_model_reloads_with_the_same_logits(tmp_path):
         torch.testing.assert_close(again(input_ids=ids).logits, logits)
 
 
-def test_sparsegpt_in_expert_slices_gives_the_masks_of_one_true_sequential_pass():
-    whole, sliced, parallel = tiny("deepseek_v2", layers=2), tiny("deepseek_v2", layers=2), tiny("deepseek_v2", layers=2)
-    a = apply(whole, "sparsegpt", true_sequential=True)
-    b = apply(sliced, "sparsegpt", true_sequential=True, expert_chunk=3)  # 16 experts: slices of 3 and a remainder of 1
-    apply(parallel, "sparsegpt")  # the reference's order: down_proj's Hessians from the unpruned gate/up
-    want, got, ref = whole.model.state_dict(), sliced.model.state_dict(), parallel.model.state_dict()
+@pytest.mark.parametrize("staged", [False, True])
+def test_sparsegpt_in_expert_slices_gives_the_masks_of_one_pass(staged):
+    whole, sliced = tiny("deepseek_v2", layers=2), tiny("deepseek_v2", layers=2)
+    a = apply(whole, "sparsegpt", true_sequential=staged)
+    b = apply(sliced, "sparsegpt", true_sequential=staged, expert_chunk=3)  # 16 experts: slices of 3, a remainder of 1
+    want, got = whole.model.state_dict(), sliced.model.state_dict()
     experts = [k for k in want if "experts." in k]
     assert experts
     for key in experts:
         assert torch.equal(got[key], want[key]), key
-    assert any(not torch.equal(ref[k], want[k]) for k in experts if "down_proj" in k)  # the option changes the order
     assert b["calibration"]["peak_stats_bytes"] < a["calibration"]["peak_stats_bytes"] / 3
-    assert "experts in slices of 3" in b["variant"] and "true sequential" in a["variant"]
+    assert "slices of 3" in b["variant"] and ("true sequential" in a["variant"]) == staged
     # 8 tokens x top-4 leave experts without tokens; those of deferred slices are counted too
-    few = [apply(tiny("deepseek_v2", layers=2), "sparsegpt", context(1, 8), true_sequential=True, expert_chunk=k) for k in (None, 3)]
+    few = [apply(tiny("deepseek_v2", layers=2), "sparsegpt", context(1, 8), true_sequential=staged, expert_chunk=k) for k in (None, 3)]
     assert few[0]["calibration"]["experts_without_tokens"] == few[1]["calibration"]["experts_without_tokens"] > 0
-    with pytest.raises(ParamError, match="expert_chunk must be a positive number of experts with true_sequential"):
-        parse(host().method("sparsegpt").Params, {"expert_chunk": 4})
+
+
+def test_sparsegpt_true_sequential_changes_the_down_masks():
+    reference, staged = tiny("deepseek_v2", layers=2), tiny("deepseek_v2", layers=2)
+    apply(reference, "sparsegpt")  # down_proj's Hessians from the unpruned gate/up
+    apply(staged, "sparsegpt", true_sequential=True)
+    a, b = reference.model.state_dict(), staged.model.state_dict()
+    down = [k for k in a if "down_proj" in k and "experts." in k]
+    assert down and any(not torch.equal(a[k], b[k]) for k in down)
+    assert all(torch.equal(a[k], b[k]) for k in a if "gate_up_proj" in k)
 
 
 def test_parameter_errors_name_the_field():

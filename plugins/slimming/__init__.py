@@ -78,12 +78,11 @@ class SparseGPTParams(PruneParams):
     block_size: int = param(128, help="columns per lazy-update block (and per mask block with scope = block)")
     true_sequential: bool = param(
         False, help="false: every Hessian of a layer from its unpruned weights, as the reference; true: down_proj (and o_proj) "
-        "Hessians from the already-pruned gate/up (q/k/v), GPTQ's order (moebench option; needed by expert_chunk)"
+        "Hessians from the already-pruned gate/up (q/k/v), GPTQ's order (moebench option)"
     )
     expert_chunk: int | None = param(
-        None, help="gather and prune a layer's routed experts this many at a time (one layer run per slice), so only their "
-        "Hessians are held (64 experts of DeepSeek-V2-Lite: 1.5 GiB of float32 Hessians at once); needs true_sequential; "
-        "same masks as true_sequential without it"
+        None, help="gather and prune a layer's routed experts this many at a time, so only their Hessians are held "
+        "(64 experts of DeepSeek-V2-Lite: 1.5 GiB of float32 Hessians at once); the same masks as without it, in either order"
     )
 
     def check(self):
@@ -92,8 +91,8 @@ class SparseGPTParams(PruneParams):
             raise ValueError(f"damp must be in (0, 1), got {self.damp}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        if self.expert_chunk is not None and (self.expert_chunk < 1 or not self.true_sequential):
-            raise ValueError(f"expert_chunk must be a positive number of experts with true_sequential = true, got {self.expert_chunk}")
+        if self.expert_chunk is not None and self.expert_chunk < 1:
+            raise ValueError(f"expert_chunk must be a positive number of experts, got {self.expert_chunk}")
 
 
 def parts_of(group: Group) -> int:
@@ -122,7 +121,8 @@ class _Pruner(Method):
             run, steps = None, static_steps(model, params.targets)
         counted = Achieved(params.pattern)
         for step in steps:
-            for group in step.sequential() if getattr(params, "true_sequential", False) else step.groups:
+            # expert slices are gathered when their turn comes, and a staged order refreshes stale statistics
+            for group in step.sequential() if getattr(params, "true_sequential", False) or getattr(params, "expert_chunk", None) else step.groups:
                 self.prune(group, params)
                 counted.add(group)  # counted now: a streamed layer ([model] offload) leaves memory after its step
         if run is not None:
@@ -208,9 +208,10 @@ class SparseGPT(_Pruner):
     def variant(self, params: SparseGPTParams) -> str:
         scope = ("block: one threshold per block of columns per matrix (reference)" if params.scope == "block"
                  else "row: exact ratio per row (moebench variant)")
-        order = ("; true sequential: down_proj Hessians from the pruned gate/up (moebench option)"
-                 + (f", experts in slices of {params.expert_chunk}" if params.expert_chunk else "") if params.true_sequential else "")
-        return scope + ("; routing-weighted Hessians (moebench variant)" if params.router_weighted else "; unweighted Hessians (reference)") + order
+        order = "; true sequential: down_proj Hessians from the pruned gate/up (moebench option)" if params.true_sequential else ""
+        chunk = f"; experts gathered and pruned in slices of {params.expert_chunk}" if params.expert_chunk else ""
+        return (scope + ("; routing-weighted Hessians (moebench variant)" if params.router_weighted else "; unweighted Hessians (reference)")
+                + order + chunk)
 
     def run_options(self, params: SparseGPTParams) -> dict:
         return {"staged": params.true_sequential, **({"expert_chunk": params.expert_chunk} if params.expert_chunk else {})}
