@@ -413,7 +413,7 @@ class GPTQParams(QuantParams):
         "in the block (moebench's earlier variant); differs only for groups narrower than block_size"
     )
     expert_chunk: int | None = param(
-        None, help="gather and solve a layer's routed experts this many at a time (one layer run per slice), so only "
+        None, help="gather and solve a layer's routed experts this many at a time, so only "
         "their Hessians are held (DeepSeek-V3: 52 GB for 256 experts at once); needs true_sequential; same codes"
     )
 
