@@ -421,6 +421,7 @@ class Sequential:
         # (only expert weights are written), so the experts' inputs of the first gather serve every later one:
         # expert slices (expert_chunk) and staged down_proj cost no further layer runs.
         reuse = self.reuse_expert_inputs and len(experts_groups) == 1 and all(g.attr != "weight" for g in step.groups)
+        keep = reuse and (self.staged or self.expert_chunk is not None)
         held = self._expert_inputs.get(step.index) if reuse else None
         if held is not None:
             (gs,) = experts_groups.values()
@@ -434,8 +435,9 @@ class Sequential:
 
                 def pre(module, args, kwargs, hook=hook):
                     hook(module, args, kwargs)
-                    if reuse:  # kept for the step's later gathers; the rest of the layer is not needed for statistics
-                        record.append((args, kwargs))
+                    if reuse:  # the rest of the layer is not needed for statistics
+                        if keep:  # for the step's later gathers (only staged or sliced steps have any)
+                            record.append((args, kwargs))
                         raise StopForward
 
                 handles.append(gs[0].module.register_forward_pre_hook(pre, with_kwargs=True))
@@ -449,7 +451,7 @@ class Sequential:
                 for h in handles:
                     h.remove()
                 inputs.clear()
-            if reuse:
+            if keep:
                 self._expert_inputs = {step.index: record}
         for g in groups:  # counted at a slice's first gather (deferred slices included), not again when re-gathered
             key = (step.index, g.name, g.experts.start if g.experts is not None else 0)
