@@ -1,7 +1,8 @@
 """Where a zoo build's training step spends its time: seconds per step and the top ops by self CPU time.
 
-Builds the entry's untrained model as ``moebench zoo build`` does (eager per-expert loop,
-the entry's batch of half prose, half code), runs ``--warmup`` steps, times ``--steps``
+Builds the entry's untrained model as ``moebench zoo build`` does and steps it with the
+build's own ``zoo.train_step`` (eager per-expert loop, half prose and half code per batch,
+the build's optimizer groups and schedule), runs ``--warmup`` steps, times ``--steps``
 steps, then profiles ``--profile`` steps with ``torch.profiler``. docs/benchmarks.md
 ("Recipe 3", build times) quotes its output.
 
@@ -15,10 +16,9 @@ import time
 
 import moebench  # noqa: F401  (OpenMP defaults before torch)
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from moebench import corpus, zoo
+from moebench import zoo
 
 
 def main() -> None:
@@ -31,27 +31,18 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     spec = zoo.entry(args.name)
-    streams = [zoo._stream(zoo.tokenizer(0), d, "train") for d in corpus.DOMAINS]
+    streams = zoo.train_streams(zoo.tokenizer(0))
     torch.manual_seed(0)
     model = spec.cls(spec.config())
     model.set_experts_implementation("eager")
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr)
+    opt, params = zoo.training_setup(spec, model)
     gen = torch.Generator().manual_seed(0)
-    half, top_k = spec.batch_size // 2, model.config.num_experts_per_tok
+    model.train()
+    total = args.warmup + args.steps + args.profile
+    done = iter(range(total))
 
-    def step():
-        batch = torch.cat([
-            torch.stack([s[i : i + spec.seq_len] for i in torch.randint(0, s.numel() - spec.seq_len, (n,), generator=gen).tolist()])
-            for s, n in zip(streams, (half, spec.batch_size - half))
-        ])
-        out = model(input_ids=batch, output_router_logits=True)
-        logits = out.logits[:, :-1]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        loss = loss + spec.balance_coef * zoo._balance_loss(out.router_logits, top_k)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+    def step():  # the build's own step (batch, loss, schedule, update) over a run as long as this one
+        zoo.train_step(spec, model, opt, params, streams, gen, next(done), total)
 
     for _ in range(args.warmup):
         step()

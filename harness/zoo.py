@@ -477,19 +477,9 @@ def threads_for(threads: int | None) -> int:
     return TRAIN_THREADS if threads is None else int(threads)
 
 
-def _train(name: str, steps: int | None, seed: int, progress: bool, threads: int):
-    spec = entry(name)
-    steps = spec.steps if steps is None else int(steps)
-    tok = tokenizer(seed)
-    streams = [_stream(tok, d, "train") for d in corpus.DOMAINS]
-    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG as it was
-        torch.manual_seed(seed)
-        model = spec.cls(spec.config())
-    # The per-expert loop: measured as fast as grouped_mm for these sizes on the CPU, and
-    # bitwise reproducible, where CPU grouped_mm varies in the last bits from run to run.
-    model.set_experts_implementation("eager")
-    before = evaluate(model, tok, spec.seq_len)
-    top_k = model.config.num_experts_per_tok
+def training_setup(spec: ZooEntry, model) -> tuple[torch.optim.Optimizer, list]:
+    """The build's AdamW with its four parameter groups (routers, routed experts, other matrices,
+    vectors), each with its learning-rate multiple, and the trained parameters (for clipping)."""
     params = [p for p in model.parameters() if p.requires_grad]
     routers = {id(m.weight) for m in model.modules() if hasattr(m, "top_k") and isinstance(getattr(m, "weight", None), torch.nn.Parameter)}
     experts = {id(p) for m in _experts_modules(model).values() for p in m.parameters()}
@@ -500,33 +490,60 @@ def _train(name: str, steps: int | None, seed: int, progress: bool, threads: int
         {"params": [p for p in rest if p.ndim >= 2], "weight_decay": 0.1, "mult": 1.0},
         {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0, "mult": 1.0},
     ]
-    opt = torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.95))
-    gen = torch.Generator().manual_seed(seed)
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.95)), params
+
+
+def train_streams(tok) -> list[torch.Tensor]:
+    """The token streams of every embedded domain's train split, in ``corpus.DOMAINS`` order."""
+    return [_stream(tok, d, "train") for d in corpus.DOMAINS]
+
+
+def train_step(spec: ZooEntry, model, opt, params: list, streams: list[torch.Tensor], gen: torch.Generator,
+               step: int, steps: int) -> float:
+    """One step of a zoo build: a batch drawn with ``gen``, the loss, the scheduled update; returns the LM loss."""
     half = spec.batch_size // 2
+    # Half prose, half code in every batch, so the routers see both domains side by side.
+    batch = torch.cat([
+        torch.stack([s[i : i + spec.seq_len] for i in torch.randint(0, s.numel() - spec.seq_len, (n,), generator=gen).tolist()])
+        for s, n in zip(streams, (half, spec.batch_size - half))
+    ])
+    out = model(input_ids=batch, output_router_logits=True)
+    logits = out.logits[:, :-1]
+    lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    top_k = model.config.num_experts_per_tok
+    loss = lm + spec.balance_coef * _balance_loss(out.router_logits, top_k) if spec.balance == "aux_loss" else lm
+    for group in opt.param_groups:
+        group["lr"] = _lr_at(step, steps, spec.lr, spec.min_lr) * group["mult"]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    if spec.balance == "bias":
+        _update_bias(model, out.router_logits)
+    return lm.item()
+
+
+def _train(name: str, steps: int | None, seed: int, progress: bool, threads: int):
+    spec = entry(name)
+    steps = spec.steps if steps is None else int(steps)
+    tok = tokenizer(seed)
+    streams = train_streams(tok)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG as it was
+        torch.manual_seed(seed)
+        model = spec.cls(spec.config())
+    # The per-expert loop: measured as fast as grouped_mm for these sizes on the CPU, and
+    # bitwise reproducible, where CPU grouped_mm varies in the last bits from run to run.
+    model.set_experts_implementation("eager")
+    before = evaluate(model, tok, spec.seq_len)
+    opt, params = training_setup(spec, model)
+    gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     model.train()
     start = time.perf_counter()
     with _progress(progress, f"zoo:{name}", steps) as advance:
         for step in range(steps):
-            # Half prose, half code in every batch, so the routers see both domains side by side.
-            batch = torch.cat([
-                torch.stack([s[i : i + spec.seq_len] for i in torch.randint(0, s.numel() - spec.seq_len, (n,), generator=gen).tolist()])
-                for s, n in zip(streams, (half, spec.batch_size - half))
-            ])
-            out = model(input_ids=batch, output_router_logits=True)
-            logits = out.logits[:, :-1]
-            lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-            loss = lm + spec.balance_coef * _balance_loss(out.router_logits, top_k) if spec.balance == "aux_loss" else lm
-            for group in opt.param_groups:
-                group["lr"] = _lr_at(step, steps, spec.lr, spec.min_lr) * group["mult"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            if spec.balance == "bias":
-                _update_bias(model, out.router_logits)
-            losses.append(lm.item())
-            advance(lm.item())
+            losses.append(train_step(spec, model, opt, params, streams, gen, step, steps))
+            advance(losses[-1])
     seconds = time.perf_counter() - start
     model.eval()
     after = evaluate(model, tok, spec.seq_len)
