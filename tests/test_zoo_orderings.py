@@ -27,8 +27,13 @@ def test_checks_fail_when_an_ordering_is_reversed():
         "magnitude 50%": 55.0, "wanda 50%": 54.0, "sparsegpt 50%": 54.02, "rtn 4-bit": 50.5, "gptq 4-bit": 50.3,
         "awq 4-bit": 50.4, "top-k drop 4/16": 56.0, "merge 4/16 + heal": 53.0,
         "kl rtn 4-bit": 0.010, "kl gptq 4-bit": 0.006, "kl awq 4-bit": 0.008,
+        "first rtn 4-bit": 0.0, "first gptq 4-bit": 0.0, "first awq 4-bit": 0.0,
     }
     assert all(c.ok for c in bench.checks_for(good))
+    # RTN below the baseline by luck of its first-order term still costs more net of that term
+    lucky = {**good, "rtn 4-bit": 49.9, "first rtn 4-bit": -0.012}
+    assert bench.net_of_first_order(lucky, "gptq 4-bit") < bench.net_of_first_order(lucky, "rtn 4-bit")
+    assert "NOT lower" in bench.net_lines({**lucky, "first gptq 4-bit": -0.01})[0]
     for label, value, target in [
         ("drop 0.75", 50.2, "expert drop"),  # a step under 1%
         ("random drop 0.5 #2", 49.0, "random"),  # the mean of the draws (51.17) beats frequency
