@@ -27,7 +27,6 @@ and its training mix of the two domains.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import time
 
@@ -37,7 +36,7 @@ from moebench.adapter import MoEModel
 from moebench.calibration import Calibration, CalibrationSpec
 from moebench.data import encode, load_text, windows
 from moebench.method import Context
-from moebench.models import load
+from moebench.models import load, restore
 from moebench.params import parse
 from moebench.plugins import host
 from moebench_plugins.metrics import weight_bytes
@@ -143,7 +142,7 @@ def main() -> None:
     for label, method, table in RUNS:
         if args.only and method is not None and not any(o == label if args.exact else o in label for o in args.only):
             continue
-        moe = MoEModel(copy.deepcopy(base.model), base.adapter, tokenizer=base.tokenizer, source=base.source, identity=base.identity)
+        moe = restore(base, "cpu")
         changes, seconds = {}, 0.0
         if method is not None:
             cls = host().method(method)

@@ -34,7 +34,6 @@ target fails. ``tests/test_zoo_orderings.py`` (slow) runs the same checks.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import sys
 import time
@@ -47,6 +46,7 @@ from moebench.adapter import MoEModel
 from moebench.calibration import Calibration, CalibrationSpec
 from moebench.data import encode, load_text, windows
 from moebench.method import Context
+from moebench.models import restore
 from moebench.params import parse
 from moebench.plugins import host
 from moebench_plugins.metrics import perplexity
@@ -97,6 +97,14 @@ def _fill(value, **subs):
     if isinstance(value, str) and value.startswith("{") and value.endswith("}"):
         return subs[value[1:-1]]
     return value
+
+
+def compressed(base: MoEModel, method: str, table: dict, ctx: Context) -> MoEModel:
+    """A fresh copy of ``base`` with ``method`` (params from ``table``) applied; ``base`` is untouched."""
+    moe = restore(base, "cpu")
+    cls = host().method(method)
+    cls().apply(moe, parse(cls.Params, table), ctx)
+    return moe
 
 
 @torch.no_grad()
@@ -207,10 +215,8 @@ def measure(model: str = "zoo:deepseek_v2", seeds=(0, 1, 2), domains=("prose", "
             p = {"baseline": baseline}
             t0 = time.perf_counter()
             for label, (method, table) in RUNS.items():
-                moe = MoEModel(copy.deepcopy(base.model), base.adapter, tokenizer=base.tokenizer, source=base.source, identity=base.identity)
-                cls = host().method(method)
-                ctx = Context(seed=seed, calibration=calibration, teacher=base)
-                cls().apply(moe, parse(cls.Params, _fill(table, seed0=seed, seed1=seed + 100, seed2=seed + 200, heal_steps=heal_steps)), ctx)
+                table = _fill(table, seed0=seed, seed1=seed + 100, seed2=seed + 200, heal_steps=heal_steps)
+                moe = compressed(base, method, table, Context(seed=seed, calibration=calibration, teacher=base))
                 p[label] = perplexity(moe.model, ids)
                 if label in KL_RUNS:
                     p["kl " + label] = kl_from(reference, moe.model, ids)

@@ -13,19 +13,15 @@ seed; perplexity and KL on 40 x 128 test windows). docs/benchmarks.md ("Recipe 3
 from __future__ import annotations
 
 import argparse
-import copy
 
 import moebench  # noqa: F401  (OpenMP defaults before torch)
 import torch
-from zoo_orderings import kl_from, log_probs
+from zoo_orderings import compressed, kl_from, log_probs
 
-from moebench.adapter import MoEModel
 from moebench.calibration import Calibration, CalibrationSpec
 from moebench.data import encode, load_text, windows
 from moebench.method import Context
 from moebench.models import load
-from moebench.params import parse
-from moebench.plugins import host
 from moebench_plugins.metrics import perplexity
 
 TARGETS = ["experts", "shared", "attention", "dense"]
@@ -52,10 +48,8 @@ def main() -> None:
             calibration = Calibration(CalibrationSpec(data, 32, 128, seed=seed), cache=False)
             for group in args.group_sizes:
                 for method in ("rtn", "gptq", "awq"):
-                    moe = MoEModel(copy.deepcopy(base.model), base.adapter, tokenizer=base.tokenizer, source=base.source, identity=base.identity)
-                    cls = host().method(method)
-                    params = parse(cls.Params, {"bits": 4, "group_size": group, "targets": TARGETS})
-                    cls().apply(moe, params, Context(seed=seed, calibration=calibration, teacher=base))
+                    moe = compressed(base, method, {"bits": 4, "group_size": group, "targets": TARGETS},
+                                     Context(seed=seed, calibration=calibration, teacher=base))
                     print(f"| {domain} | {seed} | {group} | {method} | {perplexity(moe.model, ids):.3f} | "
                           f"{kl_from(reference, moe.model, ids):.5f} |", flush=True)
 

@@ -27,20 +27,16 @@ quotes this script's output.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 
 import moebench  # noqa: F401  (OpenMP defaults before torch)
 import torch
-from zoo_orderings import first_order, kl_from, log_probs, loss_gradient
+from zoo_orderings import compressed, first_order, kl_from, log_probs, loss_gradient
 
-from moebench.adapter import MoEModel
 from moebench.calibration import Calibration, CalibrationSpec
 from moebench.data import encode, load_text, windows
 from moebench.method import Context
 from moebench.models import load
-from moebench.params import parse
-from moebench.plugins import host
 from moebench_plugins.metrics import perplexity
 
 METHODS = ("rtn", "gptq", "awq")
@@ -65,9 +61,7 @@ def main() -> None:
         baseline, reference, grads = perplexity(base.model, ids), log_probs(base.model, ids), loss_gradient(base.model, ids)
         calibration = Calibration(CalibrationSpec(data, 32, 128, seed=args.seed), cache=False)
         for method in METHODS:
-            moe = MoEModel(copy.deepcopy(base.model), base.adapter, tokenizer=base.tokenizer, source=base.source, identity=base.identity)
-            cls = host().method(method)
-            cls().apply(moe, parse(cls.Params, {"bits": args.bits}), Context(seed=args.seed, calibration=calibration, teacher=base))
+            moe = compressed(base, method, {"bits": args.bits}, Context(seed=args.seed, calibration=calibration, teacher=base))
             d = math.log(perplexity(moe.model, ids) / baseline)
             first = first_order(grads, base.model, moe.model)
             print(f"| {domain} | {method} | {d:+.5f} ({math.exp(d):.4f}) | {first:+.5f} | {d - first:+.5f} | "

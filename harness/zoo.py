@@ -498,6 +498,17 @@ def train_streams(tok) -> list[torch.Tensor]:
     return [_stream(tok, d, "train") for d in corpus.DOMAINS]
 
 
+def init_model(spec: ZooEntry, seed: int):
+    """The entry's untrained model drawn from ``seed`` (the caller's RNG is left as it was), on the eager experts loop."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = spec.cls(spec.config())
+    # The per-expert loop: measured as fast as grouped_mm for these sizes on the CPU, and
+    # bitwise reproducible, where CPU grouped_mm varies in the last bits from run to run.
+    model.set_experts_implementation("eager")
+    return model
+
+
 def train_step(spec: ZooEntry, model, opt, params: list, streams: list[torch.Tensor], gen: torch.Generator,
                step: int, steps: int) -> float:
     """One step of a zoo build: a batch drawn with ``gen``, the loss, the scheduled update; returns the LM loss."""
@@ -528,12 +539,7 @@ def _train(name: str, steps: int | None, seed: int, progress: bool, threads: int
     steps = spec.steps if steps is None else int(steps)
     tok = tokenizer(seed)
     streams = train_streams(tok)
-    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG as it was
-        torch.manual_seed(seed)
-        model = spec.cls(spec.config())
-    # The per-expert loop: measured as fast as grouped_mm for these sizes on the CPU, and
-    # bitwise reproducible, where CPU grouped_mm varies in the last bits from run to run.
-    model.set_experts_implementation("eager")
+    model = init_model(spec, seed)
     before = evaluate(model, tok, spec.seq_len)
     opt, params = training_setup(spec, model)
     gen = torch.Generator().manual_seed(seed)
